@@ -1,0 +1,58 @@
+# hybridmesh: `make demo` and `make test` set up everything they need, idempotently.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+STAMPS := .stamps
+DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test lint protos clean
+
+help:
+	@echo "make demo   - set up, then run hybridmesh on the embedded local mesh"
+	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
+	@echo "make protos - regenerate Python code from protos/"
+
+$(STAMPS):
+	@mkdir -p $@
+
+# The virtualenv is rebuilt when the pins change.
+$(STAMPS)/venv: requirements.lock pyproject.toml | $(STAMPS)
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(STAMPS)/buf: package.json package-lock.json | $(STAMPS)
+	npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(DATASET):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+setup: $(STAMPS)/venv $(STAMPS)/buf $(DATASET)
+
+protos: $(STAMPS)/venv
+	$(PY) tools/generate_protos.py
+
+lint: setup
+	$(BUF) lint
+	BUF=$(BUF) tools/buf_breaking.sh
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	@echo "The local mesh demo lands with the mesh issue; see README."
+
+clean:
+	rm -rf $(STAMPS) $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The shared kernel every hybridmesh service uses: bootstrap, telemetry, config, errors."""

@@ -1,0 +1,32 @@
+"""Settings shared by every service; each service subclasses with its own env_prefix.
+
+Settings are built once in ``main()`` and passed down; tests construct them directly.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default; raised per service.
+
+
+class ServiceSettings(BaseSettings):
+    """What the kernel needs to run any gRPC service."""
+
+    model_config = SettingsConfigDict(env_prefix="HYBRIDMESH_", extra="ignore", frozen=True)
+
+    service_name: str = "hybridmesh"
+    host: str = "127.0.0.1"
+    # 0 lets the OS choose a free port (tests); deployments set a fixed one.
+    port: int = Field(default=0, ge=0, le=65535)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    # How long in-flight RPCs may run after SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    # After health flips to NOT_SERVING and before the listener closes, so that pollers
+    # (k8s readiness probes, the router's health watch) stop sending new work first.
+    shutdown_drain_delay_seconds: float = Field(default=0.0, ge=0)
+    log_level: str = "info"
+    # Tracing exports over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (standard
+    # OTEL_* variables, read by the exporter itself); this switch only turns it off.
+    tracing_enabled: bool = True

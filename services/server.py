@@ -1,0 +1,252 @@
+"""grpc.aio server bootstrap: health, reflection, error mapping, graceful shutdown.
+
+On SIGTERM (or SIGINT) health flips to NOT_SERVING first, so load balancers and the
+router stop sending new work, then the server drains in-flight RPCs for the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.config import ServiceSettings
+from services.errors import ServiceError
+from services.logging import get_logger
+
+OVERALL_HEALTH = ""  # grpc.health.v1: the empty service name is the server as a whole
+
+_log = get_logger("services.server")
+
+if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; the runtime class is not.
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to host: its full name (for health and reflection) and how to add it."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+    # Services that must load something first (models, a Triton connection) start
+    # NOT_SERVING and flip themselves through ServiceHost.set_serving.
+    serving_at_start: bool = True
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except ServiceError as error:
+            await _abort(context, error)
+        except Exception as error:
+            await _abort_internal(context, error)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # Streaming handlers that write through context.write() are plain coroutines.
+        return _wrap_unary(behavior)
+
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except ServiceError as error:
+            await _abort(context, error)
+        except Exception as error:
+            await _abort_internal(context, error)
+
+    return wrapper
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    # A bug must not leak internals to callers (gRPC's default UNKNOWN carries the
+    # exception text); the stack trace goes to the log, which carries the trace id.
+    _log.exception("unhandled error in handler", error_type=type(error).__name__)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    status = error.to_status()
+    # The rich status (google.rpc.Status with details) travels in trailing metadata.
+    await context.abort(
+        status.code,
+        status.details,
+        trailing_metadata=(*status.trailing_metadata, *error.trailing_metadata()),
+    )
+
+
+class ErrorMappingInterceptor(_ServerInterceptor):
+    """Turns a ServiceError raised by a handler into its status, message and details.
+
+    Keeps servicers thin: domain code raises ``InvalidArgumentError("...", field="inputs")``
+    and never touches the context.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Two servers must never share a port silently (tests bind port 0 in parallel).
+        ("grpc.so_reuseport", 0),
+        # Accept the clients' keepalive pings (services.channels) instead of GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class ServiceHost:
+    """Owns one grpc.aio server with health and reflection, and its lifecycle."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        registrations: Sequence[ServiceRegistration],
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self._settings = settings
+        self._registrations = list(registrations)
+        self._server_credentials = server_credentials
+        # Telemetry interceptors first, so the error mapping runs inside the server span.
+        self._server = grpc.aio.server(
+            interceptors=[*interceptors, ErrorMappingInterceptor()],
+            options=server_options(settings),
+        )
+        # grpc-stubs lacks the aio health servicer; it is the library's own, not ours.
+        self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._port: int | None = None
+        self._serving: dict[str, bool] = {}
+        self._stopped = asyncio.Event()
+        self._stop_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("server not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"{self._settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start and publish health; returns the bound port."""
+        for registration in self._registrations:
+            registration.add_to_server(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [r.full_name for r in self._registrations]
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self._server,
+        )
+        bind = f"{self._settings.host}:{self._settings.port}"
+        if self._server_credentials is None:
+            self._port = self._server.add_insecure_port(bind)
+        else:
+            self._port = self._server.add_secure_port(bind, self._server_credentials)
+        await self._server.start()
+        for registration in self._registrations:
+            await self.set_serving(registration.full_name, registration.serving_at_start)
+        await self._update_overall()
+        _log.info("server started", service=self._settings.service_name, address=self.address)
+        return self._port
+
+    async def set_serving(self, full_name: str, serving: bool) -> None:
+        """Publish one service's health (ignored once shutdown has begun)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._serving[full_name] = serving
+        await self._health.set(full_name, status)
+        await self._update_overall()
+
+    async def _update_overall(self) -> None:
+        serving = all(self._serving.values())
+        await self._health.set(
+            OVERALL_HEALTH,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING first, then drain in-flight RPCs for ``grace`` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self._health.enter_graceful_shutdown()
+        if self._settings.shutdown_drain_delay_seconds > 0:
+            # Keep accepting RPCs while pollers (k8s probes, routers) see NOT_SERVING.
+            await asyncio.sleep(self._settings.shutdown_drain_delay_seconds)
+        grace = self._settings.shutdown_grace_seconds if grace is None else grace
+        _log.info("server draining", service=self._settings.service_name, grace_s=grace)
+        await self._server.stop(grace)
+        _log.info("server stopped", service=self._settings.service_name)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    def stop_on_signals(
+        self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
+        """Install handlers that start a graceful stop; call from the running loop."""
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        _log.info("signal received", signal=sig.name, service=self._settings.service_name)
+        self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
+
+async def run_until_terminated(host: ServiceHost) -> None:
+    """Start ``host``, stop it gracefully on SIGTERM/SIGINT, return once it has stopped."""
+    await host.start()
+    host.stop_on_signals()
+    await host.wait_for_termination()

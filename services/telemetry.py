@@ -1,0 +1,105 @@
+"""OpenTelemetry for every service: explicit providers, OTLP by the standard variables.
+
+Providers are created here and injected, never installed as globals by library code:
+a global provider can be set only once per process, which breaks tests that need
+several services, each with its own exporter, in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import filters as grpc_filters
+from opentelemetry.propagate import inject
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+OTLP_ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+@dataclass
+class Telemetry:
+    """The providers one service uses; pass it down instead of using globals."""
+
+    service_name: str
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    _span_processors: list[SpanProcessor] = field(default_factory=list)
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return self.tracer_provider.get_tracer(name)
+
+    def meter(self, name: str) -> metrics.Meter:
+        return self.meter_provider.get_meter(name)
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """Server span per RPC; health checks are not traced (they would drown the rest)."""
+        interceptor: grpc.aio.ServerInterceptor[Any, Any] = aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider,
+            filter_=grpc_filters.negate(grpc_filters.health_check()),
+        )
+        return [interceptor]
+
+    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """Client span per RPC, propagating W3C trace context in the metadata."""
+        interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider,
+            filter_=grpc_filters.negate(grpc_filters.health_check()),
+        )
+        return interceptors
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters; call once at process exit."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def create_telemetry(
+    service_name: str,
+    *,
+    span_processors: Sequence[SpanProcessor] = (),
+    metric_readers: Sequence[MetricReader] = (),
+    export_otlp: bool | None = None,
+) -> Telemetry:
+    """Build providers for one service.
+
+    ``export_otlp=None`` exports over OTLP/gRPC exactly when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    is set; the exporters read that and the other ``OTEL_*`` variables themselves, so
+    pointing a service at Jaeger or a collector needs no code change.
+    """
+    resource = Resource.create({SERVICE_NAME: service_name})
+    tracer_provider = TracerProvider(resource=resource)
+    processors = list(span_processors)
+    readers = list(metric_readers)
+    if export_otlp is None:
+        export_otlp = bool(os.environ.get(OTLP_ENDPOINT_VARIABLE))
+    if export_otlp:
+        # Imported lazily: the exporter pulls in its own gRPC channel machinery.
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter,
+        )
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        processors.append(BatchSpanProcessor(OTLPSpanExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    for processor in processors:
+        tracer_provider.add_span_processor(processor)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    return Telemetry(service_name, tracer_provider, meter_provider, processors)
+
+
+def inject_trace_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """W3C trace context of the current span as plain headers (for clients that take no
+    interceptor, such as tritonclient's aio client)."""
+    carrier: dict[str, str] = dict(headers or {})
+    inject(carrier)
+    return carrier
