@@ -1,0 +1,201 @@
+"""Circuit breaker per downstream target: pure logic with an injectable clock.
+
+Semantics follow resilience4j's time-based breaker (window, minimum calls, failure and
+slow-call rate thresholds, half-open probes) with two additions:
+
+- the open period starts at ``open_base_s`` and doubles on each consecutive re-open
+  (up to ``open_max_s``), so a target that keeps failing is probed less and less;
+- ``consecutive_failures_to_open`` trips the breaker on a run of failures even while
+  the window still holds older successes. With a 10 s window at a steady rate the
+  rate rule alone needs ~5 s of total failure to reach 50 %; a dead cloud should be
+  cut off within about a second (Envoy's consecutive_5xx outlier detection does the same).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CallOutcome(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    # Caller errors (bad input, caller cancelled) say nothing about the target's health.
+    IGNORED = "ignored"
+
+
+FAILURE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def outcome_of(code: grpc.StatusCode) -> CallOutcome:
+    if code == grpc.StatusCode.OK:
+        return CallOutcome.SUCCESS
+    if code in FAILURE_CODES:
+        return CallOutcome.FAILURE
+    return CallOutcome.IGNORED
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    window_s: float = 10.0
+    minimum_calls: int = 20
+    failure_rate_to_open: float = 0.5
+    slow_call_rate_to_open: float = 0.8
+    # A call slower than this counts as slow (the target's latency SLO).
+    slow_call_s: float = 0.5
+    open_base_s: float = 5.0
+    open_max_s: float = 60.0
+    half_open_probes: int = 3
+    consecutive_failures_to_open: int = 5
+
+
+@dataclass(frozen=True)
+class _Call:
+    at: float
+    failed: bool
+    slow: bool
+
+
+StateListener = Callable[[str, BreakerState, BreakerState], None]
+
+
+class CircuitBreaker:
+    """Decides whether a call to one target may go ahead, from the outcomes of past calls.
+
+    Use: ``if breaker.allow_request(): ... breaker.record(outcome, duration_s)``.
+    Every allowed request must be recorded exactly once (IGNORED included), so
+    half-open probe slots are returned.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_state_change: StateListener | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config or BreakerConfig()
+        self._clock = clock
+        self._on_state_change = on_state_change
+        self._state = BreakerState.CLOSED
+        self._calls: deque[_Call] = deque()
+        self._failures = 0
+        self._slow = 0
+        self._consecutive_failures = 0
+        self._opened_at = 0.0
+        self._consecutive_opens = 0
+        self._probes_in_flight = 0
+        self._probe_successes = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self._clock() >= self._opened_at + self.open_for_s:
+            self._transition(BreakerState.HALF_OPEN)
+        return self._state
+
+    @property
+    def open_for_s(self) -> float:
+        """How long the current (or next) open period lasts."""
+        exponent = max(self._consecutive_opens - 1, 0)
+        return min(self.config.open_base_s * 2.0**exponent, self.config.open_max_s)
+
+    def remaining_open_s(self) -> float:
+        if self.state is not BreakerState.OPEN:
+            return 0.0
+        return max(self._opened_at + self.open_for_s - self._clock(), 0.0)
+
+    def allow_request(self) -> bool:
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        probes_left = self._probes_in_flight < self.config.half_open_probes
+        if state is BreakerState.HALF_OPEN and probes_left:
+            self._probes_in_flight += 1
+            return True
+        return False
+
+    def record(self, outcome: CallOutcome, duration_s: float = 0.0) -> None:
+        """Record the outcome of a call that allow_request() let through."""
+        if self._state is BreakerState.HALF_OPEN:
+            self._record_probe(outcome, duration_s)
+            return
+        if self._state is BreakerState.OPEN or outcome is CallOutcome.IGNORED:
+            return  # a straggler from before the breaker opened, or a caller error
+        now = self._clock()
+        call = _Call(
+            at=now,
+            failed=outcome is CallOutcome.FAILURE,
+            slow=duration_s > self.config.slow_call_s,
+        )
+        self._calls.append(call)
+        self._failures += call.failed
+        self._slow += call.slow
+        self._consecutive_failures = self._consecutive_failures + 1 if call.failed else 0
+        self._evict(now)
+        if self._should_open():
+            self._open(now)
+
+    def _record_probe(self, outcome: CallOutcome, duration_s: float) -> None:
+        self._probes_in_flight = max(self._probes_in_flight - 1, 0)
+        if outcome is CallOutcome.IGNORED:
+            return
+        if outcome is CallOutcome.FAILURE or duration_s > self.config.slow_call_s:
+            self._open(self._clock())
+            return
+        self._probe_successes += 1
+        if self._probe_successes >= self.config.half_open_probes:
+            self._consecutive_opens = 0
+            self._transition(BreakerState.CLOSED)
+
+    def _should_open(self) -> bool:
+        if self._consecutive_failures >= self.config.consecutive_failures_to_open:
+            return True
+        total = len(self._calls)
+        if total < self.config.minimum_calls:
+            return False
+        return (
+            self._failures / total >= self.config.failure_rate_to_open
+            or self._slow / total >= self.config.slow_call_rate_to_open
+        )
+
+    def _evict(self, now: float) -> None:
+        horizon = now - self.config.window_s
+        while self._calls and self._calls[0].at < horizon:
+            old = self._calls.popleft()
+            self._failures -= old.failed
+            self._slow -= old.slow
+
+    def _open(self, now: float) -> None:
+        self._consecutive_opens += 1
+        self._opened_at = now
+        self._transition(BreakerState.OPEN)
+
+    def _transition(self, new: BreakerState) -> None:
+        old = self._state
+        self._state = new
+        # Every state starts with a clean slate: no stale window, no stale probes.
+        self._calls.clear()
+        self._failures = self._slow = self._consecutive_failures = 0
+        self._probes_in_flight = self._probe_successes = 0
+        if self._on_state_change is not None and old is not new:
+            self._on_state_change(self.name, old, new)

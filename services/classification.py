@@ -1,0 +1,43 @@
+"""Logits -> probabilities and top-k, the same way on every tier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridmesh.common.v1 import model_pb2
+
+
+def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    """Row-wise softmax over the last axis, numerically stable."""
+    shifted = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    result: npt.NDArray[np.float32] = exp / exp.sum(axis=-1, keepdims=True)
+    return result
+
+
+def top_k(
+    probabilities: npt.NDArray[np.float32], labels: Sequence[str], k: int
+) -> list[model_pb2.Classification]:
+    """One Classification per row, the k most probable classes first."""
+    k = max(1, min(k, probabilities.shape[-1]))
+    # argsort of the negation keeps the lower index first on ties, deterministically.
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    results = []
+    for row, indices in zip(probabilities, order, strict=True):
+        results.append(
+            model_pb2.Classification(
+                top_k=[
+                    model_pb2.ClassScore(
+                        class_index=int(index),
+                        label=labels[index] if index < len(labels) else str(index),
+                        probability=float(row[index]),
+                    )
+                    for index in indices
+                ]
+            )
+        )
+    return results
