@@ -22,6 +22,9 @@ from services.errors import ServiceError
 from services.logging import get_logger
 
 OVERALL_HEALTH = ""  # grpc.health.v1: the empty service name is the server as a whole
+# SERVING for as long as the process runs (until shutdown): the liveness probe's target,
+# so a service waiting for its dependencies is not restarted for being unready.
+LIVENESS_HEALTH = "liveness"
 
 _log = get_logger("services.server")
 
@@ -189,6 +192,7 @@ class ServiceHost:
         else:
             self._port = self._server.add_secure_port(bind, self._server_credentials)
         await self._server.start()
+        await self._health.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         for registration in self._registrations:
             await self.set_serving(registration.full_name, registration.serving_at_start)
         await self._update_overall()

@@ -91,6 +91,9 @@ async def test_service_not_ready_at_start_keeps_overall_not_serving() -> None:
             check = health_pb2.HealthCheckRequest(service="")
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
             assert (await health.Check(check, timeout=5)).status == not_serving
+            liveness = health_pb2.HealthCheckRequest(service="liveness")
+            serving_now = health_pb2.HealthCheckResponse.SERVING
+            assert (await health.Check(liveness, timeout=5)).status == serving_now
             await host.set_serving(EDGE_SERVICE, True)
             serving = health_pb2.HealthCheckResponse.SERVING
             assert (await health.Check(check, timeout=5)).status == serving
