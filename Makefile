@@ -11,12 +11,13 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test lint protos clean
+.PHONY: help setup demo test lint protos models clean
 
 help:
 	@echo "make demo   - set up, then run hybridmesh on the embedded local mesh"
 	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
 	@echo "make protos - regenerate Python code from protos/"
+	@echo "make models - retrain the Fashion-MNIST models into a new store version (minutes)"
 
 $(STAMPS):
 	@mkdir -p $@
@@ -25,7 +26,8 @@ $(STAMPS):
 $(STAMPS)/venv: requirements.lock pyproject.toml | $(STAMPS)
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		--config-settings editable_mode=compat -e .
 	@touch $@
 
 $(STAMPS)/buf: package.json package-lock.json | $(STAMPS)
@@ -37,6 +39,17 @@ $(DATASET):
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 setup: $(STAMPS)/venv $(STAMPS)/buf $(DATASET)
+
+# torch lives in its own venv: training only, never imported by a service.
+$(STAMPS)/venv-train: requirements-train.txt requirements.lock | $(STAMPS)
+	@test -x .venv-train/bin/python || $(PYTHON_BOOT) -m venv .venv-train
+	.venv-train/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-train.txt
+	@touch $@
+
+MODEL_VERSION ?= 1
+models: $(STAMPS)/venv-train $(DATASET)
+	PYTHONPATH=. .venv-train/bin/python -m workload.train_fashion --model edge --version $(MODEL_VERSION)
+	PYTHONPATH=. .venv-train/bin/python -m workload.train_fashion --model cloud --version $(MODEL_VERSION)
 
 protos: $(STAMPS)/venv
 	$(PY) tools/generate_protos.py
@@ -55,4 +68,4 @@ demo: setup
 	@echo "The local mesh demo lands with the mesh issue; see README."
 
 clean:
-	rm -rf $(STAMPS) $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(STAMPS) $(VENV) .venv-train node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""cloud_inference: the cloud tier in front of NVIDIA Triton."""

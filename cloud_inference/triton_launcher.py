@@ -1,0 +1,249 @@
+"""Start and stop the tritonserver bundled in the nvidia-pytriton wheel (CPU, local mesh).
+
+Facts this encodes (seen on this machine): the bundled build has only the python
+backend; its stub for this Python must sit in ``backends/python/`` (done in a private
+copy of the backends directory, never in site-packages); ``LD_LIBRARY_PATH`` must start
+with this Python's LIBDIR or the stub loads the system's older libpython and crashes;
+the copied stub finds the wheel's bundled libraries (``nvidia_pytriton.libs``) only
+through ``LD_LIBRARY_PATH``. The stub ignores PYTHONPATH: the local repository's
+models add this venv's site-packages themselves (workload/triton_python/model.py).
+
+Triton and its python-backend stub processes run in their own process group, so a stop
+(or a kill in a fault test) leaves no orphan.
+Usage: ``python -m cloud_inference.triton_launcher --model-repository DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+
+import pytriton
+import tritonclient.grpc.aio as triton_grpc
+
+from services.logging import configure_logging, get_logger
+
+_log = get_logger("cloud_inference.triton_launcher")
+TRITON_HOME = Path(pytriton.__file__).parent / "tritonserver"
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class TritonStartError(RuntimeError):
+    """Triton exited or did not become ready; the message carries the log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def prepare_backends(run_dir: Path) -> Path:
+    """A private backends directory with the python backend stub for this Python."""
+    backends = run_dir / "backends"
+    python_backend = backends / "python"
+    if not (python_backend / "triton_python_backend_stub").exists():
+        shutil.copytree(TRITON_HOME / "backends" / "python", python_backend, dirs_exist_ok=True)
+        stub = TRITON_HOME / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
+        shutil.copy2(stub, python_backend / "triton_python_backend_stub")
+        # The stub's embedded interpreter ignores PYTHONPATH and would import the base
+        # interpreter's numpy (2.x here), whose arrays the stub (built for numpy 1.x)
+        # returns as empty tensors. Its first import is this module, so put this venv's
+        # site-packages first there, before it imports numpy.
+        utils = python_backend / "triton_python_backend_utils.py"
+        site_packages = sysconfig.get_paths()["purelib"]
+        utils.write_text(
+            f"import sys\nsys.path.insert(0, {site_packages!r})  # hybridmesh launcher\n"
+            + utils.read_text()
+        )
+    return backends
+
+
+def triton_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    # The wheel's own CUDA runtime etc.: the stub's RPATH does not survive being copied.
+    wheel_libs = str(TRITON_HOME.parent.parent / "nvidia_pytriton.libs")
+    environment["LD_LIBRARY_PATH"] = os.pathsep.join(
+        part for part in (libdir, wheel_libs, environment.get("LD_LIBRARY_PATH", "")) if part
+    )
+    site_packages = sysconfig.get_paths()["purelib"]
+    environment["PYTHONPATH"] = os.pathsep.join(
+        part for part in (site_packages, environment.get("PYTHONPATH", "")) if part
+    )
+    return environment
+
+
+class TritonServer:
+    """One tritonserver process; an async context manager that waits for readiness."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        run_dir: Path,
+        *,
+        grpc_port: int | None = None,
+        otlp_http_endpoint: str | None = None,
+        ready_timeout_s: float = 60.0,
+    ) -> None:
+        self.model_repository = model_repository
+        self.run_dir = run_dir
+        self.grpc_port = grpc_port or free_port()
+        self.otlp_http_endpoint = otlp_http_endpoint
+        self.ready_timeout_s = ready_timeout_s
+        self.log_path = run_dir / "triton.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def command(self) -> list[str]:
+        command = [
+            str(TRITON_HOME / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={prepare_backends(self.run_dir)}",
+            f"--grpc-port={self.grpc_port}",
+            "--grpc-address=127.0.0.1",
+            "--allow-http=false",
+            "--allow-metrics=false",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+        ]
+        if self.otlp_http_endpoint:
+            command += [
+                "--trace-config=mode=opentelemetry",
+                f"--trace-config=opentelemetry,url={self.otlp_http_endpoint}",
+                "--trace-config=rate=1",
+                "--trace-config=level=TIMESTAMPS",
+                "--trace-config=opentelemetry,resource=service.name=triton",
+            ]
+        return command
+
+    def start_process(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        # Own session = own process group: stop/kill reaches the backend stubs too.
+        self._process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=triton_environment(),
+            start_new_session=True,
+        )
+        log.close()
+        _log.info("triton starting", pid=self._process.pid, grpc=self.grpc_url)
+
+    async def wait_ready(self, models: list[str] | None = None) -> float:
+        """Wait until the server and ``models`` (default: all in the repository) are ready."""
+        models = models if models is not None else self.repository_models()
+        started = time.monotonic()
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() - started < self.ready_timeout_s:
+                if self._process is None or self._process.poll() is not None:
+                    raise TritonStartError(f"tritonserver exited early:\n{self.log_tail()}")
+                with contextlib.suppress(Exception):
+                    if await client.is_server_ready(client_timeout=1.0) and all(
+                        [await client.is_model_ready(m, client_timeout=1.0) for m in models]
+                    ):
+                        elapsed = time.monotonic() - started
+                        _log.info("triton ready", seconds=round(elapsed, 2), models=models)
+                        return elapsed
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+        raise TritonStartError(
+            f"tritonserver not ready after {self.ready_timeout_s} s:\n{self.log_tail()}"
+        )
+
+    def repository_models(self) -> list[str]:
+        return sorted(
+            p.name for p in self.model_repository.iterdir() if (p / "config.pbtxt").exists()
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (fault injection)."""
+        if self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s``."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(process.wait, grace_s)
+        # Stubs outlive a crashed server sometimes: clear the group either way.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _log.info("triton stopped", pid=process.pid, returncode=process.returncode)
+
+    async def __aenter__(self) -> TritonServer:
+        self.start_process()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.stop(grace_s=2.0)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def _run(repository: Path, run_dir: Path, grpc_port: int | None) -> None:
+    async with TritonServer(repository, run_dir, grpc_port=grpc_port) as server:
+        _log.info("serving; Ctrl-C to stop", grpc=server.grpc_url, log=str(server.log_path))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, default=Path("var/triton"))
+    parser.add_argument("--grpc-port", type=int)
+    arguments = parser.parse_args()
+    configure_logging()
+    asyncio.run(_run(arguments.model_repository.resolve(), arguments.run_dir, arguments.grpc_port))
+
+
+if __name__ == "__main__":
+    main()

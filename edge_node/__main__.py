@@ -1,0 +1,31 @@
+"""python -m edge_node: serve the local model store (configured by HYBRIDMESH_EDGE_*)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edge_node.app import EdgeNode
+from edge_node.config import EdgeSettings
+from services.logging import configure_logging
+from services.telemetry import create_telemetry
+
+
+async def _serve(settings: EdgeSettings) -> None:
+    telemetry = create_telemetry(settings.service_name)
+    node = EdgeNode(settings, telemetry)
+    try:
+        await node.start()
+        node.host.stop_on_signals()
+        await node.host.wait_for_termination()
+    finally:
+        telemetry.shutdown()
+
+
+def main() -> None:
+    settings = EdgeSettings()
+    configure_logging(settings.log_level)
+    asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Edge node settings (env prefix HYBRIDMESH_EDGE_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.config import ServiceSettings
+
+EDGE_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class EdgeSettings(ServiceSettings):
+    """What one edge node serves and how hard it may work."""
+
+    model_config = SettingsConfigDict(env_prefix="HYBRIDMESH_EDGE_", extra="ignore", frozen=True)
+
+    service_name: str = "edge-node"
+    port: int = Field(default=50052, ge=0, le=65535)
+    max_message_bytes: int = Field(default=EDGE_MAX_MESSAGE_BYTES, gt=0)
+    # Directory of the versioned model store: <name>/<version>/manifest.json + files.
+    model_store: Path = Path("models/store")
+    # Names of the models to serve from the store; empty serves every model in it.
+    served_models: tuple[str, ...] = ()
+    # onnxruntime sizes its pool from the host, not the cgroup (onnxruntime#29510):
+    # always set it. One thread per session run; parallelism comes from compute_slots.
+    intra_op_threads: int = Field(default=1, ge=1)
+    # Session runs at once (each in a worker thread).
+    compute_slots: int = Field(default=2, ge=1)
+    # Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED.
+    max_queued_requests: int = Field(default=256, ge=0)
+    max_batch_size: int = Field(default=64, ge=1)
+    # Sum of input bytes per request; checked by the service so an oversized request gets
+    # INVALID_ARGUMENT naming the field (the transport limit above is only a backstop).
+    max_payload_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_top_k: int = Field(default=10, ge=1)

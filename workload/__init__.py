@@ -1,0 +1,1 @@
+"""The workload: Fashion-MNIST data, model training, the model store, Triton repositories."""
