@@ -38,7 +38,7 @@ class EdgeNode:
                     serving_at_start=False,
                 )
             ],
-            interceptors=telemetry.server_interceptors(),
+            interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
         )
 
     @property

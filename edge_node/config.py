@@ -29,6 +29,10 @@ class EdgeSettings(ServiceSettings):
     intra_op_threads: int = Field(default=1, ge=1)
     # Session runs at once (each in a worker thread).
     compute_slots: int = Field(default=2, ge=1)
+    # Models whose measured batch-1 latency (manifest) is at most this run on the event
+    # loop itself: for a ~20 µs model the thread hand-off costs more than the work.
+    # 0 sends every run to a worker thread.
+    inline_compute_max_us: float = Field(default=100.0, ge=0)
     # Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED.
     max_queued_requests: int = Field(default=256, ge=0)
     max_batch_size: int = Field(default=64, ge=1)

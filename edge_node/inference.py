@@ -53,6 +53,7 @@ class EdgeInference:
         )
         self._slots = asyncio.Semaphore(settings.compute_slots)
         self._max_queued = settings.max_queued_requests
+        self._inline_max_us = settings.inline_compute_max_us
         self._queued = 0
 
     def _validate(
@@ -127,8 +128,11 @@ class EdgeInference:
                 self._queued -= 1
             try:
                 started = time.perf_counter()
-                # to_thread, not run_in_executor: the span and log context follow it.
-                outputs = await asyncio.to_thread(model.run, arrays)
+                if model.compute_us <= self._inline_max_us:
+                    outputs = model.run(arrays)
+                else:
+                    # to_thread, not run_in_executor: the span and log context follow it.
+                    outputs = await asyncio.to_thread(model.run, arrays)
                 finished = time.perf_counter()
             finally:
                 self._slots.release()

@@ -46,6 +46,8 @@ class LoadedModel:
         self.classification_output = manifest.outputs[0].name
         self.outputs_probabilities = manifest.output_kind == "probabilities"
         self.max_batch_size = manifest.max_batch_size
+        # Unknown latency counts as slow: it goes to a worker thread.
+        self.compute_us = float(manifest.metrics.get("latency_us_batch1_median", float("inf")))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

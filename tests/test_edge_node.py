@@ -213,3 +213,24 @@ async def test_each_request_has_a_domain_span_with_model_and_version(
     assert attributes["hybridmesh.batch_size"] == 1
     server = [s for s in running_edge.spans.get_finished_spans() if s.name.endswith("/Infer")]
     assert spans[0].parent is not None and spans[0].parent.span_id == server[0].context.span_id
+
+
+async def test_worker_thread_path_gives_the_same_answers() -> None:
+    """inline_compute_max_us=0 sends every run through asyncio.to_thread."""
+    node = EdgeNode(
+        edge_settings(inline_compute_max_us=0.0), create_telemetry("t", export_otlp=False)
+    )
+    await node.start()
+    try:
+        test = load_split("test")
+        async with grpc.aio.insecure_channel(node.host.address) as channel:
+            from hybridmesh.edge.v1 import edge_service_pb2_grpc
+
+            stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
+            replies = await asyncio.gather(
+                *(stub.Infer(image_request(test.images[i : i + 1]), timeout=20) for i in range(32))
+            )
+        expected = _reference_logits(test.images[:32]).argmax(axis=1).tolist()
+        assert [r.classifications[0].top_k[0].class_index for r in replies] == expected
+    finally:
+        await node.stop(0)
