@@ -1,0 +1,33 @@
+"""python -m cloud_inference: serve CloudService in front of Triton (HYBRIDMESH_CLOUD_*)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cloud_inference.app import CloudNode
+from cloud_inference.config import CloudSettings
+from services.logging import configure_logging
+from services.telemetry import create_telemetry
+from workload.triton_repository import cloud_models
+
+
+async def _serve(settings: CloudSettings) -> None:
+    telemetry = create_telemetry(settings.service_name)
+    node = CloudNode(settings, telemetry, cloud_models(settings.catalog))
+    try:
+        await node.start()
+        node.host.stop_on_signals()
+        await node.host.wait_for_termination()
+    finally:
+        await node.stop()
+        telemetry.shutdown()
+
+
+def main() -> None:
+    settings = CloudSettings()
+    configure_logging(settings.log_level)
+    asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Cloud service settings (env prefix HYBRIDMESH_CLOUD_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.config import ServiceSettings
+
+
+class CloudSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="HYBRIDMESH_CLOUD_", extra="ignore", frozen=True)
+
+    service_name: str = "cloud-inference"
+    port: int = Field(default=50053, ge=0, le=65535)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    triton_url: str = "127.0.0.1:8001"
+    # Where the labels of the cloud models come from (their store manifests).
+    model_store: Path = Path("models/store")
+    # The cloud models to serve and watch are the catalog's cloud models.
+    catalog: Path = Path("models/catalog.toml")
+    # Site id -> sha256 (hex) of that site's bearer token. Empty refuses every caller:
+    # the cloud never serves an unauthenticated one.
+    site_token_sha256: dict[str, str] = Field(default_factory=dict)
+    # Or the same mapping as a JSON file (a mounted secret in k8s).
+    site_tokens_file: Path | None = None
+    max_in_flight: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=256, ge=0)
+    max_batch_size: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=10, ge=1)
+    max_payload_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Used when a call carries no deadline (every call to Triton has one).
+    default_timeout_s: float = Field(default=5.0, gt=0)
+    health_poll_s: float = Field(default=0.5, gt=0)
