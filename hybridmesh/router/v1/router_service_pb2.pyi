@@ -206,12 +206,17 @@ class InferStreamResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     SUPERSEDES_PREVIOUS_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    AGREES_WITH_PREVIOUS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """0 for the first (edge) answer, incremented for each later answer."""
     supersedes_previous: _builtins.bool
     """True when this answer replaces the previous one (the cloud answer after the edge one)."""
     final: _builtins.bool
     """True on the last message of the stream."""
+    agrees_with_previous: _builtins.bool
+    """For a superseding answer: true when its top-1 class per item equals the previous
+    answer's (the edge was right after all); false when the cloud corrected it.
+    """
     @_builtins.property
     def response(self) -> Global___InferResponse:
         """The answer at this stage."""
@@ -223,10 +228,11 @@ class InferStreamResponse(_message.Message):
         sequence: _builtins.int = ...,
         supersedes_previous: _builtins.bool = ...,
         final: _builtins.bool = ...,
+        agrees_with_previous: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "response", b"response", "sequence", b"sequence", "supersedes_previous", b"supersedes_previous"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agrees_with_previous", b"agrees_with_previous", "final", b"final", "response", b"response", "sequence", b"sequence", "supersedes_previous", b"supersedes_previous"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

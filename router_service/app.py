@@ -1,0 +1,143 @@
+"""Assembles the router: channels, breakers, policy artifact, server, tier health watch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
+from hybridmesh.edge.v1 import edge_service_pb2_grpc
+from hybridmesh.router.v1 import router_service_pb2_grpc
+from router_service.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from router_service.config import RouterSettings
+from router_service.escalation import EscalationClassifier, latest_policy
+from router_service.metrics import RouterMetrics
+from router_service.routing import PairSpec, Router
+from router_service.servicer import RouterServicer
+from router_service.tiers import CloudTier, EdgeTier
+from services.channels import ChannelFactory
+from services.logging import get_logger
+from services.server import ServiceHost, ServiceRegistration
+from services.telemetry import Telemetry
+from services.tensors import DATATYPE_BY_KSERVE_NAME
+from workload.catalog import load_catalog
+
+ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
+HEALTH_POLL_S = 0.5
+
+_log = get_logger("router_service")
+
+
+def pairs_from_catalog(path: Path) -> list[PairSpec]:
+    """The router's view of the catalog: names, the shared input contract, output kind."""
+    return [
+        PairSpec(
+            name=pair.name,
+            edge_model=pair.edge_model,
+            cloud_model=pair.cloud_model,
+            input_name=pair.input.name,
+            input_datatype=DATATYPE_BY_KSERVE_NAME[pair.input.datatype],
+            input_shape=pair.input.shape,
+            outputs_probabilities=pair.output_kind == "probabilities",
+            anonymiser=pair.anonymiser,
+        )
+        for pair in load_catalog(path).values()
+    ]
+
+
+class RouterNode:
+    """The router process: serves RouterService; SERVING while some tier can answer."""
+
+    def __init__(
+        self, settings: RouterSettings, telemetry: Telemetry, pairs: Sequence[PairSpec]
+    ) -> None:
+        self.settings = settings
+        factory = ChannelFactory(telemetry.client_interceptors(), settings.max_message_bytes)
+        self._edge_channel = factory.create(settings.edge_target)
+        self._cloud_channel = factory.create(settings.cloud_target)
+        meter = telemetry.meter("hybridmesh.router")
+        breaker_state = meter.create_up_down_counter(
+            "hybridmesh.breaker.open", description="1 while a tier's breaker is open"
+        )
+
+        def on_change(name: str, old: BreakerState, new: BreakerState) -> None:
+            _log.warning("breaker state change", target=name, old=old.value, new=new.value)
+            if new is BreakerState.OPEN:
+                breaker_state.add(1, {"target": name})
+            elif old is BreakerState.OPEN:
+                breaker_state.add(-1, {"target": name})
+
+        self.router = Router(
+            settings,
+            pairs=pairs,
+            edge=EdgeTier(
+                edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel),
+                CircuitBreaker("edge", BreakerConfig(slow_call_s=0.1), on_state_change=on_change),
+            ),
+            cloud=CloudTier(
+                cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
+                CircuitBreaker("cloud", BreakerConfig(slow_call_s=0.5), on_state_change=on_change),
+                settings.cloud_site_token,
+            ),
+            classifier=EscalationClassifier(latest_policy(settings.policy_root)),
+            tracer=telemetry.tracer("hybridmesh.router"),
+            metrics=RouterMetrics(meter),
+        )
+        servicer = RouterServicer(self.router)
+        self.host = ServiceHost(
+            settings,
+            [
+                ServiceRegistration(
+                    ROUTER_SERVICE_NAME,
+                    lambda server: router_service_pb2_grpc.add_RouterServiceServicer_to_server(
+                        servicer, server
+                    ),
+                    serving_at_start=False,
+                )
+            ],
+            interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
+        )
+        self._watch: asyncio.Task[None] | None = None
+        self.tier_up = {"edge": False, "cloud": False}
+
+    async def start(self) -> int:
+        port = await self.host.start()
+        self._watch = asyncio.create_task(self._watch_tiers())
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.host.stop(grace)
+        await self._edge_channel.close(None)
+        await self._cloud_channel.close(None)
+
+    async def _watch_tiers(self) -> None:
+        """Poll both tiers' grpc.health.v1; the router serves while either can answer."""
+        edge = health_pb2_grpc.HealthStub(self._edge_channel)
+        cloud = health_pb2_grpc.HealthStub(self._cloud_channel)
+        serving: bool | None = None
+        while True:
+            self.tier_up["edge"] = await _is_serving(edge)
+            self.tier_up["cloud"] = await _is_serving(cloud)
+            now_serving = any(self.tier_up.values())
+            if now_serving != serving:
+                serving = now_serving
+                await self.host.set_serving(ROUTER_SERVICE_NAME, serving)
+                _log.info("router health", serving=serving, **self.tier_up)
+            await asyncio.sleep(HEALTH_POLL_S)
+
+
+async def _is_serving(stub: health_pb2_grpc.HealthStub) -> bool:
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

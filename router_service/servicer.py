@@ -1,0 +1,48 @@
+"""Thin gRPC adapter over Router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from hybridmesh.common.v1 import routing_pb2
+from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from router_service.routing import Router
+
+
+class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def Infer(  # noqa: N802 (gRPC method name)
+        self,
+        request: router_service_pb2.InferRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> router_service_pb2.InferResponse:
+        return await self._router.infer(request, context.time_remaining())
+
+    async def InferStream(  # noqa: N802 (gRPC method name)
+        self,
+        request: router_service_pb2.InferStreamRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[router_service_pb2.InferStreamResponse]:
+        sequence = 0
+        previous: list[int] = []
+        async for response, final in self._router.stages(
+            request.request, context.time_remaining(), progressive=True
+        ):
+            top1 = [p.classification.top_k[0].class_index for p in response.predictions]
+            # A later answer replaces the earlier one only if the cloud answered;
+            # after a cloud failure the last message repeats the edge answer, degraded.
+            supersedes = sequence > 0 and response.decision.served_by != routing_pb2.TIER_EDGE
+            yield router_service_pb2.InferStreamResponse(
+                response=response,
+                sequence=sequence,
+                supersedes_previous=supersedes,
+                final=final,
+                agrees_with_previous=supersedes and top1 == previous,
+            )
+            previous = top1
+            sequence += 1

@@ -1,0 +1,130 @@
+"""Calls to the edge node and the cloud service, each behind its own circuit breaker.
+
+The router is the one retry layer in the mesh: these clients never retry by
+themselves; the router decides whether the other tier answers instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
+from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
+from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
+from router_service.breaker import CallOutcome, CircuitBreaker, outcome_of
+from router_service.latency import RollingLatency
+
+ResponseT = TypeVar("ResponseT")
+
+
+class TierUnavailableError(Exception):
+    """A tier could not answer: breaker open, or the call failed."""
+
+    def __init__(self, tier: str, code: grpc.StatusCode | None, detail: str) -> None:
+        super().__init__(f"{tier}: {detail}")
+        self.tier = tier
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TierAnswer:
+    model: model_pb2.ModelRef
+    outputs: Sequence[tensor_pb2.Tensor]
+    classifications: Sequence[model_pb2.Classification]
+    elapsed_s: float
+
+
+async def _guarded(
+    tier: str, breaker: CircuitBreaker, send: Callable[[], Awaitable[ResponseT]]
+) -> tuple[ResponseT, float]:
+    """One call through the tier's breaker; every allowed call is recorded exactly once."""
+    if not breaker.allow_request():
+        raise TierUnavailableError(tier, None, f"{tier} circuit breaker is open")
+    started = time.perf_counter()
+    try:
+        response = await send()
+    except grpc.aio.AioRpcError as error:
+        breaker.record(outcome_of(error.code()), time.perf_counter() - started)
+        raise TierUnavailableError(tier, error.code(), error.details() or "") from error
+    except asyncio.CancelledError:
+        # Our caller gave up (hedge lost, client went away): says nothing about the tier.
+        breaker.record(CallOutcome.IGNORED)
+        raise
+    elapsed = time.perf_counter() - started
+    breaker.record(CallOutcome.SUCCESS, elapsed)
+    return response, elapsed
+
+
+class EdgeTier:
+    def __init__(
+        self, stub: edge_service_pb2_grpc.EdgeServiceAsyncStub, breaker: CircuitBreaker
+    ) -> None:
+        self._stub = stub
+        self.breaker = breaker
+
+    async def infer(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        inputs: Sequence[tensor_pb2.Tensor],
+        top_k: int,
+        timeout_s: float,
+    ) -> TierAnswer:
+        request = edge_service_pb2.InferRequest(
+            request_id=request_id,
+            model=model_pb2.ModelRef(name=model),
+            inputs=inputs,
+            top_k=top_k,
+        )
+        response, elapsed = await _guarded(
+            "edge", self.breaker, lambda: self._stub.Infer(request, timeout=timeout_s)
+        )
+        return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
+
+
+class CloudTier:
+    def __init__(
+        self,
+        stub: cloud_service_pb2_grpc.CloudServiceAsyncStub,
+        breaker: CircuitBreaker,
+        site_token: str,
+    ) -> None:
+        self._stub = stub
+        self.breaker = breaker
+        self.latency = RollingLatency()
+        self._metadata = (("authorization", f"Bearer {site_token}"),) if site_token else ()
+
+    async def infer(
+        self,
+        *,
+        request_id: str,
+        model: str,
+        inputs: Sequence[tensor_pb2.Tensor],
+        top_k: int,
+        timeout_s: float,
+        privacy_class: routing_pb2.PrivacyClass.ValueType,
+        anonymiser: str,
+    ) -> TierAnswer:
+        request = cloud_service_pb2.InferRequest(
+            request_id=request_id,
+            model=model_pb2.ModelRef(name=model),
+            inputs=inputs,
+            top_k=top_k,
+            privacy_class=privacy_class,
+            anonymiser=anonymiser,
+        )
+        response, elapsed = await _guarded(
+            "cloud",
+            self.breaker,
+            lambda: self._stub.Infer(request, timeout=timeout_s, metadata=self._metadata),
+        )
+        self.latency.observe(elapsed)
+        return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
