@@ -7,20 +7,16 @@ import asyncio
 from cloud_inference.app import CloudNode
 from cloud_inference.config import CloudSettings
 from services.logging import configure_logging
+from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
 from workload.triton_repository import cloud_models
 
 
 async def _serve(settings: CloudSettings) -> None:
     telemetry = create_telemetry(settings.service_name)
-    node = CloudNode(settings, telemetry, cloud_models(settings.catalog))
-    try:
-        await node.start()
-        node.host.stop_on_signals()
-        await node.host.wait_for_termination()
-    finally:
-        await node.stop()
-        telemetry.shutdown()
+    await serve_until_signalled(
+        CloudNode(settings, telemetry, cloud_models(settings.catalog)), telemetry
+    )
 
 
 def main() -> None:

@@ -7,18 +7,13 @@ import asyncio
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeSettings
 from services.logging import configure_logging
+from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
 
 
 async def _serve(settings: EdgeSettings) -> None:
     telemetry = create_telemetry(settings.service_name)
-    node = EdgeNode(settings, telemetry)
-    try:
-        await node.start()
-        node.host.stop_on_signals()
-        await node.host.wait_for_termination()
-    finally:
-        telemetry.shutdown()
+    await serve_until_signalled(EdgeNode(settings, telemetry), telemetry)
 
 
 def main() -> None:

@@ -7,19 +7,15 @@ import asyncio
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.config import RouterSettings
 from services.logging import configure_logging
+from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
 
 
 async def _serve(settings: RouterSettings) -> None:
     telemetry = create_telemetry(settings.service_name)
-    node = RouterNode(settings, telemetry, pairs_from_catalog(settings.catalog))
-    try:
-        await node.start()
-        node.host.stop_on_signals()
-        await node.host.wait_for_termination()
-    finally:
-        await node.stop()
-        telemetry.shutdown()
+    await serve_until_signalled(
+        RouterNode(settings, telemetry, pairs_from_catalog(settings.catalog)), telemetry
+    )
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import inspect
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from services.config import ServiceSettings
 from services.errors import ServiceError
 from services.logging import get_logger
+from services.telemetry import Telemetry
 
 OVERALL_HEALTH = ""  # grpc.health.v1: the empty service name is the server as a whole
 # SERVING for as long as the process runs (until shutdown): the liveness probe's target,
@@ -249,8 +250,22 @@ class ServiceHost:
         self._stop_task = asyncio.get_running_loop().create_task(self.stop())
 
 
-async def run_until_terminated(host: ServiceHost) -> None:
-    """Start ``host``, stop it gracefully on SIGTERM/SIGINT, return once it has stopped."""
-    await host.start()
-    host.stop_on_signals()
-    await host.wait_for_termination()
+class ServiceNode(Protocol):
+    """What a service process assembles around its ServiceHost."""
+
+    host: ServiceHost
+
+    async def start(self) -> int: ...
+
+    async def stop(self, grace: float | None = None) -> None: ...
+
+
+async def serve_until_signalled(node: ServiceNode, telemetry: Telemetry) -> None:
+    """Run a service process: start, stop gracefully on SIGTERM/SIGINT, flush telemetry."""
+    try:
+        await node.start()
+        node.host.stop_on_signals()
+        await node.host.wait_for_termination()
+    finally:
+        await node.stop()
+        telemetry.shutdown()
