@@ -27,6 +27,9 @@ class RouterSettings(ServiceSettings):
     default_budget_s: float = Field(default=1.0, gt=0)
     # Kept back from every budget for the router's own work and the reply.
     budget_margin_s: float = Field(default=0.02, ge=0)
+    # Call the cloud beside the edge (hedge) when the remaining budget is below this, or
+    # below edge p95 + cloud p95 once both are known; 0 leaves only the p95 rule.
+    hedge_below_budget_s: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=10, ge=1)
     # Prices per item in micro-USD: $1.50 per 1,000 cloud images (a typical cloud vision

@@ -7,6 +7,7 @@ sockets here beyond the two tier clients, which tests can point at real servers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -100,7 +101,11 @@ class _Outcome:
     policy_version: str
     edge: TierAnswer | None = None
     cloud: TierAnswer | None = None
-    cloud_items: list[int] = field(default_factory=list)
+    # Item index -> row of ``cloud`` holding that item's cloud answer.
+    cloud_rows: dict[int, int] = field(default_factory=dict)
+    hedge: asyncio.Task[TierAnswer] | None = None
+    # Items whose data was sent to the cloud (what the cloud bills), answered or not.
+    cloud_items_sent: int = 0
     degraded: bool = False
     data_left_site: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -157,22 +162,29 @@ class Router:
     ) -> AsyncIterator[tuple[router_service_pb2.InferResponse, bool]]:
         """Yield (answer, is_final); with ``progressive`` the edge answer comes first."""
         started = self._clock()
+        outcome: _Outcome | None = None
         with self._tracer.start_as_current_span("router.decide") as span:
-            outcome = self._begin(request, time_remaining_s, started, span)
-            if outcome.verdict.cloud_first and await self._cloud_first(outcome):
+            try:
+                outcome = self._begin(request, time_remaining_s, started, span)
+                if outcome.verdict.cloud_first and await self._cloud_first(outcome):
+                    yield self._finish(outcome, started, span), True
+                    return
+                self._maybe_hedge(outcome)
+                if not await self._edge_or_cloud_fallback(outcome):
+                    yield self._finish(outcome, started, span), True  # the cloud answered
+                    return
+                escalate = self._plan_escalation(outcome)
+                if not escalate:
+                    self._cancel_hedge(outcome)
+                    yield self._finish(outcome, started, span), True
+                    return
+                if progressive:
+                    yield self._finish(outcome, started, span, partial=True), False
+                await self._escalate(outcome, escalate)
                 yield self._finish(outcome, started, span), True
-                return
-            if not await self._edge_or_cloud_fallback(outcome):
-                yield self._finish(outcome, started, span), True  # the cloud answered
-                return
-            escalate = self._plan_escalation(outcome)
-            if not escalate:
-                yield self._finish(outcome, started, span), True
-                return
-            if progressive:
-                yield self._finish(outcome, started, span, partial=True), False
-            await self._escalate(outcome, escalate)
-            yield self._finish(outcome, started, span), True
+            finally:
+                if outcome is not None:
+                    self._cancel_hedge(outcome)
 
     def _begin(
         self,
@@ -258,11 +270,12 @@ class Router:
                 f"edge node unavailable ({edge_detail}) and the cloud may not serve: {why}"
             ) from edge_error
         try:
-            await self._call_cloud(
-                outcome,
-                list(range(len(outcome.items))),
-                decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK,
-            )
+            everything = list(range(len(outcome.items)))
+            reason = decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
+            if outcome.hedge is not None:
+                self._adopt_cloud(outcome, await outcome.hedge, {i: i for i in everything}, reason)
+            else:
+                await self._call_cloud(outcome, everything, reason)
         except TierUnavailableError as cloud_error:
             raise UnavailableError(
                 f"no tier could answer: edge: {edge_detail}; cloud: {cloud_error.detail}"
@@ -291,9 +304,53 @@ class Router:
         outcome.explanation += self._explain(outcome, scores, escalate, blocked, wanted)
         return escalate
 
+    def _maybe_hedge(self, outcome: _Outcome) -> None:
+        """Start the cloud call now, beside the edge, when there is no time to do them in
+        turn: the remaining budget is below the hedge budget, or below edge p95 + cloud
+        p95. If the edge answer turns out confident, the cloud call is cancelled."""
+        if not outcome.verdict.cloud_allowed:
+            return
+        remaining = outcome.deadline - self._clock()
+        edge_p95, cloud_p95 = self.edge.latency.p95, self.cloud.latency.p95
+        sequential_too_slow = (
+            edge_p95 is not None and cloud_p95 is not None and remaining < edge_p95 + cloud_p95
+        )
+        if remaining >= self._settings.hedge_below_budget_s and not sequential_too_slow:
+            return
+        outcome.hedge = asyncio.create_task(
+            self.cloud.infer(
+                request_id=outcome.request_id,
+                model=outcome.pair.cloud_model,
+                inputs=outcome.request.inputs,
+                top_k=outcome.request.top_k or 1,
+                timeout_s=self._timeout(outcome.deadline),
+                privacy_class=outcome.constraints.privacy_class,
+                anonymiser=outcome.anonymiser,
+            )
+        )
+        # The request is on the wire from here on, whatever happens to the call.
+        outcome.data_left_site = True
+        outcome.cloud_items_sent = len(outcome.items)
+        outcome.explanation = "hedged: cloud called beside the edge (tight deadline); "
+
+    @staticmethod
+    def _cancel_hedge(outcome: _Outcome) -> None:
+        hedge = outcome.hedge
+        if hedge is None:
+            return
+        if not hedge.done():
+            hedge.cancel()  # the edge answer won: the loser is cancelled
+            outcome.explanation += "; hedged cloud call cancelled"
+        elif not hedge.cancelled():
+            hedge.exception()  # retrieved, so a failed loser is not reported as lost
+
     async def _escalate(self, outcome: _Outcome, escalate: list[int]) -> None:
         try:
-            await self._call_cloud(outcome, escalate, None)
+            if outcome.hedge is not None:
+                answer = await outcome.hedge
+                self._adopt_cloud(outcome, answer, {i: i for i in escalate}, None)
+            else:
+                await self._call_cloud(outcome, escalate, None)
         except TierUnavailableError as error:
             for index in escalate:
                 outcome.items[index].reason = (
@@ -397,6 +454,7 @@ class Router:
         """Send ``indices`` of the batch to the cloud; on success they are cloud-served."""
         source = outcome.request.inputs[0]
         subset = encode_tensor(source.name, np.ascontiguousarray(outcome.inputs[indices]))
+        outcome.cloud_items_sent += len(indices)
         try:
             outcome.cloud = await self.cloud.infer(
                 request_id=outcome.request_id,
@@ -411,10 +469,20 @@ class Router:
             # Bytes were sent unless the breaker refused before the call.
             outcome.data_left_site |= error.code is not None
             raise
+        self._adopt_cloud(
+            outcome, outcome.cloud, {index: row for row, index in enumerate(indices)}, reason
+        )
+
+    @staticmethod
+    def _adopt_cloud(
+        outcome: _Outcome, answer: TierAnswer, rows: dict[int, int], reason: Reason | None
+    ) -> None:
+        """Make the cloud's answer the one for the items in ``rows``."""
+        outcome.cloud = answer
         outcome.data_left_site = True
-        outcome.timings["cloud"] = outcome.cloud.elapsed_s
-        outcome.cloud_items = indices
-        for index in indices:
+        outcome.timings["cloud"] = answer.elapsed_s
+        outcome.cloud_rows = rows
+        for index in rows:
             outcome.items[index].tier = CLOUD
             if reason is not None:
                 outcome.items[index].reason = reason
@@ -451,7 +519,7 @@ class Router:
         items = outcome.items
         if partial:
             items = [_Item(EDGE, item.reason, item.score) for item in items]
-        cloud_items = [] if partial else outcome.cloud_items
+        cloud_rows = {} if partial else outcome.cloud_rows
         served = {item.tier for item in items}
         served_by = served.pop() if len(served) == 1 else routing_pb2.TIER_EDGE_AND_CLOUD
         reason = next((item.reason for item in items if item.tier == CLOUD), items[0].reason)
@@ -478,7 +546,9 @@ class Router:
             cost=decision_pb2.Cost(
                 currency_code=settings.currency_code,
                 edge_micros=settings.edge_price_micros * batch if edge_ran else 0,
-                cloud_micros=settings.cloud_price_micros * len(cloud_items) if cloud_ran else 0,
+                cloud_micros=0
+                if partial
+                else settings.cloud_price_micros * outcome.cloud_items_sent,
                 all_cloud_micros=settings.cloud_price_micros * batch,
             ),
             trace_id=trace.format_trace_id(span_context.trace_id) if span_context.is_valid else "",
@@ -487,7 +557,7 @@ class Router:
             decision.edge_model.CopyFrom(outcome.edge.model)
         if cloud_ran and outcome.cloud is not None:
             decision.cloud_model.CopyFrom(outcome.cloud.model)
-        outputs, classifications = self._merge(outcome, cloud_items)
+        outputs, classifications = self._merge(outcome, cloud_rows)
         if not partial:
             _annotate(span, decision)
             if self._metrics is not None:
@@ -509,24 +579,25 @@ class Router:
 
     @staticmethod
     def _merge(
-        outcome: _Outcome, cloud_items: list[int]
+        outcome: _Outcome, cloud_rows: dict[int, int]
     ) -> tuple[list[tensor_pb2.Tensor], list[model_pb2.Classification]]:
         """Edge answers with the cloud's rows put in place of the escalated items."""
         if outcome.edge is None:
             assert outcome.cloud is not None
             return list(outcome.cloud.outputs), list(outcome.cloud.classifications)
         classifications = list(outcome.edge.classifications)
-        if not cloud_items or outcome.cloud is None:
+        if not cloud_rows or outcome.cloud is None:
             return list(outcome.edge.outputs), classifications
         cloud_outputs = {tensor.name: tensor for tensor in outcome.cloud.outputs}
+        items, rows = list(cloud_rows), list(cloud_rows.values())
         merged = []
         for tensor in outcome.edge.outputs:
             array = _tensor_array(tensor).copy()
             if tensor.name in cloud_outputs:
-                array[cloud_items] = _tensor_array(cloud_outputs[tensor.name])
+                array[items] = _tensor_array(cloud_outputs[tensor.name])[rows]
             merged.append(encode_tensor(tensor.name, array))
-        for position, index in enumerate(cloud_items):
-            classifications[index] = outcome.cloud.classifications[position]
+        for index, row in cloud_rows.items():
+            classifications[index] = outcome.cloud.classifications[row]
         return merged, classifications
 
 

@@ -68,6 +68,7 @@ class EdgeTier:
     ) -> None:
         self._stub = stub
         self.breaker = breaker
+        self.latency = RollingLatency()
 
     async def infer(
         self,
@@ -87,6 +88,7 @@ class EdgeTier:
         response, elapsed = await _guarded(
             "edge", self.breaker, lambda: self._stub.Infer(request, timeout=timeout_s)
         )
+        self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
 
 

@@ -234,3 +234,29 @@ async def test_cloud_slower_than_the_deadline_falls_back_inside_the_budget(
         await channel.close(None)
         await slow.stop(0)
         await stop_mesh(mesh)
+
+
+async def test_hedged_escalation_cancels_the_loser(mesh_triton: TritonServer) -> None:
+    """With a tight budget the cloud is called beside the edge; a confident edge answer
+    wins and the cloud call is cancelled, an ambiguous one waits for the cloud."""
+    mesh = await start_mesh(mesh_triton.grpc_url, hedge_below_budget_s=10.0)
+    try:
+        easy = await mesh.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+        assert easy.decision.served_by == routing_pb2.TIER_EDGE
+        assert easy.decision.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT
+        assert "hedged cloud call cancelled" in easy.decision.explanation
+        # Honest accounting: the bytes went out and the cloud bills what it was sent.
+        assert easy.decision.data_left_site and easy.decision.cost.cloud_micros == 1500
+        hard = await mesh.stub.Infer(infer_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=5)
+        assert hard.decision.served_by == routing_pb2.TIER_CLOUD
+        assert hard.decision.reason == decision_pb2.DECISION_REASON_ESCALATED_HARD_CASE
+        assert hard.decision.explanation.startswith("hedged")
+        sensitive = await mesh.stub.Infer(
+            infer_request(
+                IMAGES[HARD[0] : HARD[0] + 1], privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE
+            ),
+            timeout=5,
+        )
+        assert not sensitive.decision.data_left_site  # never hedged out
+    finally:
+        await stop_mesh(mesh)
