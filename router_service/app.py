@@ -33,6 +33,16 @@ HEALTH_POLL_S = 0.5
 _log = get_logger("router_service")
 
 
+def _cloud_credentials(tls_dir: Path | None) -> grpc.ChannelCredentials | None:
+    if tls_dir is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        private_key=(tls_dir / "tls.key").read_bytes(),
+        certificate_chain=(tls_dir / "tls.crt").read_bytes(),
+    )
+
+
 def pairs_from_catalog(path: Path) -> list[PairSpec]:
     """The router's view of the catalog: names, the shared input contract, output kind."""
     return [
@@ -59,7 +69,9 @@ class RouterNode:
         self.settings = settings
         factory = ChannelFactory(telemetry.client_interceptors(), settings.max_message_bytes)
         self._edge_channel = factory.create(settings.edge_target)
-        self._cloud_channel = factory.create(settings.cloud_target)
+        self._cloud_channel = factory.create(
+            settings.cloud_target, credentials=_cloud_credentials(settings.cloud_tls_dir)
+        )
         meter = telemetry.meter("hybridmesh.router")
         breaker_state = meter.create_up_down_counter(
             "hybridmesh.breaker.open", description="1 while a tier's breaker is open"

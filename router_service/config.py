@@ -20,6 +20,9 @@ class RouterSettings(ServiceSettings):
     cloud_target: str = "127.0.0.1:50053"
     # Per-site token presented to the cloud ("authorization: Bearer ...").
     cloud_site_token: str = ""
+    # mTLS to the cloud ingress: a directory with ca.crt, tls.crt and tls.key (the k8s
+    # TLS secret layout). Unset: plaintext (tests, or a trusted link).
+    cloud_tls_dir: Path | None = None
     catalog: Path = Path("models/catalog.toml")
     # A pair's policy root; the router loads its highest version.
     policy_root: Path = Path("models/policies/fashion-mnist")

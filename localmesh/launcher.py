@@ -1,0 +1,345 @@
+"""Start the whole mesh as real processes on loopback, wait until all are healthy, and
+stop them all (no orphans). The state file lets scripts, tests and ``hybridmesh down``
+find the endpoints and process ids.
+
+Order: Triton -> cloud_inference -> Envoy (cloud ingress, mTLS, emulated WAN) ->
+edge_node -> router. The router reaches the cloud only through Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud_inference.auth import token_sha256
+from cloud_inference.triton_launcher import TritonServer
+from localmesh.certs import ensure_certificates
+from localmesh.envoy import EnvoyPorts, WanControl, envoy_command, envoy_config, write_config
+from services.logging import get_logger
+from workload.triton_repository import cloud_models, write_repository
+
+STATE_FILE = "state.json"
+SITE_TOKEN = "local-site-token"  # the local mesh's one edge site
+DEFAULT_PORTS = {
+    "router": 50051,
+    "edge": 50052,
+    "cloud": 50053,
+    "envoy": 50443,
+    "envoy_admin": 59901,
+    "triton": 58001,
+}
+PARTS = ("triton", "cloud", "envoy", "edge", "router")
+
+_log = get_logger("localmesh")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class MeshState:
+    """What ``up --detach`` writes to ``<state_dir>/state.json``."""
+
+    state_dir: str
+    endpoints: dict[str, str]
+    pids: dict[str, int]
+    logs: dict[str, str]
+    wan_delay_ms: int
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def write(self) -> Path:
+        path = Path(self.state_dir) / STATE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, state_dir: Path) -> MeshState:
+        return cls(**json.loads((state_dir / STATE_FILE).read_text()))
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    state_dir: Path = Path("var/mesh")
+    repository_root: Path = Path(".")
+    random_ports: bool = False
+    wan_delay_ms: int = 40
+    # OTLP: services read OTEL_EXPORTER_OTLP_ENDPOINT themselves; Envoy gets the same
+    # collector over gRPC and Triton an OTLP/HTTP URL (it speaks only HTTP).
+    otlp_grpc_endpoint: str | None = None
+    otlp_http_traces_url: str | None = None
+    log_level: str = "info"
+
+
+class LocalMesh:
+    def __init__(self, options: MeshOptions) -> None:
+        self.options = options
+        self.state_dir = options.state_dir.resolve()
+        self.ports = (
+            {name: free_port() for name in DEFAULT_PORTS}
+            if options.random_ports
+            else dict(DEFAULT_PORTS)
+        )
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.triton: TritonServer | None = None
+        self.logs = {name: str(self.state_dir / "logs" / f"{name}.log") for name in PARTS}
+
+    def endpoint(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def wan(self) -> WanControl:
+        return WanControl(self.ports["envoy_admin"])
+
+    def _environment(self, extra: dict[str, str]) -> dict[str, str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        if self.options.otlp_grpc_endpoint:
+            environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.options.otlp_grpc_endpoint
+            environment["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
+            # Export quickly: a demo or a test reads the trace seconds later.
+            environment["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+        return {**environment, **extra}
+
+    def _spawn(self, name: str, command: list[str], environment: dict[str, str]) -> None:
+        log = Path(self.logs[name])
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as stream:
+            self.processes[name] = subprocess.Popen(
+                command,
+                cwd=self.options.repository_root,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,  # own process group: stopped as a whole
+            )
+
+    async def up(self) -> MeshState:
+        """Start every part and wait until each is healthy; on failure stop what started."""
+        try:
+            await self._start_all()
+        except BaseException:
+            await self.down()
+            raise
+        state = MeshState(
+            state_dir=str(self.state_dir),
+            endpoints={
+                "router": self.endpoint("router"),
+                "edge": self.endpoint("edge"),
+                "cloud": self.endpoint("cloud"),
+                "envoy": self.endpoint("envoy"),
+                "envoy_admin": f"http://{self.endpoint('envoy_admin')}",
+                "triton": self.endpoint("triton"),
+            },
+            pids={name: process.pid for name, process in self.processes.items()},
+            logs=self.logs,
+            wan_delay_ms=self.options.wan_delay_ms,
+        )
+        state.write()
+        return state
+
+    async def _start_all(self) -> None:
+        root = self.options.repository_root.resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        certificates = ensure_certificates(self.state_dir / "certs")
+        router_tls = self.state_dir / "router-tls"
+        router_tls.mkdir(exist_ok=True)
+        for source, target in (
+            ("ca.crt", "ca.crt"),
+            ("client.crt", "tls.crt"),
+            ("client.key", "tls.key"),
+        ):
+            shutil.copyfile(certificates.directory / source, router_tls / target)
+        python = sys.executable
+        level = self.options.log_level
+
+        repository = self.state_dir / "triton-repository"
+        shutil.rmtree(repository, ignore_errors=True)
+        write_repository(
+            root / "models/store", repository, "local", cloud_models(root / "models/catalog.toml")
+        )
+        self.triton = TritonServer(
+            repository,
+            self.state_dir / "triton-run",
+            grpc_port=self.ports["triton"],
+            otlp_http_endpoint=self._triton_otlp(),
+        )
+        self.triton.start_process()
+        assert self.triton._process is not None
+        self.processes["triton"] = self.triton._process
+        await self.triton.wait_ready()
+
+        self._spawn(
+            "cloud",
+            [python, "-m", "cloud_inference"],
+            self._environment(
+                {
+                    "HYBRIDMESH_CLOUD_PORT": str(self.ports["cloud"]),
+                    "HYBRIDMESH_CLOUD_TRITON_URL": self.endpoint("triton"),
+                    "HYBRIDMESH_CLOUD_SITE_TOKEN_SHA256": json.dumps(
+                        {"site-local": token_sha256(SITE_TOKEN)}
+                    ),
+                    "HYBRIDMESH_CLOUD_LOG_LEVEL": level,
+                    "OTEL_SERVICE_NAME": "cloud-inference",
+                }
+            ),
+        )
+        await self._wait_grpc_serving("cloud")
+
+        config = envoy_config(
+            EnvoyPorts(self.ports["envoy"], self.ports["envoy_admin"]),
+            self.ports["cloud"],
+            certificates.directory,
+            wan_delay_ms=self.options.wan_delay_ms,
+            otlp_grpc=self._envoy_otlp(),
+        )
+        config_path = write_config(self.state_dir / "envoy.json", config)
+        self._spawn(
+            "envoy", envoy_command(config_path, Path(self.logs["envoy"])), self._environment({})
+        )
+
+        async def envoy_ready() -> bool:
+            return await asyncio.to_thread(self.wan.ready)
+
+        await self._wait(envoy_ready, "envoy")
+
+        self._spawn(
+            "edge",
+            [python, "-m", "edge_node"],
+            self._environment(
+                {
+                    "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
+                    "HYBRIDMESH_EDGE_SERVED_MODELS": '["fashion-edge"]',
+                    "HYBRIDMESH_EDGE_LOG_LEVEL": level,
+                }
+            ),
+        )
+        await self._wait_grpc_serving("edge")
+
+        self._spawn(
+            "router",
+            [python, "-m", "router_service"],
+            self._environment(
+                {
+                    "HYBRIDMESH_ROUTER_PORT": str(self.ports["router"]),
+                    "HYBRIDMESH_ROUTER_EDGE_TARGET": self.endpoint("edge"),
+                    "HYBRIDMESH_ROUTER_CLOUD_TARGET": self.endpoint("envoy"),
+                    "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),
+                    "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
+                    "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
+                }
+            ),
+        )
+        await self._wait_grpc_serving("router")
+
+    def _triton_otlp(self) -> str | None:
+        if self.options.otlp_http_traces_url:
+            parsed = urlparse(self.options.otlp_http_traces_url)
+            return f"{parsed.netloc}{parsed.path}"
+        return None
+
+    def _envoy_otlp(self) -> tuple[str, int] | None:
+        if not self.options.otlp_grpc_endpoint:
+            return None
+        parsed = urlparse(self.options.otlp_grpc_endpoint)
+        return parsed.hostname or "127.0.0.1", parsed.port or 4317
+
+    async def _wait(
+        self, ready: Callable[[], Awaitable[bool]], name: str, timeout_s: float = 60.0
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{name} exited ({process.returncode}); see {self.logs[name]}")
+            if await ready():
+                _log.info("part healthy", part=name)
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{name} not healthy after {timeout_s} s; see {self.logs[name]}")
+
+    async def _wait_grpc_serving(self, name: str) -> None:
+        async def serving() -> bool:
+            return await grpc_serving(self.endpoint(name))
+
+        await self._wait(serving, name)
+
+    async def down(self, grace_s: float = 10.0) -> None:
+        """Stop every part, router first, Triton last; SIGKILL what outlives ``grace_s``."""
+        for name in reversed(PARTS):
+            process = self.processes.pop(name, None)
+            if process is not None:
+                await stop_process_group(process.pid, grace_s, process)
+        _log.info("mesh stopped")
+
+
+async def grpc_serving(address: str) -> bool:
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def stop_process_group(
+    pid: int, grace_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """SIGTERM the process group led by ``pid``, SIGKILL it after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    if process is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(process.wait, grace_s)
+    else:
+        # Not our child (a detached mesh): nothing to wait on but polling.
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _alive(pid, None):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    if process is not None:
+        process.wait()
+
+
+def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
+    if process is not None:
+        return process.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def down_from_state(state_dir: Path, grace_s: float = 10.0) -> list[str]:
+    """Stop a detached mesh by the process ids in its state file."""
+    state = MeshState.read(state_dir)
+    stopped = []
+    for name in reversed(PARTS):
+        pid = state.pids.get(name)
+        if pid is not None and _alive(pid, None):
+            await stop_process_group(pid, grace_s)
+            stopped.append(name)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return stopped
