@@ -1,7 +1,16 @@
-"""The model pair catalog (models/catalog.toml): pair name -> edge model, cloud model."""
+"""The model pair catalog (models/catalog.toml): pair name -> edge model, cloud model.
+
+A pair is what a client asks for; the catalog names its two models and the tensor
+contract they share. The models' own manifests stay the source of labels, versions and
+hashes; ``check_against_store`` proves each pair's models exist and honour the contract.
+Usage: ``python -m workload.catalog [--catalog models/catalog.toml] [--store models/store]``
+checks the catalog against the store and lists the pairs.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +22,13 @@ from workload.model_store import (
     ModelManifest,
     ModelStoreError,
     TensorEntry,
+    load_verified,
+    versions,
 )
+
+__all__ = ["CatalogError", "ModelPair", "ModelStoreError", "check_against_store", "load_catalog"]
+
+PAIR_KEYS = frozenset({"edge_model", "cloud_model", "input", "output", "output_kind", "anonymiser"})
 
 
 class CatalogError(Exception):
@@ -57,32 +72,80 @@ def _tensor(raw: Any, where: str) -> TensorEntry:
     return entry
 
 
+def _pair(name: str, entry: Any, where: str) -> ModelPair:
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{where}: must be a table")
+    # A misspelt optional key would silently fall back to its default: refuse it.
+    unknown = sorted(set(entry) - PAIR_KEYS)
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {unknown}; known: {sorted(PAIR_KEYS)}")
+    try:
+        pair = ModelPair(
+            name=name,
+            edge_model=str(entry["edge_model"]),
+            cloud_model=str(entry["cloud_model"]),
+            input=_tensor(entry["input"], f"{where}.input"),
+            output=_tensor(entry["output"], f"{where}.output"),
+            output_kind=str(entry.get("output_kind", "logits")),
+            anonymiser=str(entry.get("anonymiser", "strip-attributes")),
+        )
+    except KeyError as error:
+        raise CatalogError(f"{where}: missing {error}") from error
+    if pair.output_kind not in OUTPUT_KINDS:
+        raise CatalogError(f"{where}: output_kind must be one of {sorted(OUTPUT_KINDS)}")
+    return pair
+
+
 def load_catalog(path: Path) -> dict[str, ModelPair]:
+    """Every pair in the catalog, by name. Raises CatalogError naming the bad entry."""
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise CatalogError(f"{path}: {error}") from error
-    pairs = {}
-    for name, entry in raw.get("pairs", {}).items():
-        where = f"{path}: pairs.{name}"
-        try:
-            pair = ModelPair(
-                name=name,
-                edge_model=str(entry["edge_model"]),
-                cloud_model=str(entry["cloud_model"]),
-                input=_tensor(entry["input"], f"{where}.input"),
-                output=_tensor(entry["output"], f"{where}.output"),
-                output_kind=str(entry.get("output_kind", "logits")),
-                anonymiser=str(entry.get("anonymiser", "strip-attributes")),
-            )
-        except KeyError as error:
-            raise CatalogError(f"{where}: missing {error}") from error
-        if pair.output_kind not in OUTPUT_KINDS:
-            raise CatalogError(f"{where}: output_kind must be one of {sorted(OUTPUT_KINDS)}")
-        pairs[name] = pair
+    tables = raw.get("pairs", {})
+    if not isinstance(tables, dict):
+        raise CatalogError(f"{path}: pairs must be a table of [pairs.<name>] tables")
+    pairs = {name: _pair(name, entry, f"{path}: pairs.{name}") for name, entry in tables.items()}
     if not pairs:
         raise CatalogError(f"{path}: no [pairs.<name>] entries")
     return pairs
 
 
-__all__ = ["CatalogError", "ModelPair", "ModelStoreError", "load_catalog"]
+def check_against_store(pairs: dict[str, ModelPair], store: Path) -> dict[str, ModelManifest]:
+    """Verify the newest version of every model the pairs name; returns them by name."""
+    manifests: dict[str, ModelManifest] = {}
+    for pair in pairs.values():
+        for model in (pair.edge_model, pair.cloud_model):
+            if model not in manifests:
+                found = versions(store / model)
+                if not found:
+                    raise CatalogError(f"pair {pair.name}: no versions of {model} in {store}")
+                try:
+                    manifests[model] = load_verified(store / model / str(found[-1]))
+                except ModelStoreError as error:
+                    raise CatalogError(f"pair {pair.name}: {error}") from error
+            pair.check_against(manifests[model])
+    return manifests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--catalog", type=Path, default=Path("models/catalog.toml"))
+    parser.add_argument("--store", type=Path, default=Path("models/store"))
+    arguments = parser.parse_args()
+    try:
+        pairs = load_catalog(arguments.catalog)
+        manifests = check_against_store(pairs, arguments.store)
+    except CatalogError as error:
+        sys.stderr.write(f"catalog check failed: {error}\n")
+        raise SystemExit(1) from error
+    for pair in pairs.values():
+        edge, cloud = manifests[pair.edge_model], manifests[pair.cloud_model]
+        sys.stdout.write(
+            f"{pair.name}: edge {edge.name} v{edge.version}, cloud {cloud.name} v{cloud.version}"
+            f", input {pair.input.name} {pair.input.datatype} {list(pair.input.shape)}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -50,11 +50,15 @@ def _read_idx(path: Path, magic: int) -> npt.NDArray[np.uint8]:
     found, count = struct.unpack(">II", data[:8])
     if found != magic:
         raise ValueError(f"{path}: IDX magic {found}, expected {magic}")
+    shape: tuple[int, ...] = (count,)
+    header = 8  # magic, count
     if magic == IMAGES_MAGIC:
         rows, cols = struct.unpack(">II", data[8:16])
-        images = np.frombuffer(data, dtype=np.uint8, offset=16)
-        return images.reshape(count, 1, rows, cols)
-    return np.frombuffer(data, dtype=np.uint8, offset=8).reshape(count)
+        shape, header = (count, 1, rows, cols), 16
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: {len(data) - header} bytes of data, header says {shape}")
+    # Read-only views of the cached file: callers that mutate must copy.
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 @cache

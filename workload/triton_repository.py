@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, default=Path("models/catalog.toml"))
     parser.add_argument("--models", help="comma-separated; default: the catalog's cloud models")
     parser.add_argument("--no-dynamic-batching", action="store_true")
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=1, help="local flavour: onnxruntime threads"
+    )
     arguments = parser.parse_args()
     models = arguments.models.split(",") if arguments.models else cloud_models(arguments.catalog)
     write_repository(
@@ -138,6 +141,7 @@ def main() -> None:
         arguments.flavour,
         models,
         dynamic_batching=not arguments.no_dynamic_batching,
+        intra_op_threads=arguments.intra_op_threads,
     )
 
 
