@@ -1,0 +1,167 @@
+"""hybridmesh: run the local mesh.
+
+  hybridmesh up [--detach] [--random-ports] [--wan-delay-ms 40]   start every part
+  hybridmesh down                                                  stop a detached mesh
+  hybridmesh status                                                health of each part
+  hybridmesh demo [--limit 10000]                                  the main job (make demo)
+
+``up --detach`` writes ``<state-dir>/state.json``: {"endpoints": {...}, "pids": {...},
+"logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from localmesh.demo import run_demo
+from localmesh.launcher import (
+    STATE_FILE,
+    LocalMesh,
+    MeshOptions,
+    MeshState,
+    down_from_state,
+    grpc_serving,
+)
+from localmesh.otlp_receiver import OtlpReceiver
+from services.logging import configure_logging
+
+
+def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
+    return MeshOptions(
+        state_dir=args.state_dir,
+        random_ports=args.random_ports,
+        wan_delay_ms=args.wan_delay_ms,
+        otlp_grpc_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
+        log_level="warning",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+async def up(args: argparse.Namespace, console: Console) -> int:
+    if (args.state_dir / STATE_FILE).exists():
+        console.print(
+            f"a mesh is already up ({args.state_dir / STATE_FILE}); `hybridmesh down` first"
+        )
+        return 1
+    mesh = LocalMesh(_options(args))
+    state = await mesh.up()
+    for name, endpoint in state.endpoints.items():
+        console.print(f"  {name:12} {endpoint}")
+    console.print(f"state: {Path(state.state_dir) / STATE_FILE}")
+    if args.detach:
+        return 0
+    console.print("mesh up; Ctrl-C stops it")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await mesh.down()
+    (args.state_dir / STATE_FILE).unlink(missing_ok=True)
+    return 0
+
+
+async def status(args: argparse.Namespace, console: Console) -> int:
+    try:
+        state = MeshState.read(args.state_dir)
+    except FileNotFoundError:
+        console.print("no mesh is up")
+        return 1
+    healthy = True
+    for name in ("router", "edge", "cloud"):
+        serving = await grpc_serving(state.endpoints[name])
+        healthy &= serving
+        label = "SERVING" if serving else "NOT SERVING"
+        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+    for name in ("envoy", "triton"):
+        alive = _alive(state.pids.get(name))
+        healthy &= alive
+        label = "running" if alive else "DOWN"
+        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+    return 0 if healthy else 1
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def demo(args: argparse.Namespace, console: Console) -> int:
+    receiver = OtlpReceiver()
+    await receiver.start()
+    mesh = LocalMesh(
+        MeshOptions(
+            state_dir=args.state_dir,
+            random_ports=True,
+            wan_delay_ms=args.wan_delay_ms,
+            otlp_grpc_endpoint=receiver.grpc_endpoint,
+            otlp_http_traces_url=receiver.http_traces_url,
+            log_level="warning",
+        )
+    )
+    console.print(
+        "starting the local mesh: Triton, cloud service, Envoy (mTLS, emulated WAN), "
+        "edge node, router"
+    )
+    try:
+        state = await mesh.up()
+        console.print(f"mesh up; router at {state.endpoints['router']}")
+        await run_demo(
+            state.endpoints["router"],
+            receiver=receiver,
+            out=args.out,
+            limit=args.limit,
+            concurrency=args.concurrency,
+            console=console,
+        )
+    finally:
+        await mesh.down()
+        (args.state_dir / STATE_FILE).unlink(missing_ok=True)
+        await receiver.stop()
+        console.print("mesh stopped")
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="hybridmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--state-dir", type=Path, default=Path("var/mesh"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    up_parser = sub.add_parser("up", help="start the local mesh")
+    up_parser.add_argument("--detach", action="store_true")
+    for mesh_command in (up_parser, sub.add_parser("demo", help="run the main job")):
+        mesh_command.add_argument("--random-ports", action="store_true")
+        mesh_command.add_argument("--wan-delay-ms", type=int, default=40)
+    sub.add_parser("down", help="stop a detached mesh")
+    sub.add_parser("status", help="health of each part")
+    demo_parser = sub.choices["demo"]
+    demo_parser.add_argument("--limit", type=int, default=10_000)
+    demo_parser.add_argument("--concurrency", type=int, default=8)
+    demo_parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    args = parser.parse_args()
+    configure_logging("warning")
+    console = Console(width=150)
+    if args.command == "down":
+        stopped = asyncio.run(down_from_state(args.state_dir))
+        console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
+        sys.exit(0)
+    command = {"up": up, "status": status, "demo": demo}[args.command]
+    sys.exit(asyncio.run(command(args, console)))
+
+
+if __name__ == "__main__":
+    main()

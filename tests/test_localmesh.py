@@ -1,0 +1,178 @@
+"""The local mesh as real processes: one trace per request across every part, mTLS at the
+cloud ingress, the emulated WAN switchable at run time, and the CLI's up/status/down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
+from hybridmesh.common.v1 import routing_pb2
+from hybridmesh.router.v1 import router_service_pb2_grpc
+from localmesh.launcher import LocalMesh, MeshOptions, MeshState
+from localmesh.otlp_receiver import OtlpReceiver
+from services.channels import ChannelFactory
+from services.telemetry import Telemetry, create_telemetry
+from tests.mesh_fixtures import easy_and_hard, infer_request
+from workload.fashion_mnist import load_split
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = load_split("test").images[:300]
+EASY, HARD = easy_and_hard(IMAGES, 2)
+
+
+class RunningMesh:
+    def __init__(self, mesh: LocalMesh, state: MeshState, receiver: OtlpReceiver) -> None:
+        self.mesh = mesh
+        self.state = state
+        self.receiver = receiver
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningMesh]:
+    receiver = OtlpReceiver()
+    await receiver.start()
+    mesh = LocalMesh(
+        MeshOptions(
+            state_dir=tmp_path_factory.mktemp("mesh"),
+            repository_root=REPO,
+            random_ports=True,
+            wan_delay_ms=40,
+            otlp_grpc_endpoint=receiver.grpc_endpoint,
+            otlp_http_traces_url=receiver.http_traces_url,
+        )
+    )
+    state = await mesh.up()
+    yield RunningMesh(mesh, state, receiver)
+    await mesh.down()
+    await receiver.stop()
+
+
+def client_telemetry(receiver: OtlpReceiver) -> Telemetry:
+    exporter = OTLPSpanExporter(endpoint=receiver.grpc_endpoint, insecure=True)
+    # Batch: the export runs in the processor's thread, so the receiver on this event
+    # loop can answer it.
+    return create_telemetry(
+        "client", span_processors=[BatchSpanProcessor(exporter)], export_otlp=False
+    )
+
+
+@MODULE_LOOP
+async def test_one_trace_per_request_across_every_part(running: RunningMesh) -> None:
+    telemetry = client_telemetry(running.receiver)
+    channel = ChannelFactory(telemetry.client_interceptors()).create(
+        running.state.endpoints["router"]
+    )
+    try:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        reply = await stub.Infer(infer_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=5)
+    finally:
+        await channel.close(None)
+        await asyncio.to_thread(telemetry.shutdown)
+    assert reply.decision.served_by == routing_pb2.TIER_CLOUD, reply.decision.explanation
+    trace_id = reply.decision.trace_id
+    expected = {"client", "router", "edge-node", "envoy-cloud-ingress", "cloud-inference", "triton"}
+    deadline = time.monotonic() + 10
+    while {s.service for s in running.receiver.trace(trace_id)} != expected:
+        assert time.monotonic() < deadline, {s.service for s in running.receiver.trace(trace_id)}
+        await asyncio.sleep(0.1)
+    spans = running.receiver.trace(trace_id)
+    ids = {span.span_id for span in spans}
+    roots = [span for span in spans if not span.parent_span_id]
+    assert len(roots) == 1 and roots[0].service == "client"
+    assert all(span.parent_span_id in ids for span in spans if span.parent_span_id)
+    by_name = {(span.service, span.name): span for span in spans}
+    decide = by_name[("router", "router.decide")]
+    assert decide.attributes["hybridmesh.served_by"] == "TIER_CLOUD"
+    assert decide.attributes["hybridmesh.data_left_site"] is True
+    assert decide.attributes["hybridmesh.policy_version"] == "1"
+    # The cloud hop runs through Envoy: Envoy's span is the cloud service's parent.
+    envoy = next(s for s in spans if s.service == "envoy-cloud-ingress")
+    cloud_server = by_name[("cloud-inference", "/hybridmesh.cloud.v1.CloudService/Infer")]
+    assert cloud_server.parent_span_id == envoy.span_id
+    triton_request = by_name[("triton", "InferRequest")]
+    assert (
+        triton_request.parent_span_id == by_name[("cloud-inference", "cloud.triton_infer")].span_id
+    )
+
+
+@MODULE_LOOP
+async def test_the_cloud_ingress_refuses_callers_without_a_client_certificate(
+    running: RunningMesh,
+) -> None:
+    ca = (Path(running.state.state_dir) / "certs" / "ca.crt").read_bytes()
+    request = cloud_service_pb2.InferRequest()
+    async with grpc.aio.secure_channel(
+        running.state.endpoints["envoy"], grpc.ssl_channel_credentials(ca)
+    ) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await cloud_service_pb2_grpc.CloudServiceStub(channel).Infer(request, timeout=3)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+
+
+@MODULE_LOOP
+async def test_wan_delay_is_switchable_at_run_time(running: RunningMesh) -> None:
+    async with grpc.aio.insecure_channel(running.state.endpoints["router"]) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        hard = infer_request(IMAGES[HARD[1] : HARD[1] + 1])
+        before = await stub.Infer(hard, timeout=5)
+        await asyncio.to_thread(running.mesh.wan.set_delay, 400)
+        try:
+            slowed = await stub.Infer(hard, timeout=5)
+        finally:
+            await asyncio.to_thread(running.mesh.wan.set_delay, 40)
+    assert before.decision.timings.cloud.ToMilliseconds() >= 40
+    assert slowed.decision.timings.cloud.ToMilliseconds() >= 400
+
+
+def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "localmesh.cli", "--state-dir", str(tmp_path)]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    subprocess.run(
+        [*command, "up", "--detach", "--random-ports"],
+        cwd=REPO,
+        env=environment,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton"}
+    pids = list(state["pids"].values())
+    try:
+        status = subprocess.run(
+            [*command, "status"],
+            check=False,
+            cwd=REPO,
+            env=environment,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("SERVING") == 3 and "NOT SERVING" not in status.stdout
+    finally:
+        subprocess.run(
+            [*command, "down"],
+            cwd=REPO,
+            env=environment,
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+    time.sleep(0.2)
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "no orphan left"
+    assert not (tmp_path / "state.json").exists()
