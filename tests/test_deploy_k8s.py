@@ -83,3 +83,21 @@ def test_edge_overlay_has_edge_parts_only() -> None:
     cloud = {d["metadata"]["name"] for d in _deployments(build(REPO / "deploy/k8s/overlays/cloud"))}
     assert edge == {"router", "edge-node"}
     assert cloud == {"envoy", "cloud-inference", "triton", "jaeger"}
+
+
+def test_network_policies_and_disruption_budgets() -> None:
+    edge = build(REPO / "deploy/k8s/overlays/edge")
+    cloud = build(REPO / "deploy/k8s/overlays/cloud")
+    policies = {r["metadata"]["name"]: r for r in edge + cloud if r["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"router", "edge-node", "cloud-inference", "triton"}
+    # The edge node answers only the router; cloud-inference only Envoy; Triton only
+    # cloud-inference.
+    for name, peer in (
+        ("edge-node", "router"),
+        ("cloud-inference", "envoy"),
+        ("triton", "cloud-inference"),
+    ):
+        (rule,) = policies[name]["spec"]["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": peer}}}]
+    budgets = {r["metadata"]["name"] for r in cloud if r["kind"] == "PodDisruptionBudget"}
+    assert budgets == {"envoy", "cloud-inference"}
