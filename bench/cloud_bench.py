@@ -3,7 +3,9 @@ the same Triton directly, with Triton's dynamic batching on and off.
 
 Triton (the bundled CPU build, python backend running onnxruntime) and cloud_inference
 run as their own processes on loopback; one uint8 Fashion-MNIST image per request.
-``python -m bench.cloud_bench --runs 2 --out results/cloud_bench.json``
+Each run starts a fresh Triton and cloud_inference and measures both paths against that
+same Triton (which path goes first alternates between runs); the table shows medians.
+``python -m bench.cloud_bench --runs 3 --out results/cloud_bench.json``
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +74,15 @@ async def measure_service(address: str, args: argparse.Namespace) -> dict[str, f
 
 
 async def one_run(
-    base: Path, dynamic: bool, args: argparse.Namespace
+    base: Path, dynamic: bool, args: argparse.Namespace, direct_first: bool
 ) -> dict[str, dict[str, float]]:
     label = "dynamic" if dynamic else "static"
     repository = base / f"repo-{label}"
     if not repository.exists():
         write_repository(STORE, repository, "local", [MODEL], dynamic_batching=dynamic)
+    started = time.monotonic()
     async with TritonServer(repository, base / f"run-{label}") as triton:
+        ready_s = time.monotonic() - started
         service = ServerProcess(
             ["-m", "cloud_inference"],
             env={
@@ -89,11 +94,19 @@ async def one_run(
         )
         try:
             await service.wait_serving()
-            direct = await measure_direct(triton.grpc_url, args)
-            via_service = await measure_service(service.address, args)
+            if direct_first:
+                direct = await measure_direct(triton.grpc_url, args)
+                via_service = await measure_service(service.address, args)
+            else:
+                via_service = await measure_service(service.address, args)
+                direct = await measure_direct(triton.grpc_url, args)
         finally:
             service.stop()
-    return {"triton_direct": direct, "cloud_inference": via_service}
+    return {
+        "triton_direct": direct,
+        "cloud_inference": via_service,
+        "triton_start": {"ready_s": ready_s},
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,7 +114,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as temporary:
         for dynamic in (True, False):
             label = "dynamic_batching_on" if dynamic else "dynamic_batching_off"
-            runs = [await one_run(Path(temporary), dynamic, args) for _ in range(args.runs)]
+            runs = [
+                await one_run(Path(temporary), dynamic, args, direct_first=index % 2 == 0)
+                for index in range(args.runs)
+            ]
             summary = {
                 scenario: {
                     key: median([run[scenario][key] for run in runs]) for key in runs[0][scenario]
@@ -146,7 +162,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=4.0)

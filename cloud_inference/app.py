@@ -1,36 +1,34 @@
-"""Assembles the cloud service: auth, Triton client, model cache, health watch."""
+"""Assembles the cloud service: auth, Triton client, model cache, health that follows Triton."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from cloud_inference.admission import Admission
 from cloud_inference.auth import SiteAuthenticator, SiteAuthInterceptor, load_site_hashes
 from cloud_inference.config import CloudSettings
 from cloud_inference.inference import CloudInference
+from cloud_inference.labels import ModelFacts, facts_from_repository, facts_from_store
 from cloud_inference.servicer import CloudServicer
-from cloud_inference.triton_client import TritonClient
+from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from services.errors import ServiceError, UnavailableError
 from services.logging import get_logger
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
-from workload.model_store import ModelStoreError, latest_versions, load_verified
 
 CLOUD_SERVICE_NAME = "hybridmesh.cloud.v1.CloudService"
 
 _log = get_logger("cloud_inference")
 
 
-def _store_labels(settings: CloudSettings) -> dict[str, tuple[str, ...]]:
-    try:
-        return {
-            manifest.name: manifest.labels
-            for manifest in (load_verified(d) for d in latest_versions(settings.model_store))
-        }
-    except ModelStoreError as error:
-        _log.warning("no labels from the model store", error=str(error))
-        return {}
+def model_facts(settings: CloudSettings, models: list[TritonModel]) -> dict[str, ModelFacts]:
+    if settings.labels_source == "triton_repository":
+        if settings.triton_repository is None:
+            raise ValueError("labels_source=triton_repository needs triton_repository set")
+        return facts_from_repository(settings.triton_repository, [m.name for m in models])
+    return facts_from_store(settings.model_store, [(m.name, m.served_version) for m in models])
 
 
 class CloudNode:
@@ -39,13 +37,17 @@ class CloudNode:
     def __init__(self, settings: CloudSettings, telemetry: Telemetry, models: list[str]) -> None:
         self.settings = settings
         self._telemetry = telemetry
-        self._model_names = models
-        self.triton = TritonClient(settings.triton_url)
+        self._model_names = list(models)
+        self.triton = TritonClient(settings.triton_url, settings.retry_after_ms)
         self._inference: CloudInference | None = None
         self._triton_ready = False
-        authenticator = SiteAuthenticator(
-            load_site_hashes(settings.site_token_sha256, settings.site_tokens_file)
+        # One admission limit for the process, kept across Triton restarts.
+        self._admission = Admission(
+            settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
         )
+        site_hashes = load_site_hashes(settings.site_token_sha256, settings.site_tokens_file)
+        if not site_hashes:
+            _log.warning("no site tokens configured: every call will be refused")
         servicer = CloudServicer(self.inference, lambda: self._triton_ready)
         interceptors = telemetry.server_interceptors() if settings.tracing_enabled else []
         self.host = ServiceHost(
@@ -60,13 +62,17 @@ class CloudNode:
                 )
             ],
             # Authentication first: an unauthenticated call gets no further.
-            interceptors=[SiteAuthInterceptor(authenticator), *interceptors],
+            interceptors=[SiteAuthInterceptor(SiteAuthenticator(site_hashes)), *interceptors],
         )
         self._watch: asyncio.Task[None] | None = None
 
+    @property
+    def ready(self) -> bool:
+        return self._triton_ready
+
     def inference(self) -> CloudInference:
         if self._inference is None:
-            raise UnavailableError("Triton is not ready yet")
+            raise UnavailableError(f"Triton at {self.settings.triton_url} has not been ready yet")
         return self._inference
 
     async def start(self) -> int:
@@ -86,29 +92,52 @@ class CloudNode:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not self._triton_ready:
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError("cloud service not ready")
+                raise TimeoutError(f"Triton at {self.settings.triton_url} not ready")
             await asyncio.sleep(0.05)
 
     async def _watch_triton(self) -> None:
         """Readiness follows Triton: live, and every configured model ready."""
         while True:
-            ready = await self.triton.is_ready(self._model_names)
-            if ready and self._inference is None:
-                try:
-                    models = {name: await self.triton.model(name) for name in self._model_names}
-                except ServiceError as error:
-                    _log.warning("model metadata unavailable", error=str(error))
-                    ready = False
-                else:
-                    self._inference = CloudInference(
-                        self.settings,
-                        self.triton,
-                        models,
-                        _store_labels(self.settings),
-                        self._telemetry.tracer("hybridmesh.cloud_inference"),
-                    )
-            if ready != self._triton_ready:
-                self._triton_ready = ready
-                await self.host.set_serving(CLOUD_SERVICE_NAME, ready)
-                _log.info("triton readiness", ready=ready, models=self._model_names)
+            try:
+                await self._check_triton()
+            except Exception:
+                # A bug here must not freeze health at its last value.
+                _log.exception("triton readiness check failed")
+                await self._publish(False)
             await asyncio.sleep(self.settings.health_poll_s)
+
+    async def _check_triton(self) -> None:
+        ready = await self.triton.is_ready(self._model_names, self.settings.health_check_timeout_s)
+        if ready and not self._triton_ready:
+            # (Re)load the model metadata on every return: a restarted Triton may serve
+            # other versions or tensors than the one before.
+            try:
+                models = [
+                    await self.triton.model(name, self.settings.health_check_timeout_s)
+                    for name in self._model_names
+                ]
+            except ServiceError as error:
+                _log.warning("model metadata unavailable", error=str(error))
+                ready = False
+            else:
+                facts = await asyncio.to_thread(model_facts, self.settings, models)
+                self._inference = CloudInference(
+                    self.settings,
+                    self.triton,
+                    {m.name: m for m in models},
+                    facts,
+                    self._telemetry.tracer("hybridmesh.cloud_inference"),
+                    admission=self._admission,
+                )
+                _log.info(
+                    "triton models",
+                    models=[f"{m.name}:{m.served_version}" for m in models],
+                    labelled=sorted(facts),
+                )
+        await self._publish(ready)
+
+    async def _publish(self, ready: bool) -> None:
+        if ready != self._triton_ready:
+            self._triton_ready = ready
+            await self.host.set_serving(CLOUD_SERVICE_NAME, ready)
+            _log.info("triton readiness", ready=ready, triton=self.settings.triton_url)

@@ -7,30 +7,57 @@ cached), so it never costs Triton anything; what Triton still refuses is mapped 
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2
 from opentelemetry import trace
 
+from cloud_inference.admission import Admission
 from cloud_inference.config import CloudSettings
+from cloud_inference.labels import ModelFacts
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from services.classification import softmax, top_k
 from services.errors import (
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
 )
 from services.telemetry import inject_trace_headers
 from services.tensors import DATATYPE_BY_KSERVE_NAME, decode_tensor, encode_tensor
 
 TIMEOUT_MARGIN_S = 0.002  # left for our own reply after Triton answers
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    model: TritonModel
+    arrays: dict[str, npt.NDArray[np.generic]]
+    datatypes: dict[str, str]  # KServe names, per input
+
+    @property
+    def batch_size(self) -> int:
+        return int(next(iter(self.arrays.values())).shape[0])
+
+
+def check_privacy(request: cloud_service_pb2.InferRequest) -> None:
+    """Defence in depth: the router never sends these, and the cloud never accepts them."""
+    if request.privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
+        raise FailedPreconditionError(
+            "SENSITIVE data must not leave the edge site", field="privacy_class"
+        )
+    # UNSPECIFIED counts as INTERNAL (docs/architecture.md): it may leave only anonymised.
+    if request.privacy_class != routing_pb2.PRIVACY_CLASS_PUBLIC and not request.anonymiser:
+        raise FailedPreconditionError(
+            "INTERNAL (or unspecified) data is accepted only after an anonymiser ran",
+            field="anonymiser",
+        )
 
 
 class CloudInference:
@@ -39,33 +66,27 @@ class CloudInference:
         settings: CloudSettings,
         triton: TritonClient,
         models: Mapping[str, TritonModel],
-        labels: Mapping[str, Sequence[str]],
+        facts: Mapping[str, ModelFacts],
         tracer: trace.Tracer,
+        *,
+        admission: Admission | None = None,
     ) -> None:
         self._settings = settings
         self._triton = triton
         self._models = dict(models)
-        self._labels = {name: tuple(values) for name, values in labels.items()}
+        self._facts = dict(facts)
         self._tracer = tracer
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self._queued = 0
+        self._admission = admission or Admission(
+            settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
+        )
 
     @property
     def model_names(self) -> list[str]:
         return sorted(self._models)
 
-    def _validate(
-        self, request: cloud_service_pb2.InferRequest
-    ) -> tuple[TritonModel, dict[str, npt.NDArray[np.generic]], dict[str, str]]:
-        if request.privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
-            raise FailedPreconditionError(
-                "SENSITIVE data must not leave the edge site", field="privacy_class"
-            )
-        if request.privacy_class != routing_pb2.PRIVACY_CLASS_PUBLIC and not request.anonymiser:
-            raise FailedPreconditionError(
-                "INTERNAL (or unspecified) data is accepted only after an anonymiser ran",
-                field="anonymiser",
-            )
+    def validate(self, request: cloud_service_pb2.InferRequest) -> ValidRequest:
+        """Everything Triton would refuse, refused here first, naming the field."""
+        check_privacy(request)
         if request.top_k > self._settings.max_top_k:
             raise InvalidArgumentError(
                 f"{request.top_k} exceeds the limit of {self._settings.max_top_k}", field="top_k"
@@ -113,55 +134,58 @@ class CloudInference:
         missing = sorted(set(specs) - set(arrays))
         if missing:
             raise InvalidArgumentError(f"missing input(s) {missing}", field="inputs")
-        return model, arrays, datatypes
+        batches = {array.shape[0] for array in arrays.values()}
+        if len(batches) > 1:
+            raise InvalidArgumentError(
+                f"inputs disagree on the batch size: {sorted(batches)}", field="inputs"
+            )
+        return ValidRequest(model, arrays, datatypes)
 
     async def infer(
         self, request: cloud_service_pb2.InferRequest, time_remaining_s: float | None
     ) -> cloud_service_pb2.InferResponse:
         started = time.perf_counter()
+        budget_s = (
+            self._settings.default_timeout_s if time_remaining_s is None else time_remaining_s
+        )
+
+        def remaining_s() -> float:
+            return budget_s - (time.perf_counter() - started)
+
         with self._tracer.start_as_current_span("cloud.triton_infer") as span:
-            model, arrays, datatypes = self._validate(request)
-            batch = next(iter(arrays.values())).shape[0]
-            span.set_attribute("hybridmesh.model.name", model.name)
-            span.set_attribute("hybridmesh.batch_size", int(batch))
             span.set_attribute("hybridmesh.request_id", request.request_id)
-            if self._slots.locked() and self._queued >= self._settings.max_queued_requests:
-                raise ResourceExhaustedError(
-                    f"{self._queued} requests already wait for Triton", retry_after_ms=20
-                )
-            self._queued += 1
-            try:
-                await self._slots.acquire()
-            finally:
-                self._queued -= 1
-            try:
-                remaining = (
-                    time_remaining_s
-                    if time_remaining_s is not None
-                    else self._settings.default_timeout_s
-                ) - (time.perf_counter() - started)
-                version, outputs = await self._triton.infer(
+            valid = self.validate(request)
+            model = valid.model
+            span.set_attribute("hybridmesh.model.name", model.name)
+            span.set_attribute("hybridmesh.batch_size", valid.batch_size)
+            async with self._admission.slot(remaining_s() - TIMEOUT_MARGIN_S):
+                timeout_s = remaining_s() - TIMEOUT_MARGIN_S
+                if timeout_s <= 0:
+                    raise DeadlineExceededError("no time left to call Triton")
+                called = time.perf_counter()
+                result = await self._triton.infer(
                     model.name,
-                    arrays,
-                    datatypes,
+                    valid.arrays,
+                    valid.datatypes,
+                    version=request.model.version,
                     request_id=request.request_id,
-                    timeout_s=max(remaining - TIMEOUT_MARGIN_S, 0.001),
+                    timeout_s=timeout_s,
                     # Triton's aio client takes no interceptor: W3C context as headers.
-                    headers=inject_trace_headers(level1_flags=True),
+                    headers=inject_trace_headers(),
                 )
-            finally:
-                self._slots.release()
-            span.set_attribute("hybridmesh.model.version", version)
-            scores = outputs[model.outputs[0].name].astype(np.float32)
-            labels = self._labels.get(model.name, ())
-            elapsed = time.perf_counter() - started
+                triton_s = time.perf_counter() - called
+            span.set_attribute("hybridmesh.model.version", result.version)
+            span.set_attribute("hybridmesh.triton.latency_ms", round(triton_s * 1e3, 3))
+            output = model.outputs[0].name
+            facts = self._facts.get(model.name, ModelFacts())
+            probabilities = softmax(np.asarray(result.outputs[output], dtype=np.float32))
             compute = duration_pb2.Duration()
-            compute.FromNanoseconds(int(elapsed * 1e9))
+            compute.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
             return cloud_service_pb2.InferResponse(
                 request_id=request.request_id,
-                model=model_pb2.ModelRef(name=model.name, version=version),
-                outputs=[encode_tensor(name, value) for name, value in outputs.items()],
-                classifications=top_k(softmax(scores), labels, request.top_k or 1),
+                model=model_pb2.ModelRef(name=model.name, version=result.version),
+                outputs=[encode_tensor(name, value) for name, value in result.outputs.items()],
+                classifications=top_k(probabilities, facts.labels, request.top_k or 1),
                 compute_time=compute,
             )
 
@@ -169,12 +193,11 @@ class CloudInference:
         return cloud_service_pb2.ListModelsResponse(
             models=[
                 model_pb2.ModelInfo(
-                    model=model_pb2.ModelRef(
-                        name=m.name, version=m.versions[-1] if m.versions else ""
-                    ),
+                    model=model_pb2.ModelRef(name=m.name, version=m.served_version),
                     inputs=[_spec(t.name, t.datatype, t.shape) for t in m.inputs],
                     outputs=[_spec(t.name, t.datatype, t.shape) for t in m.outputs],
-                    labels=self._labels.get(m.name, ()),
+                    labels=self._facts.get(m.name, ModelFacts()).labels,
+                    sha256=self._facts.get(m.name, ModelFacts()).sha256,
                     max_batch_size=m.max_batch_size,
                     ready=ready,
                 )

@@ -24,14 +24,28 @@ from services.errors import (
     UnavailableError,
 )
 
-RETRY_AFTER_MS = 50
+DEFAULT_RETRY_AFTER_MS = 50
+# tritonclient's own defaults plus: keepalive, so a silently dead Triton connection is
+# noticed when idle, and a short reconnect backoff, so a restarted Triton is found again
+# within about a second instead of gRPC's default of up to two minutes.
+CHANNEL_ARGS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
 
 
 @dataclass(frozen=True)
 class TritonTensor:
     name: str
-    datatype: str
-    shape: tuple[int, ...]
+    datatype: str  # KServe v2 name, e.g. "UINT8"
+    shape: tuple[int, ...]  # -1 for a dynamic dimension, batch dimension included
 
 
 @dataclass(frozen=True)
@@ -42,37 +56,67 @@ class TritonModel:
     outputs: tuple[TritonTensor, ...]
     max_batch_size: int
 
+    @property
+    def served_version(self) -> str:
+        """The newest version Triton serves (versions are integers, sent as strings)."""
+        return max(self.versions, key=lambda v: (len(v), v), default="")
 
-def map_triton_error(error: InferenceServerException, model: str) -> ServiceError:
-    """Triton's failure -> the status our callers should see."""
-    status = str(error.status() or "")
-    message = str(error.message() or "")
+
+def map_triton_failure(
+    status: str, message: str, model: str, retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
+) -> ServiceError:
+    """Triton's failure (gRPC status name + message) -> the status our callers should see.
+
+    Triton reports a full queue and an expired request timeout as UNAVAILABLE (seen with
+    the bundled 2.x build: "Exceeds maximum queue size", "Request timeout expired"); our
+    callers must retry the first later and not at all the second, so both are told apart
+    by their message before the status decides.
+    """
+    status = status.removeprefix("StatusCode.")
     lowered = message.lower()
-    if "queue" in lowered and ("exceed" in lowered or "full" in lowered):
+    if "maximum queue size" in lowered or status == "RESOURCE_EXHAUSTED":
         return ResourceExhaustedError(
-            f"Triton is overloaded: {message}", retry_after_ms=RETRY_AFTER_MS
+            f"Triton is overloaded: {message}", retry_after_ms=retry_after_ms
         )
-    if status.endswith("RESOURCE_EXHAUSTED"):
-        return ResourceExhaustedError(f"Triton: {message}", retry_after_ms=RETRY_AFTER_MS)
-    if status.endswith("DEADLINE_EXCEEDED") or "deadline" in lowered or "timeout" in lowered:
+    if status == "DEADLINE_EXCEEDED" or "request timeout expired" in lowered:
         return DeadlineExceededError(f"Triton did not answer in time: {message}")
-    if status.endswith("NOT_FOUND") or "unknown model" in lowered:
-        return NotFoundError(f"Triton does not serve {model!r}: {message}", field="model.name")
-    if status.endswith("INVALID_ARGUMENT"):
+    if status == "NOT_FOUND" or "unknown model" in lowered:
+        field = "model.version" if " version " in lowered else "model.name"
+        return NotFoundError(f"Triton does not serve it ({model!r}): {message}", field=field)
+    if status == "INVALID_ARGUMENT":
         return InvalidArgumentError(f"Triton refused the tensors: {message}", field="inputs")
-    if status.endswith(("UNAVAILABLE", "CANCELLED")) or not status:
+    if status in ("UNAVAILABLE", "CANCELLED", ""):
         return UnavailableError(f"Triton unreachable: {message}")
     return InternalError(f"Triton failed ({status}): {message}")
 
 
+def map_triton_error(
+    error: InferenceServerException, model: str, retry_after_ms: int = DEFAULT_RETRY_AFTER_MS
+) -> ServiceError:
+    return map_triton_failure(
+        str(error.status() or ""), str(error.message() or ""), model, retry_after_ms
+    )
+
+
+@dataclass(frozen=True)
+class TritonResult:
+    version: str
+    outputs: dict[str, npt.NDArray[np.generic]]
+
+
 class TritonClient:
-    def __init__(self, url: str) -> None:
-        self._client = triton_grpc.InferenceServerClient(url)
+    """Typed calls to one Triton; every call takes a timeout, every failure is mapped."""
+
+    def __init__(self, url: str, retry_after_ms: int = DEFAULT_RETRY_AFTER_MS) -> None:
+        self.url = url
+        self._retry_after_ms = retry_after_ms
+        self._client = triton_grpc.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         await self._client.close()
 
     async def is_ready(self, models: list[str], timeout_s: float = 1.0) -> bool:
+        """Triton is live and every one of ``models`` is ready."""
         try:
             if not await self._client.is_server_live(client_timeout=timeout_s):
                 return False
@@ -84,6 +128,7 @@ class TritonClient:
         return True
 
     async def model(self, name: str, timeout_s: float = 2.0) -> TritonModel:
+        """The model's tensors, versions and batch limit, from Triton itself."""
         try:
             metadata = await self._client.get_model_metadata(
                 name, as_json=True, client_timeout=timeout_s
@@ -92,7 +137,7 @@ class TritonClient:
                 name, as_json=True, client_timeout=timeout_s
             )
         except InferenceServerException as error:
-            raise map_triton_error(error, name) from error
+            raise map_triton_error(error, name, self._retry_after_ms) from error
 
         def tensors(entries: list[dict[str, object]]) -> tuple[TritonTensor, ...]:
             return tuple(
@@ -117,8 +162,9 @@ class TritonClient:
         request_id: str,
         timeout_s: float,
         headers: Mapping[str, str],
-    ) -> tuple[str, dict[str, npt.NDArray[np.generic]]]:
-        """Run ``model``; returns (model version, outputs). Raises a mapped ServiceError."""
+        version: str = "",
+    ) -> TritonResult:
+        """Run ``model`` (``version``: "" = the one Triton serves). Raises a ServiceError."""
         triton_inputs = []
         for name, array in inputs.items():
             tensor = triton_grpc.InferInput(name, list(array.shape), datatypes[name])
@@ -128,14 +174,17 @@ class TritonClient:
             result = await self._client.infer(
                 model,
                 triton_inputs,
+                model_version=version,
                 request_id=request_id,
-                # Triton's own per-request timeout (µs) bounds its queueing too.
+                # Triton's own per-request timeout (µs) lets it drop queued work whose
+                # caller has given up; it only applies to models whose queue policy
+                # allows the override (docs/cloud.md). The client deadline always does.
                 timeout=max(int(timeout_s * 1e6), 1),
                 client_timeout=timeout_s,
                 headers=dict(headers),
             )
         except InferenceServerException as error:
-            raise map_triton_error(error, model) from error
+            raise map_triton_error(error, model, self._retry_after_ms) from error
         response = result.get_response()
         outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
-        return str(response.model_version), outputs
+        return TritonResult(str(response.model_version), outputs)

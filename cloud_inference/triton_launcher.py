@@ -104,6 +104,7 @@ class TritonServer:
         self.otlp_http_endpoint = otlp_http_endpoint
         self.ready_timeout_s = ready_timeout_s
         self.log_path = run_dir / "triton.log"
+        self._log_offset = 0  # where this run's part of the (appended) log starts
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,7 +113,12 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
+        """Of tritonserver, which is also its process group's id."""
         return self._process.pid if self._process else None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._process
 
     def command(self) -> list[str]:
         command = [
@@ -138,7 +144,10 @@ class TritonServer:
         return command
 
     def start_process(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            raise RuntimeError(f"tritonserver already runs as pid {self._process.pid}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         # Own session = own process group: stop/kill reaches the backend stubs too.
         self._process = subprocess.Popen(
@@ -159,7 +168,7 @@ class TritonServer:
         try:
             while time.monotonic() - started < self.ready_timeout_s:
                 if self._process is None or self._process.poll() is not None:
-                    raise TritonStartError(f"tritonserver exited early:\n{self.log_tail()}")
+                    raise TritonStartError(f"tritonserver exited early{self.diagnosis()}")
                 with contextlib.suppress(Exception):
                     if await client.is_server_ready(client_timeout=1.0) and all(
                         [await client.is_model_ready(m, client_timeout=1.0) for m in models]
@@ -171,7 +180,7 @@ class TritonServer:
         finally:
             await client.close()
         raise TritonStartError(
-            f"tritonserver not ready after {self.ready_timeout_s} s:\n{self.log_tail()}"
+            f"tritonserver not ready after {self.ready_timeout_s} s{self.diagnosis()}"
         )
 
     def repository_models(self) -> list[str]:
@@ -179,10 +188,30 @@ class TritonServer:
             p.name for p in self.model_repository.iterdir() if (p / "config.pbtxt").exists()
         )
 
+    def diagnosis(self) -> str:
+        """Triton's error lines (a failed model says why there) and the log's tail."""
+        errors = "\n".join(self.error_lines()) or "(none)"
+        return f"; errors logged:\n{errors}\nlog tail ({self.log_path}):\n{self.log_tail()}"
+
+    def error_lines(self, limit: int = 10) -> list[str]:
+        errors = [
+            line[:400]
+            for line in self._log_lines()
+            # E-level lines, without the CPU-only machine's harmless CUDA complaint.
+            if line.startswith("E") and "CudaDriverHelper" not in line
+        ]
+        return errors[-limit:]
+
     def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self._log_lines()[-lines:]) or "(empty log)"
+
+    def _log_lines(self) -> list[str]:
+        """This run's lines of the log."""
         if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return []
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode(errors="replace").splitlines()
 
     def kill(self) -> None:
         """SIGKILL the whole process group (fault injection)."""
@@ -225,9 +254,20 @@ class TritonServer:
         await self.stop()
 
 
-async def _run(repository: Path, run_dir: Path, grpc_port: int | None) -> None:
-    async with TritonServer(repository, run_dir, grpc_port=grpc_port) as server:
-        _log.info("serving; Ctrl-C to stop", grpc=server.grpc_url, log=str(server.log_path))
+async def _run(arguments: argparse.Namespace) -> None:
+    async with TritonServer(
+        arguments.model_repository.resolve(),
+        arguments.run_dir.resolve(),
+        grpc_port=arguments.grpc_port,
+        otlp_http_endpoint=arguments.otlp_http_endpoint,
+        ready_timeout_s=arguments.ready_timeout_s,
+    ) as server:
+        _log.info(
+            "triton serving; SIGINT/SIGTERM to stop",
+            grpc=server.grpc_url,
+            pid=server.pid,
+            log=str(server.log_path),
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,10 +279,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--run-dir", type=Path, default=Path("var/triton"))
-    parser.add_argument("--grpc-port", type=int)
+    parser.add_argument("--grpc-port", type=int, help="default: a free port")
+    parser.add_argument(
+        "--otlp-http-endpoint",
+        help="HOST:PORT/v1/traces: export Triton's own spans there (OTLP/HTTP, JSON)",
+    )
+    parser.add_argument("--ready-timeout-s", type=float, default=60.0)
     arguments = parser.parse_args()
     configure_logging()
-    asyncio.run(_run(arguments.model_repository.resolve(), arguments.run_dir, arguments.grpc_port))
+    try:
+        asyncio.run(_run(arguments))
+    except TritonStartError as error:
+        _log.error("triton did not start", error=str(error))
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

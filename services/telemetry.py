@@ -97,23 +97,9 @@ def create_telemetry(
     return Telemetry(service_name, tracer_provider, meter_provider, processors)
 
 
-TRACEPARENT = "traceparent"
-
-
-def inject_trace_headers(
-    headers: dict[str, str] | None = None, *, level1_flags: bool = False
-) -> dict[str, str]:
+def inject_trace_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
     """W3C trace context of the current span as plain headers (for clients that take no
-    interceptor, such as tritonclient's aio client).
-
-    ``level1_flags`` keeps only the sampled bit of the trace flags. The Python SDK sets
-    W3C level 2's "random" bit (flags ``03``); Triton's opentelemetry-cpp 1.13 rejects
-    such a traceparent and starts a new trace (seen here), so its spans would not join.
-    """
+    interceptor, such as tritonclient's aio client)."""
     carrier: dict[str, str] = dict(headers or {})
     inject(carrier)
-    traceparent = carrier.get(TRACEPARENT)
-    if level1_flags and traceparent and len(traceparent) == 55:
-        flags = int(traceparent[-2:], 16) & 0x01
-        carrier[TRACEPARENT] = f"{traceparent[:-2]}{flags:02x}"
     return carrier

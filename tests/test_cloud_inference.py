@@ -1,13 +1,11 @@
-"""cloud_inference in front of the real tritonserver: answers, errors, auth, overload,
-deadlines, Triton dying, and Triton's own spans joining the caller's trace."""
+"""cloud_inference in front of the real tritonserver: answers, validation, auth, overload,
+deadlines, Triton's own refusals, the domain span, and where labels come from."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,283 +13,408 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import pytest_asyncio
+import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry.sdk.trace import TracerProvider
 
-from cloud_inference.app import CloudNode
-from cloud_inference.auth import token_sha256
-from cloud_inference.config import CloudSettings
 from cloud_inference.triton_client import TritonClient
 from cloud_inference.triton_launcher import TritonServer
-from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
-from hybridmesh.common.v1 import model_pb2, routing_pb2
+from hybridmesh.cloud.v1 import cloud_service_pb2
+from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from services.errors import (
     RETRY_PUSHBACK_METADATA_KEY,
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     field_violations,
 )
-from services.telemetry import create_telemetry, inject_trace_headers
-from services.tensors import encode_tensor
-from tests.otlp_http_receiver import OtlpHttpReceiver, otlp_http
-from tests.triton_fixtures import STORE, TRITON_MODELS, triton
-from workload.fashion_mnist import LABELS, load_split
-from workload.triton_repository import write_repository
+from tests.test_cloud_support import (
+    AUTH,
+    CLOUD_MODEL,
+    IMAGES,
+    SHORT_QUEUE_MODEL,
+    SLOW_MODEL,
+    SLOW_SECONDS,
+    TOKEN,
+    RunningCloud,
+    cloud_settings,
+    cloud_triton,
+    infer_request,
+    start_cloud,
+)
+from tests.triton_fixtures import STORE
+from workload.fashion_mnist import LABELS
+from workload.model_store import load_verified
 
-__all__ = ["otlp_http", "triton"]
-MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
-TOKEN = "site-a-secret"
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
-IMAGES = load_split("test").images
-
-
-@dataclass
-class RunningCloud:
-    node: CloudNode
-    channel: grpc.aio.Channel
-    stub: cloud_service_pb2_grpc.CloudServiceAsyncStub
-
-
-def cloud_settings(triton_url: str, **overrides: object) -> CloudSettings:
-    values: dict[str, object] = {
-        "port": 0,
-        "triton_url": triton_url,
-        "model_store": STORE,
-        "site_token_sha256": {"site-a": token_sha256(TOKEN)},
-        "health_poll_s": 0.1,
-        "shutdown_grace_seconds": 0.0,
-    }
-    values.update(overrides)
-    return CloudSettings.model_validate(values)
-
-
-async def start_cloud(settings: CloudSettings) -> RunningCloud:
-    node = CloudNode(settings, create_telemetry("cloud-test", export_otlp=False), TRITON_MODELS)
-    await node.start()
-    await node.wait_ready()
-    channel = grpc.aio.insecure_channel(node.host.address)
-    return RunningCloud(node, channel, cloud_service_pb2_grpc.CloudServiceStub(channel))
+__all__ = ["cloud_triton"]
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def cloud(triton: TritonServer) -> AsyncIterator[RunningCloud]:
-    running = await start_cloud(cloud_settings(triton.grpc_url))
+async def cloud(cloud_triton: TritonServer) -> AsyncIterator[RunningCloud]:
+    running = await start_cloud(cloud_settings(cloud_triton.grpc_url))
     yield running
-    await running.channel.close(None)
-    await running.node.stop(0)
+    await running.stop()
 
 
-def request(
-    images: np.ndarray = IMAGES[:1],  # type: ignore[type-arg]
-    model: str = "fashion-cloud",
-    privacy: int = routing_pb2.PRIVACY_CLASS_PUBLIC,
-    anonymiser: str = "",
-) -> cloud_service_pb2.InferRequest:
-    return cloud_service_pb2.InferRequest(
-        request_id="c-1",
-        model=model_pb2.ModelRef(name=model),
-        inputs=[encode_tensor("image", images)],
-        top_k=3,
-        privacy_class=privacy,  # type: ignore[arg-type]
-        anonymiser=anonymiser,
+def tensor(
+    name: str = "image",
+    datatype: int = tensor_pb2.DATA_TYPE_UINT8,
+    shape: tuple[int, ...] = (1, 1, 28, 28),
+    size: int | None = None,
+) -> tensor_pb2.Tensor:
+    count = int(np.prod(shape)) if size is None else size
+    return tensor_pb2.Tensor(
+        name=name,
+        datatype=datatype,  # type: ignore[arg-type]
+        shape=shape,
+        raw_contents=bytes(count),
     )
 
 
-@MODULE_LOOP
+def with_inputs(*inputs: tensor_pb2.Tensor, **fields: Any) -> cloud_service_pb2.InferRequest:
+    request = infer_request()
+    del request.inputs[:]
+    request.inputs.extend(inputs)
+    for name, value in fields.items():
+        if name == "model":
+            request.model.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+async def triton_requests(triton: TritonServer, model: str) -> int:
+    """Requests Triton has received for ``model`` (its own statistics)."""
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        stats = await client.get_inference_statistics(model, as_json=True, client_timeout=5)
+    finally:
+        await client.close()
+    inference = stats["model_stats"][0].get("inference_stats", {})
+    return sum(int(inference.get(kind, {}).get("count", 0)) for kind in ("success", "fail"))
+
+
 async def test_known_images_get_the_cloud_models_logits(cloud: RunningCloud) -> None:
     images = IMAGES[:16]
-    reply = await cloud.stub.Infer(request(images), timeout=10, metadata=AUTH)
+    reply = await cloud.stub.Infer(infer_request(images), timeout=10, metadata=AUTH)
     logits = np.frombuffer(reply.outputs[0].raw_contents, dtype="<f4").reshape(16, 10)
-    session = ort.InferenceSession(str(STORE / "fashion-cloud" / "1" / "model.onnx"))
+    session = ort.InferenceSession(str(STORE / CLOUD_MODEL / "1" / "model.onnx"))
     (expected,) = session.run(["logits"], {"image": images})
     np.testing.assert_allclose(logits, expected, atol=1e-4)
-    assert reply.model.name == "fashion-cloud" and reply.model.version == "1"
-    top = reply.classifications[0].top_k[0]
-    assert top.class_index == int(expected[0].argmax()) and top.label == LABELS[top.class_index]
+    assert reply.outputs[0].name == "logits" and list(reply.outputs[0].shape) == [16, 10]
+    assert reply.model.name == CLOUD_MODEL and reply.model.version == "1"
+    assert reply.request_id == "c-1" and reply.compute_time.ToNanoseconds() > 0
+    assert len(reply.classifications) == 16
+    for row, classification in zip(expected, reply.classifications, strict=True):
+        top = classification.top_k
+        assert [c.class_index for c in top] == list(np.argsort(-row, kind="stable")[:3])
+        assert [c.label for c in top] == [LABELS[c.class_index] for c in top]
+        assert top[0].probability >= top[1].probability >= top[2].probability
 
 
-@MODULE_LOOP
+async def test_list_models_describes_what_triton_serves(cloud: RunningCloud) -> None:
+    reply = await cloud.stub.ListModels(
+        cloud_service_pb2.ListModelsRequest(), timeout=5, metadata=AUTH
+    )
+    models = {info.model.name: info for info in reply.models}
+    info = models[CLOUD_MODEL]
+    assert info.model.version == "1" and info.ready and info.max_batch_size == 64
+    assert [(t.name, t.datatype, list(t.shape)) for t in info.inputs] == [
+        ("image", tensor_pb2.DATA_TYPE_UINT8, [-1, 1, 28, 28])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in info.outputs] == [
+        ("logits", tensor_pb2.DATA_TYPE_FP32, [-1, 10])
+    ]
+    assert list(info.labels) == list(LABELS)
+    assert info.sha256 == load_verified(STORE / CLOUD_MODEL / "1").model_sha256
+    # A model Triton serves that the store does not know: no labels, no hash, still listed.
+    assert models[SLOW_MODEL].labels == [] and models[SLOW_MODEL].sha256 == ""
+
+
+async def test_a_requested_version_is_the_one_that_answers(cloud: RunningCloud) -> None:
+    reply = await cloud.stub.Infer(infer_request(version="1"), timeout=5, metadata=AUTH)
+    assert reply.model.version == "1"
+
+
 async def test_unauthenticated_callers_are_refused(cloud: RunningCloud) -> None:
-    for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await cloud.stub.Infer(request(), timeout=5, metadata=metadata)
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # Health stays open for probes.
+    refused_metadata: list[tuple[tuple[str, str], ...]] = [
+        (),
+        (("authorization", "Bearer wrong"),),
+        (("authorization", TOKEN),),
+        (("authorization", f"Basic {TOKEN}"),),
+        (("authorization", "Bearer "),),
+    ]
+    for metadata in refused_metadata:
+        with pytest.raises(grpc.aio.AioRpcError) as infer:
+            await cloud.stub.Infer(infer_request(), timeout=5, metadata=metadata)
+        assert infer.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        with pytest.raises(grpc.aio.AioRpcError) as listing:
+            await cloud.stub.ListModels(
+                cloud_service_pb2.ListModelsRequest(), timeout=5, metadata=metadata
+            )
+        assert listing.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+    # The scheme is case-insensitive (RFC 6750); health stays open for probes.
+    lower = (("authorization", f"bearer {TOKEN}"),)
+    assert (await cloud.stub.Infer(infer_request(), timeout=5, metadata=lower)).outputs
     health = health_pb2_grpc.HealthStub(cloud.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@MODULE_LOOP
-@pytest.mark.parametrize(
-    ("bad", "code", "field"),
-    [
-        (request(model="nope"), grpc.StatusCode.NOT_FOUND, "model.name"),
-        (
-            request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "privacy_class",
-        ),
-        (
-            request(privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "anonymiser",
-        ),
-        (
-            request(np.zeros((1, 1, 28, 28), np.float32)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "inputs[0].datatype",
-        ),
-        (
-            request(np.zeros((1, 28, 28), np.uint8)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "inputs[0].shape",
-        ),
-        (
-            request(np.zeros((65, 1, 28, 28), np.uint8)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "inputs[0].shape",
-        ),
-    ],
-)
-async def test_bad_requests_name_their_field(
-    cloud: RunningCloud, bad: cloud_service_pb2.InferRequest, code: grpc.StatusCode, field: str
+BAD_REQUESTS = {
+    "unknown model": (
+        infer_request(model="nope"),
+        grpc.StatusCode.NOT_FOUND,
+        "model.name",
+    ),
+    "no model": (infer_request(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model.name"),
+    "unknown version": (
+        infer_request(version="7"),
+        grpc.StatusCode.NOT_FOUND,
+        "model.version",
+    ),
+    "sensitive": (
+        infer_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "privacy_class",
+    ),
+    "sensitive, even anonymised": (
+        infer_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE, anonymiser="blur"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "privacy_class",
+    ),
+    "internal, not anonymised": (
+        infer_request(privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "anonymiser",
+    ),
+    "unspecified privacy, not anonymised": (
+        infer_request(privacy=routing_pb2.PRIVACY_CLASS_UNSPECIFIED),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "anonymiser",
+    ),
+    "fp32 image": (
+        infer_request(np.zeros((1, 1, 28, 28), np.float32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].datatype",
+    ),
+    "rank 3": (
+        infer_request(np.zeros((1, 28, 28), np.uint8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].shape",
+    ),
+    "27 columns": (
+        infer_request(np.zeros((1, 1, 28, 27), np.uint8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].shape",
+    ),
+    "batch over the limit": (
+        infer_request(np.zeros((65, 1, 28, 28), np.uint8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].shape",
+    ),
+    "bytes short of the shape": (
+        with_inputs(tensor(size=783)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].raw_contents",
+    ),
+    "unknown input": (
+        with_inputs(tensor(name="pixels")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].name",
+    ),
+    "repeated input": (
+        with_inputs(tensor(), tensor()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[1].name",
+    ),
+    "no input": (with_inputs(), grpc.StatusCode.INVALID_ARGUMENT, "inputs"),
+    "payload over the limit": (
+        with_inputs(tensor(size=4 * 1024 * 1024 + 1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs",
+    ),
+    "top_k over the limit": (
+        with_inputs(tensor(), top_k=11),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+async def test_bad_requests_name_their_field_and_never_reach_triton(
+    cloud: RunningCloud, cloud_triton: TritonServer, case: str
 ) -> None:
+    bad, code, field = BAD_REQUESTS[case]
+    before = await triton_requests(cloud_triton, CLOUD_MODEL)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await cloud.stub.Infer(bad, timeout=5, metadata=AUTH)
     assert refused.value.code() == code
     assert field in field_violations(refused.value)
+    assert (refused.value.details() or "").startswith(f"{field}: ")
+    assert await triton_requests(cloud_triton, CLOUD_MODEL) == before
 
 
-@MODULE_LOOP
-async def test_internal_data_is_accepted_once_anonymised(cloud: RunningCloud) -> None:
+@pytest.mark.parametrize("privacy", [routing_pb2.PRIVACY_CLASS_INTERNAL, 0])
+async def test_internal_data_is_accepted_once_anonymised(cloud: RunningCloud, privacy: int) -> None:
     reply = await cloud.stub.Infer(
-        request(privacy=routing_pb2.PRIVACY_CLASS_INTERNAL, anonymiser="strip-attributes"),
-        timeout=5,
-        metadata=AUTH,
+        infer_request(privacy=privacy, anonymiser="strip-attributes"), timeout=5, metadata=AUTH
     )
     assert reply.classifications
 
 
-@MODULE_LOOP
-async def test_tritons_own_refusals_are_mapped(triton: TritonServer) -> None:
-    client = TritonClient(triton.grpc_url)
+async def test_tritons_own_refusals_are_mapped(cloud_triton: TritonServer) -> None:
+    client = TritonClient(cloud_triton.grpc_url)
+
+    async def call(model: str, image: np.ndarray, datatype: str, version: str = "") -> None:  # type: ignore[type-arg]
+        await client.infer(
+            model,
+            {"image": image},
+            {"image": datatype},
+            version=version,
+            request_id="x",
+            timeout_s=5,
+            headers={},
+        )
+
     try:
-        with pytest.raises(NotFoundError):
-            await client.infer(
-                "nope",
-                {"image": IMAGES[:1]},
-                {"image": "UINT8"},
-                request_id="x",
-                timeout_s=5,
-                headers={},
-            )
-        wrong = np.zeros((1, 1, 28, 28), np.float32)
-        with pytest.raises(InvalidArgumentError, match="FP32"):
-            await client.infer(
-                "fashion-cloud",
-                {"image": wrong},
-                {"image": "FP32"},
-                request_id="x",
-                timeout_s=5,
-                headers={},
-            )
+        with pytest.raises(NotFoundError) as unknown:
+            await call("nope", IMAGES[:1], "UINT8")
+        assert unknown.value.field == "model.name"
+        with pytest.raises(NotFoundError) as version:
+            await call(CLOUD_MODEL, IMAGES[:1], "UINT8", version="7")
+        assert version.value.field == "model.version"
+        with pytest.raises(InvalidArgumentError, match="FP32") as datatype:
+            await call(CLOUD_MODEL, np.zeros((1, 1, 28, 28), np.float32), "FP32")
+        assert datatype.value.field == "inputs"
+        with pytest.raises(InvalidArgumentError, match="shape"):
+            await call(CLOUD_MODEL, np.zeros((1, 1, 28, 27), np.uint8), "UINT8")
     finally:
         await client.close()
 
 
-@MODULE_LOOP
-async def test_a_short_deadline_is_honoured(cloud: RunningCloud) -> None:
-    started = time.monotonic()
-    with pytest.raises(grpc.aio.AioRpcError) as late:
-        await cloud.stub.Infer(request(IMAGES[:64]), timeout=0.002, metadata=AUTH)
-    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 1.0
+def pushback(error: grpc.aio.AioRpcError) -> str | None:
+    metadata: Any = error.trailing_metadata() or ()
+    return next((str(v) for k, v in metadata if k == RETRY_PUSHBACK_METADATA_KEY), None)
 
 
-@MODULE_LOOP
-async def test_overload_is_resource_exhausted_with_pushback(triton: TritonServer) -> None:
+async def test_our_overload_is_resource_exhausted_with_pushback(
+    cloud_triton: TritonServer,
+) -> None:
     running = await start_cloud(
-        cloud_settings(triton.grpc_url, max_in_flight=1, max_queued_requests=0)
+        cloud_settings(
+            cloud_triton.grpc_url, max_in_flight=1, max_queued_requests=1, retry_after_ms=30
+        )
     )
     try:
         calls = [
-            running.stub.Infer(request(IMAGES[:64]), timeout=10, metadata=AUTH) for _ in range(12)
+            running.stub.Infer(infer_request(model=SLOW_MODEL), timeout=10, metadata=AUTH)
+            for _ in range(5)
         ]
         results = await asyncio.gather(*calls, return_exceptions=True)
     finally:
-        await running.channel.close(None)
-        await running.node.stop(0)
-    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        await running.stop()
     answered = [r for r in results if isinstance(r, cloud_service_pb2.InferResponse)]
-    assert answered, "the first request gets through"
-    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
-    trailers: list[Any] = [tuple(item) for item in list(refused[0].trailing_metadata() or ())]  # type: ignore[arg-type]
-    assert (RETRY_PUSHBACK_METADATA_KEY, "20") in trailers
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(answered) == 2, "one in flight and one waiting get through"
+    assert len(refused) == 3
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert pushback(error) == "30"
 
 
-async def test_triton_killed_in_flight_gives_unavailable_within_the_deadline(
-    tmp_path: Path,
+async def test_tritons_full_queue_is_resource_exhausted_with_pushback(
+    cloud: RunningCloud,
 ) -> None:
-    write_repository(STORE, tmp_path / "repository", "local", TRITON_MODELS)
-    async with TritonServer(tmp_path / "repository", tmp_path / "run") as doomed:
-        running = await start_cloud(cloud_settings(doomed.grpc_url))
-        try:
-            in_flight = [
-                asyncio.ensure_future(
-                    running.stub.Infer(request(IMAGES[:64]), timeout=3, metadata=AUTH)
-                )
-                for _ in range(8)
-            ]
-            await asyncio.sleep(0.01)
-            started = time.monotonic()
-            doomed.kill()
-            results = await asyncio.gather(*in_flight, return_exceptions=True)
-            assert time.monotonic() - started < 3.5, "no call may outlive its deadline"
-            codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
-            assert codes <= {grpc.StatusCode.UNAVAILABLE}
-            # After the kill, every new call is UNAVAILABLE, and health says so.
-            with pytest.raises(grpc.aio.AioRpcError) as after:
-                await running.stub.Infer(request(), timeout=3, metadata=AUTH)
-            assert after.value.code() == grpc.StatusCode.UNAVAILABLE
-            health = health_pb2_grpc.HealthStub(running.channel)
-            for _ in range(50):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-                await asyncio.sleep(0.1)
-            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        finally:
-            await running.channel.close(None)
-            await running.node.stop(0)
+    calls = [
+        cloud.stub.Infer(infer_request(model=SHORT_QUEUE_MODEL), timeout=10, metadata=AUTH)
+        for _ in range(5)
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert any(isinstance(r, cloud_service_pb2.InferResponse) for r in results)
+    assert refused, "Triton queues one request and refuses the rest"
+    for error in refused:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Exceeds maximum queue size" in (error.details() or "")
+        assert pushback(error) == "50"
 
 
-async def test_tritons_spans_join_the_callers_trace(
-    tmp_path: Path, otlp_http: OtlpHttpReceiver
+async def test_a_short_deadline_gives_deadline_exceeded_promptly(cloud: RunningCloud) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await cloud.stub.Infer(infer_request(model=SLOW_MODEL), timeout=0.2, metadata=AUTH)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < SLOW_SECONDS
+
+
+async def test_the_remaining_deadline_bounds_the_call_to_triton(cloud: RunningCloud) -> None:
+    """Without the gRPC client's own deadline in the way: the domain gives up on Triton
+    when the caller's remaining time is spent, and does not call it with none left."""
+    inference = cloud.node.inference()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="Triton did not answer in time"):
+        await inference.infer(infer_request(model=SLOW_MODEL), time_remaining_s=0.2)
+    assert 0.15 < time.monotonic() - started < SLOW_SECONDS
+    with pytest.raises(DeadlineExceededError, match="no time left"):
+        await inference.infer(infer_request(), time_remaining_s=0.0)
+
+
+async def test_waiting_for_a_slot_is_bounded_by_the_deadline(cloud_triton: TritonServer) -> None:
+    running = await start_cloud(cloud_settings(cloud_triton.grpc_url, max_in_flight=1))
+    try:
+        inference = running.node.inference()
+        busy = asyncio.ensure_future(inference.infer(infer_request(model=SLOW_MODEL), 5.0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="waiting for a free slot"):
+            await inference.infer(infer_request(), time_remaining_s=0.2)
+        assert time.monotonic() - started < SLOW_SECONDS
+        assert (await busy).model.name == SLOW_MODEL
+    finally:
+        await running.stop()
+
+
+async def test_the_domain_span_names_model_version_batch_and_triton_latency(
+    cloud: RunningCloud,
 ) -> None:
-    write_repository(STORE, tmp_path / "repository", "local", ["fashion-cloud"])
-    tracer = TracerProvider().get_tracer("test")
-    async with TritonServer(
-        tmp_path / "repository", tmp_path / "run", otlp_http_endpoint=otlp_http.url
-    ) as traced:
-        client = TritonClient(traced.grpc_url)
-        try:
-            with tracer.start_as_current_span("caller") as caller:
-                await client.infer(
-                    "fashion-cloud",
-                    {"image": IMAGES[:1]},
-                    {"image": "UINT8"},
-                    request_id="t",
-                    timeout_s=5,
-                    headers=inject_trace_headers(level1_flags=True),
-                )
-        finally:
-            await client.close()
-    trace_id = format(caller.get_span_context().trace_id, "032x")
-    spans = otlp_http.spans()
-    assert spans, "Triton exported nothing"
-    request_span = next(s for s in spans if s["name"] == "InferRequest")
-    assert request_span["traceId"] == trace_id
-    assert request_span["parentSpanId"] == format(caller.get_span_context().span_id, "016x")
-    assert {s["name"] for s in spans} >= {"InferRequest", "compute"}
-    assert {s["service"] for s in spans} == {"triton"}
+    cloud.spans.clear()
+    await cloud.stub.Infer(infer_request(IMAGES[:4]), timeout=5, metadata=AUTH)
+    spans = cloud.spans.get_finished_spans()
+    (span,) = [s for s in spans if s.name == "cloud.triton_infer"]
+    attributes = dict(span.attributes or {})
+    assert attributes["hybridmesh.model.name"] == CLOUD_MODEL
+    assert attributes["hybridmesh.model.version"] == "1"
+    assert attributes["hybridmesh.batch_size"] == 4
+    assert attributes["hybridmesh.request_id"] == "c-1"
+    assert 0 < float(attributes["hybridmesh.triton.latency_ms"]) < 5_000  # type: ignore[arg-type]
+    # A child of the gRPC server span, so it sits in the caller's trace.
+    (server,) = [s for s in spans if s.name.endswith("CloudService/Infer")]
+    assert span.parent is not None and span.parent.span_id == server.context.span_id
+
+
+async def test_labels_can_come_from_the_triton_repository(cloud_triton: TritonServer) -> None:
+    running = await start_cloud(
+        cloud_settings(
+            cloud_triton.grpc_url,
+            labels_source="triton_repository",
+            triton_repository=cloud_triton.model_repository,
+            model_store="/nonexistent",
+        )
+    )
+    try:
+        reply = await running.stub.Infer(infer_request(top_k=10), timeout=5, metadata=AUTH)
+        top = reply.classifications[0].top_k
+        assert sorted(c.label for c in top) == sorted(LABELS)
+        listing = await running.stub.ListModels(
+            cloud_service_pb2.ListModelsRequest(), timeout=5, metadata=AUTH
+        )
+        (info,) = [
+            m
+            for m in listing.models
+            if m.model == model_pb2.ModelRef(name=CLOUD_MODEL, version="1")
+        ]
+        assert list(info.labels) == list(LABELS) and info.sha256 == ""
+    finally:
+        await running.stop()

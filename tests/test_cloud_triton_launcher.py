@@ -1,0 +1,156 @@
+"""The Triton launcher: readiness with a clear error, clean stop, kill, and no orphan
+process (tritonserver's python backend stubs are its children) whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_grpc
+
+from cloud_inference.triton_launcher import (
+    TRITON_HOME,
+    TritonServer,
+    TritonStartError,
+    free_port,
+)
+from tests.test_cloud_support import (
+    CLOUD_MODEL,
+    SLOW_MODEL,
+    alive,
+    eventually,
+    process_group,
+    write_toy_model,
+)
+from tests.triton_fixtures import REPO, STORE
+from workload.triton_repository import write_repository
+
+pytestmark = pytest.mark.slow
+
+
+def small_repository(path: Path) -> Path:
+    write_repository(STORE, path, "local", [CLOUD_MODEL])
+    write_toy_model(path, SLOW_MODEL, execute_delay_s=0.1)
+    return path
+
+
+async def answers(url: str) -> bool:
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        image = triton_grpc.InferInput("image", [1, 1, 28, 28], "UINT8")
+        image.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.uint8))
+        result = await client.infer(CLOUD_MODEL, [image], client_timeout=5)
+        return bool(result.as_numpy("logits").shape == (1, 10))
+    finally:
+        await client.close()
+
+
+async def test_stop_ends_triton_and_its_backend_stubs(tmp_path: Path) -> None:
+    server = TritonServer(small_repository(tmp_path / "repository"), tmp_path / "run")
+    async with server:
+        assert server.pid is not None
+        members = process_group(server.pid)
+        assert len(members) >= 3, "tritonserver plus one python backend stub per model"
+        assert await answers(server.grpc_url)
+        # The stub went into a private copy of the backends, never into site-packages.
+        assert (tmp_path / "run" / "backends" / "python" / "triton_python_backend_stub").exists()
+        assert not (TRITON_HOME / "backends" / "python" / "triton_python_backend_stub").exists()
+    assert server.process is not None and server.process.returncode == 0, "clean SIGTERM exit"
+    assert alive(list(members)) == []
+
+
+async def test_kill_leaves_no_process_behind(tmp_path: Path) -> None:
+    server = TritonServer(small_repository(tmp_path / "repository"), tmp_path / "run")
+    async with server:
+        assert server.pid is not None
+        members = list(process_group(server.pid))
+        stubs = [pid for pid in members if pid != server.pid]
+        # Frozen stubs cannot notice their parent dying and exit on their own (they do
+        # within ~0.3 s otherwise): only a kill of the whole group ends them.
+        for stub in stubs:
+            os.kill(stub, signal.SIGSTOP)
+        server.kill()
+        # Their zombies are reparented to init, which reaps them.
+        await eventually(lambda: alive(members) == [], timeout_s=5)
+    assert server.process is not None and server.process.returncode == -signal.SIGKILL
+
+
+async def test_a_model_that_fails_to_load_is_a_clear_error(tmp_path: Path) -> None:
+    repository = small_repository(tmp_path / "repository")
+    write_toy_model(repository, "broken", initialize_error="weights are missing on purpose")
+    server = TritonServer(repository, tmp_path / "run", ready_timeout_s=30)
+    with pytest.raises(TritonStartError) as failed:
+        await server.__aenter__()
+    # The log tail says which model and why, without opening the log file.
+    assert "broken" in str(failed.value) and "weights are missing on purpose" in str(failed.value)
+    assert server.pid is not None
+    await eventually(lambda: alive(list(process_group(server.pid or 0))) == [], timeout_s=5)
+
+
+async def test_readiness_times_out_with_the_log_tail_and_cleans_up(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    write_toy_model(repository, "slow-to-load", initialize_delay_s=60)
+    server = TritonServer(repository, tmp_path / "run", ready_timeout_s=2)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TritonStartError, match="not ready after 2") as failed:
+        await server.__aenter__()
+    assert "slow-to-load" in str(failed.value)  # the tail shows the model still loading
+    assert server.pid is not None
+    members = list(process_group(server.pid)) or [server.pid]
+    # 2 s of waiting, then SIGTERM with 2 s of grace, then SIGKILL: never a hang.
+    assert asyncio.get_running_loop().time() - started < 2 + 2 + 5
+    await eventually(lambda: alive([*members, server.pid or 0]) == [], timeout_s=5)
+
+
+async def test_the_cli_serves_until_sigterm_then_leaves_nothing(tmp_path: Path) -> None:
+    repository = small_repository(tmp_path / "repository")
+    port = free_port()
+    log = tmp_path / "cli.log"
+    with log.open("wb") as output:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cloud_inference.triton_launcher",
+            "--model-repository",
+            str(repository),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--grpc-port",
+            str(port),
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def serving() -> dict[str, object] | None:
+            for line in log.read_text().splitlines():
+                if line.startswith("{") and '"triton serving' in line:
+                    entry: dict[str, object] = json.loads(line)
+                    return entry
+            assert cli.returncode is None, log.read_text()
+            return None
+
+        await eventually(serving, timeout_s=60)
+        entry = serving()
+        assert entry is not None and entry["grpc"] == f"127.0.0.1:{port}"
+        assert await answers(f"127.0.0.1:{port}")
+        triton_pid = int(str(entry["pid"]))
+        members = list(process_group(triton_pid))
+        assert triton_pid in members and len(members) >= 3
+        # Only the CLI is signalled: it must stop its Triton itself.
+        cli.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(cli.wait(), 30) == 0
+        assert alive(members) == []
+    finally:
+        if cli.returncode is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            await cli.wait()
