@@ -188,6 +188,59 @@ def envoy_config(
             },
         },
     }
+    return _bootstrap(ports, "cloud_ingress", manager, clusters, transport_socket=tls)
+
+
+def plain_proxy_config(ports: EnvoyPorts, upstream_port: int) -> dict[str, Any]:
+    """Envoy as a plain gRPC proxy in front of one upstream (the benchmark's C++ peer of
+    the router): plaintext HTTP/2 in and out, no fault filter, no tracing, no retries."""
+    manager: dict[str, Any] = {
+        "@type": HCM_TYPE,
+        "stat_prefix": "plain_proxy",
+        "codec_type": "HTTP2",
+        "route_config": {
+            "name": "upstream",
+            "virtual_hosts": [
+                {
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "upstream", "timeout": "0s"},
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    clusters = [_static_cluster("upstream", "127.0.0.1", upstream_port)]
+    return _bootstrap(ports, "plain_proxy", manager, clusters, transport_socket=None)
+
+
+def _bootstrap(
+    ports: EnvoyPorts,
+    listener: str,
+    manager: dict[str, Any],
+    clusters: list[dict[str, Any]],
+    *,
+    transport_socket: dict[str, Any] | None,
+) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+        ]
+    }
+    if transport_socket is not None:
+        chain["transport_socket"] = transport_socket
     return {
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}
@@ -196,21 +249,11 @@ def envoy_config(
         "static_resources": {
             "listeners": [
                 {
-                    "name": "cloud_ingress",
+                    "name": listener,
                     "address": {
                         "socket_address": {"address": "127.0.0.1", "port_value": ports.ingress}
                     },
-                    "filter_chains": [
-                        {
-                            "transport_socket": tls,
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": manager,
-                                }
-                            ],
-                        }
-                    ],
+                    "filter_chains": [chain],
                 }
             ],
             "clusters": clusters,

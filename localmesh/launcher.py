@@ -100,8 +100,11 @@ class LocalMesh:
             else dict(DEFAULT_PORTS)
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # How each spawned part was started, so a fault test can restart it the same way.
+        self._spawned: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.triton: TritonServer | None = None
         self.logs = {name: str(self.state_dir / "logs" / f"{name}.log") for name in PARTS}
+        self.state: MeshState | None = None
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -120,6 +123,7 @@ class LocalMesh:
         return {**environment, **extra}
 
     def _spawn(self, name: str, command: list[str], environment: dict[str, str]) -> None:
+        self._spawned[name] = (command, environment)
         log = Path(self.logs[name])
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as stream:
@@ -154,6 +158,7 @@ class LocalMesh:
             wan_delay_ms=self.options.wan_delay_ms,
         )
         state.write()
+        self.state = state
         return state
 
     async def _start_all(self) -> None:
@@ -202,7 +207,7 @@ class LocalMesh:
                 }
             ),
         )
-        await self._wait_grpc_serving("cloud")
+        await self._wait_ready("cloud")
 
         config = envoy_config(
             EnvoyPorts(self.ports["envoy"], self.ports["envoy_admin"]),
@@ -216,10 +221,7 @@ class LocalMesh:
             "envoy", envoy_command(config_path, Path(self.logs["envoy"])), self._environment({})
         )
 
-        async def envoy_ready() -> bool:
-            return await asyncio.to_thread(self.wan.ready)
-
-        await self._wait(envoy_ready, "envoy")
+        await self._wait_ready("envoy")
 
         self._spawn(
             "edge",
@@ -232,7 +234,7 @@ class LocalMesh:
                 }
             ),
         )
-        await self._wait_grpc_serving("edge")
+        await self._wait_ready("edge")
 
         self._spawn(
             "router",
@@ -248,7 +250,7 @@ class LocalMesh:
                 }
             ),
         )
-        await self._wait_grpc_serving("router")
+        await self._wait_ready("router")
 
     def _triton_otlp(self) -> str | None:
         if self.options.otlp_http_traces_url:
@@ -276,11 +278,30 @@ class LocalMesh:
             await asyncio.sleep(0.1)
         raise TimeoutError(f"{name} not healthy after {timeout_s} s; see {self.logs[name]}")
 
-    async def _wait_grpc_serving(self, name: str) -> None:
-        async def serving() -> bool:
+    async def _wait_ready(self, name: str) -> None:
+        async def ready() -> bool:
+            if name == "envoy":
+                return await asyncio.to_thread(self.wan.ready)
             return await grpc_serving(self.endpoint(name))
 
-        await self._wait(serving, name)
+        await self._wait(ready, name)
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL one part's process group, as a crash would (fault injection)."""
+        process = self.processes.pop(name)
+        await stop_process_group(process.pid, 0.0, process, signal.SIGKILL)
+
+    async def restart(self, name: str) -> None:
+        """Start a killed part again, as it was started (same port, settings, log), and
+        wait until it is healthy. Triton is not restartable here (it is not spawned)."""
+        if name in self.processes:
+            raise RuntimeError(f"{name} is still running")
+        command, environment = self._spawned[name]
+        self._spawn(name, command, environment)
+        if self.state is not None:
+            self.state.pids[name] = self.processes[name].pid
+            self.state.write()
+        await self._wait_ready(name)
 
     async def down(self, grace_s: float = 10.0) -> None:
         """Stop every part, router first, Triton last; SIGKILL what outlives ``grace_s``."""
@@ -303,11 +324,15 @@ async def grpc_serving(address: str) -> bool:
 
 
 async def stop_process_group(
-    pid: int, grace_s: float, process: subprocess.Popen[bytes] | None = None
+    pid: int,
+    grace_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    first_signal: signal.Signals = signal.SIGTERM,
 ) -> None:
-    """SIGTERM the process group led by ``pid``, SIGKILL it after ``grace_s``."""
+    """Send ``first_signal`` to the process group led by ``pid``, SIGKILL it after
+    ``grace_s``."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, first_signal)
     if process is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(process.wait, grace_s)

@@ -1,5 +1,6 @@
 """The local mesh as real processes: one trace per request across every part, mTLS at the
-cloud ingress, the emulated WAN switchable at run time, and the CLI's up/status/down."""
+cloud ingress, the emulated WAN switchable at run time, a killed part survived and
+restarted, and the CLI's up/status/down."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
-from hybridmesh.common.v1 import routing_pb2
+from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from localmesh.otlp_receiver import OtlpReceiver
@@ -150,6 +151,34 @@ async def test_wan_delay_is_switchable_at_run_time(running: RunningMesh) -> None
             await asyncio.to_thread(running.mesh.wan.set_delay, 40)
     assert before.decision.timings.cloud.ToMilliseconds() >= 40
     assert slowed.decision.timings.cloud.ToMilliseconds() >= 400
+
+
+@MODULE_LOOP
+async def test_a_killed_edge_node_is_survived_and_restarted(running: RunningMesh) -> None:
+    mesh = running.mesh
+    old_pid = mesh.processes["edge"].pid
+    easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+    async with grpc.aio.insecure_channel(running.state.endpoints["router"]) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        assert (await stub.Infer(easy, timeout=5)).decision.served_by == routing_pb2.TIER_EDGE
+        await mesh.kill("edge")
+        assert not _exists(f"/proc/{old_pid}"), "killed and reaped"
+        during = await stub.Infer(easy, timeout=5)
+        await mesh.restart("edge")
+        assert MeshState.read(Path(running.state.state_dir)).pids["edge"] != old_pid
+        # The router's channel reconnects with backoff; the edge answers again soon.
+        deadline = time.monotonic() + 15
+        while (after := await stub.Infer(easy, timeout=5)).decision.served_by != (
+            routing_pb2.TIER_EDGE
+        ):
+            assert time.monotonic() < deadline, after.decision.explanation
+            await asyncio.sleep(0.2)
+    assert during.decision.served_by == routing_pb2.TIER_CLOUD
+    assert during.decision.reason == decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists()
 
 
 def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
