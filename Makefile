@@ -11,10 +11,11 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo up down test lint protos models clean
+.PHONY: help setup demo bench up down test lint protos models clean
 
 help:
 	@echo "make demo   - set up, then run hybridmesh on the embedded local mesh"
+	@echo "make bench  - set up, then benchmarks and faults under load (~10 min)"
 	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
 	@echo "make protos - regenerate Python code from protos/"
 	@echo "make models - retrain the Fashion-MNIST models into a new store version (minutes)"
@@ -67,6 +68,11 @@ test: lint
 # The main job: the whole mesh as real processes on loopback, the test split through it.
 demo: setup
 	$(VENV)/bin/hybridmesh demo
+
+# Routing quality, latency/throughput against baselines, faults under load (~10 min);
+# writes results/bench/ and docs/benchmarks.md. BENCH_ARGS=--quick for a short run.
+bench: setup
+	$(VENV)/bin/python -m bench --out results/bench $(BENCH_ARGS)
 
 up: setup
 	$(VENV)/bin/hybridmesh up

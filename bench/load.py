@@ -25,6 +25,7 @@ class LatencyResult:
     p50_ms: float
     p99_ms: float
     count: int
+    samples_ms: tuple[float, ...] = ()
 
 
 def free_port() -> int:
@@ -43,7 +44,12 @@ async def latency(call: Call, count: int, warmup: int = 100) -> LatencyResult:
         await call()
         samples.append(time.perf_counter() - started)
     values = np.array(samples) * 1e3
-    return LatencyResult(float(np.percentile(values, 50)), float(np.percentile(values, 99)), count)
+    return LatencyResult(
+        float(np.percentile(values, 50)),
+        float(np.percentile(values, 99)),
+        count,
+        tuple(float(v) for v in values),
+    )
 
 
 async def throughput(call: Call, concurrency: int, seconds: float) -> float:

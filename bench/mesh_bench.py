@@ -127,9 +127,9 @@ class PlainEnvoy:
 
 async def measure(
     call: Call, args: argparse.Namespace, count: int, with_throughput: bool = True
-) -> dict[str, float]:
+) -> dict[str, Any]:
     single = await latency(call, count, warmup=args.warmup)
-    result = {"p50_ms": single.p50_ms, "p99_ms": single.p99_ms}
+    result = {"p50_ms": single.p50_ms, "p99_ms": single.p99_ms, "samples_ms": single.samples_ms}
     if with_throughput:
         result["throughput_rps"] = await throughput(call, args.concurrency, args.seconds)
     return result
@@ -141,14 +141,14 @@ async def one_run(
     kept: npt.NDArray[np.uint8],
     escalated: npt.NDArray[np.uint8],
     args: argparse.Namespace,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     edge_request = edge_service_pb2.InferRequest(
         request_id="bench",
         model=model_pb2.ModelRef(name=EDGE_MODEL),
         inputs=[encode_tensor("image", kept)],
         top_k=3,
     )
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in ("echo", "edge_direct", "envoy_proxy_edge"):
         async with grpc.aio.insecure_channel(endpoints[name]) as channel:
             edge_stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
@@ -309,6 +309,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await plain.stop()
             echo.stop()
             await mesh.down()
+    # Every run's latency samples, pooled per scenario (for the distribution plot).
+    samples = {
+        scenario: [value for run in runs for value in run[scenario].pop("samples_ms")]
+        for scenario in runs[0]
+    }
     summary = {
         scenario: {key: median([run[scenario][key] for run in runs]) for key in runs[0][scenario]}
         for scenario in runs[0]
@@ -318,6 +323,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"wan_delay_ms": WAN_MS},
         "runs": runs,
         "median": summary,
+        "samples_ms": samples,
         "ratios": ratio,
         "goals": goals(ratio),
     }

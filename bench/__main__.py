@@ -1,0 +1,165 @@
+"""``make bench``: routing quality, latency and throughput against baselines, and faults
+under load, in one run; JSON + Markdown + PNG under ``--out`` and the latest figures in
+``docs/benchmarks.md``.
+
+``python -m bench --out results/bench [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import plots
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
+
+
+def run(command: list[str]) -> None:
+    sys.stderr.write(f"$ {' '.join(command)}\n")
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+
+
+def fault_goals(faults: dict[str, Any]) -> list[dict[str, Any]]:
+    killed = faults["scenarios"].get("cloud_killed")
+    if killed is None:
+        return []
+    failed = sum(killed["failed"].values())
+    opened, resumed = killed["breaker_opened_after_s"], killed["resumed_after_recovery_s"]
+    return [
+        {
+            "goal": "zero failed requests while the cloud is killed",
+            "measured": f"{failed} failed",
+            "met": failed == 0,
+        },
+        {
+            "goal": "breaker open within 1 s of the cloud dying",
+            "measured": "never" if opened is None else f"{opened:.2f} s",
+            "met": opened is not None and opened <= 1.0,
+        },
+        {
+            "goal": "escalation back within 10 s of recovery",
+            "measured": "never" if resumed is None else f"{resumed:.2f} s",
+            "met": resumed is not None and resumed <= 10.0,
+        },
+    ]
+
+
+def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) -> str:
+    mesh = json.loads((out / "mesh_bench.json").read_text())
+    faults = json.loads((out / "fault_bench.json").read_text())
+    goal_rows = [
+        (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
+    ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    evaluation = (out / "router-evaluation.md").read_text()
+    # The evaluation's own title and regenerate line do not belong inside this page.
+    evaluation_body = "\n".join(
+        line
+        for line in evaluation.splitlines()
+        if not line.startswith("# ") and not line.startswith("Regenerate:")
+    )
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Latest `make bench` ({'quick' if quick else 'full'} run): "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed_s / 60:.1f} min, "
+        f"on this machine ({platform.machine()}, 2 shared cores; everything on loopback: the "
+        "mesh's processes, Triton's CPU build and the load generator compete for the same "
+        "cores). The WAN between edge and cloud is **emulated** by Envoy's fault filter "
+        "(a fixed 40 ms), not a real network. Raw results: `results/bench/*.json`.",
+        "",
+        "Reproduce: `make bench` (or `.venv/bin/python -m bench --out results/bench`). Each part "
+        "runs alone too: `python -m router_service.train_policy`, `python -m bench.mesh_bench`, "
+        "`python -m bench.fault_bench`.",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | met |",
+        "| --- | --- | --- |",
+        *[
+            f"| {goal} | {measured} | {'yes' if met else '**no**'} |"
+            for goal, measured, met in goal_rows
+        ],
+        "",
+        "## 1. Routing quality",
+        "",
+        "The learned router against its baselines on the test split (from a policy trained in "
+        "this run into `results/bench/policies`; the committed policy is not touched).",
+        "",
+        evaluation_body.strip(),
+        "",
+        f"![accuracy against cloud share]({docs_images}/accuracy_vs_cloud_share.png)",
+        "",
+        "## 2. Latency and throughput",
+        "",
+        (out / "mesh_bench.md").read_text().strip(),
+        "",
+        f"![latency distributions]({docs_images}/latency_distributions.png)",
+        "",
+        "## 3. Faults under load",
+        "",
+        (out / "fault_bench.md").read_text().strip(),
+        "",
+        f"![fault timeline]({docs_images}/fault_timeline.png)",
+        "",
+    ]
+    if ANALYSIS.exists():
+        lines += [ANALYSIS.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--docs", type=Path, default=Path("docs"), help="where benchmarks.md goes")
+    parser.add_argument("--quick", action="store_true", help="fewer runs and shorter phases")
+    args = parser.parse_args()
+    started = time.monotonic()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    shutil.rmtree(out / "policies", ignore_errors=True)
+    run(
+        [
+            python, "-m", "router_service.train_policy",
+            "--policies", str(out / "policies"),
+            "--report", str(out / "router-evaluation"),
+        ]
+    )  # fmt: skip
+    mesh = (
+        ["--runs", "1", "--count", "100", "--wan-count", "30", "--seconds", "2"]
+        if args.quick
+        else []
+    )
+    run([python, "-m", "bench.mesh_bench", *mesh, "--out", str(out / "mesh_bench.json")])
+    fault = ["--before-s", "3", "--fault-s", "5", "--after-s", "10"] if args.quick else []
+    run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
+
+    images = args.docs / "benchmarks"
+    images.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "router-evaluation.png", images / "accuracy_vs_cloud_share.png")
+    plots.latency_distributions(
+        json.loads((out / "mesh_bench.json").read_text()), images / "latency_distributions.png"
+    )
+    plots.fault_timeline(
+        json.loads((out / "fault_bench.json").read_text()), images / "fault_timeline.png"
+    )
+    for image in images.iterdir():
+        shutil.copyfile(image, out / image.name)
+    markdown = report_markdown(out, "benchmarks", time.monotonic() - started, args.quick)
+    (out / "benchmarks.md").write_text(markdown)
+    (args.docs / "benchmarks.md").write_text(markdown)
+    sys.stdout.write(f"wrote {args.docs / 'benchmarks.md'} and {out}\n")
+
+
+if __name__ == "__main__":
+    main()
