@@ -63,7 +63,7 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
-        line
+        "#" + line if line.startswith("## ") else line  # its sections nest under ours
         for line in evaluation.splitlines()
         if not line.startswith("# ") and not line.startswith("Regenerate:")
     )

@@ -134,6 +134,14 @@ class CircuitBreaker:
             return True
         return False
 
+    def health_restored(self) -> None:
+        """The target's own health check turned SERVING again: an open breaker moves to
+        half-open now instead of waiting out its (possibly doubled) open period, as
+        Envoy's active health checking returns an ejected host. The probes still decide:
+        a failed probe re-opens it with the next, longer period."""
+        if self._state is BreakerState.OPEN:
+            self._transition(BreakerState.HALF_OPEN)
+
     def record(self, outcome: CallOutcome, duration_s: float = 0.0) -> None:
         """Record the outcome of a call that allow_request() let through."""
         if self._state is BreakerState.HALF_OPEN:
