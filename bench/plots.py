@@ -26,7 +26,7 @@ def latency_distributions(mesh: dict[str, Any], path: Path) -> Path:
     axis.set_ylabel("share of calls at or below")
     axis.set_title("Latency by path, all runs pooled (WAN emulated at 40 ms)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center", bbox_to_anchor=(0.75, 0.4))  # the empty 10-30 ms band
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -55,7 +55,7 @@ def fault_timeline(faults: dict[str, Any], path: Path) -> Path:
     """Per scenario: answers per second by kind, failures, the fault window and the
     router's breaker-open periods."""
     scenarios = faults["scenarios"]
-    figure, axes = plt.subplots(len(scenarios), 1, figsize=(10, 3.2 * len(scenarios)), sharex=True)
+    figure, axes = plt.subplots(len(scenarios), 1, figsize=(12, 3.2 * len(scenarios)), sharex=True)
     for axis, (name, row) in zip(np.atleast_1d(axes), scenarios.items(), strict=True):
         timeline = row["timeline"]
         end = timeline["ended_at_s"]
@@ -108,7 +108,7 @@ def fault_timeline(faults: dict[str, Any], path: Path) -> Path:
         axis.set_title(f"{name}: {row['fault']}", fontsize=9)
         axis.set_ylabel("per second")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left", ncol=3)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     np.atleast_1d(axes)[-1].set_xlabel("seconds since load started (dashed: part healthy again)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
