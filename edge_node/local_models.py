@@ -115,5 +115,20 @@ class LocalModels:
             )
         return model
 
+    def resolve_name(self, name: str) -> LoadedModel:
+        """The version serving under ``name``."""
+        return self.resolve(model_pb2.ModelRef(name=name))
+
     def all(self) -> list[LoadedModel]:
         return list(self._by_name.values())
+
+    def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Serve ``model`` under its name from now on; returns the version it replaced.
+
+        One reference assignment on the event loop: a request that already resolved the
+        old version finishes on it (its session stays open until it is dropped), every
+        later request gets the new one. No request fails because of a switch.
+        """
+        previous = self._by_name.get(model.name)
+        self._by_name = {**self._by_name, model.name: model}
+        return previous

@@ -1,0 +1,97 @@
+"""Over-the-air update fixtures: a registry with the operator's key, edge model versions
+made from the committed one (an identical v2, a deliberately worse v3), a golden set."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edge_node.canary import GoldenSet
+from registry.artifacts import ArtifactRef
+from registry.signing import PublisherKey, generate_key
+from registry.store import RegistryStore
+from workload.fashion_mnist import load_split
+from workload.model_store import load_verified, write_version
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED_STORE = REPO / "models" / "store"
+EDGE_MODEL = "fashion-edge"
+GOLDEN_SIZE = 1000
+
+
+def golden_set() -> GoldenSet:
+    """From the calibration split: never used to train the edge model or to test it."""
+    split = load_split("calibration")
+    return GoldenSet(split.images[:GOLDEN_SIZE], split.labels[:GOLDEN_SIZE].astype(np.int64))
+
+
+def worse_model_bytes(seed: int = 7, noise: float = 0.2) -> bytes:
+    """The committed edge model with noise of ``noise`` x each weight tensor's spread
+    added: it still loads and answers, but worse (a deliberately bad update)."""
+    model = onnx.load(str(COMMITTED_STORE / EDGE_MODEL / "1" / "model.onnx"))
+    generator = np.random.default_rng(seed)
+    for initializer in model.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype != np.float32 or weights.size < 16:
+            continue
+        noisy = weights + generator.normal(0, noise * float(weights.std()), weights.shape)
+        initializer.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), initializer.name))
+    return model.SerializeToString()
+
+
+def make_version(publisher_store: Path, version: int, model_bytes: bytes | None = None) -> Path:
+    """A new store version of the edge model (same contract), written as the store does."""
+    source = COMMITTED_STORE / EDGE_MODEL / "1"
+    manifest = load_verified(source)
+    files = {
+        entry.path: (source / entry.path).read_bytes()
+        for entry in manifest.files
+        if entry.path != manifest.model_file
+    }
+    files[manifest.model_file] = model_bytes or (source / manifest.model_file).read_bytes()
+    return write_version(publisher_store, dataclasses.replace(manifest, version=version), files)
+
+
+@dataclasses.dataclass
+class Site:
+    """The cloud's registry and one edge site's model store."""
+
+    registry: RegistryStore
+    key: PublisherKey
+    public_key: Path
+    edge_store: Path
+    staging: Path
+    publisher_store: Path
+
+    def publish(self, version: int, model_bytes: bytes | None = None, promote: bool = True) -> None:
+        directory = (
+            COMMITTED_STORE / EDGE_MODEL / "1"
+            if version == 1
+            else make_version(self.publisher_store, version, model_bytes)
+        )
+        self.registry.publish(directory, ArtifactRef("model", EDGE_MODEL, version), self.key)
+        if promote:
+            self.registry.promote("model", EDGE_MODEL, version)
+
+
+def make_site(root: Path) -> Site:
+    key = generate_key(root / "operator")
+    edge_store = root / "edge-store"
+    shutil.copytree(COMMITTED_STORE / EDGE_MODEL / "1", edge_store / EDGE_MODEL / "1")
+    publisher_store = root / "publisher-store"
+    shutil.copytree(COMMITTED_STORE / EDGE_MODEL / "1", publisher_store / EDGE_MODEL / "1")
+    site = Site(
+        RegistryStore(root / "registry"),
+        key,
+        root / "operator" / "publisher.pub",
+        edge_store,
+        root / "edge-staging",
+        publisher_store,
+    )
+    site.publish(1)
+    return site
