@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import grpc
+
+from edge_node.admin import EdgeAdminServicer, UpdateEvents
+from edge_node.canary import CanaryMargins, GoldenSet
 from edge_node.config import EdgeSettings
 from edge_node.inference import EdgeInference
 from edge_node.local_models import LocalModels
 from edge_node.servicer import EdgeServicer
-from hybridmesh.edge.v1 import edge_service_pb2_grpc
+from edge_node.updater import MODEL_KIND, EdgeUpdater, UpdateReport, UpdaterSettings
+from hybridmesh.edge.v1 import edge_admin_pb2_grpc, edge_service_pb2_grpc
+from registry.client import RegistryClient
+from registry.signing import load_trusted_keys
+from registry.sites import SiteServes
+from services.channels import ChannelFactory, mtls_credentials
 from services.errors import UnavailableError
 from services.logging import get_logger
 from services.server import ServiceHost, ServiceRegistration
@@ -16,6 +26,7 @@ from services.telemetry import Telemetry
 from workload.model_store import ModelStoreError
 
 EDGE_SERVICE_NAME = "hybridmesh.edge.v1.EdgeService"
+EDGE_ADMIN_SERVICE_NAME = "hybridmesh.edge.v1.EdgeAdminService"
 
 _log = get_logger("edge_node")
 
@@ -26,7 +37,18 @@ class EdgeNode:
         self._telemetry = telemetry
         self._inference: EdgeInference | None = None
         self._not_ready_reason = "models are still loading"
+        self.models: LocalModels | None = None
+        self.updater: EdgeUpdater | None = None
+        self._registry_channel: grpc.aio.Channel | None = None
+        self._registry: RegistryClient | None = None
+        self._stop_updates = asyncio.Event()
+        self._updates: asyncio.Task[None] | None = None
+        self.events = UpdateEvents()
+        self._reports: set[asyncio.Task[None]] = set()  # strong references until done
         servicer = EdgeServicer(self.inference)
+        admin = EdgeAdminServicer(
+            settings.site_id, lambda: self.updater, lambda: self.models, self.events
+        )
         self.host = ServiceHost(
             settings,
             [
@@ -36,7 +58,13 @@ class EdgeNode:
                         servicer, server
                     ),
                     serving_at_start=False,
-                )
+                ),
+                ServiceRegistration(
+                    EDGE_ADMIN_SERVICE_NAME,
+                    lambda server: edge_admin_pb2_grpc.add_EdgeAdminServiceServicer_to_server(
+                        admin, server
+                    ),
+                ),
             ],
             interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
         )
@@ -66,10 +94,13 @@ class EdgeNode:
             self._not_ready_reason = f"model store refused: {error}"
             _log.error("model store refused", error=str(error))
             return port
+        self.models = models
         self._inference = EdgeInference(
             models, self.settings, self._telemetry.tracer("hybridmesh.edge_node")
         )
         await self.host.set_serving(EDGE_SERVICE_NAME, True)
+        if self.settings.registry_target:
+            self._start_updates(models)
         _log.info(
             "models loaded",
             models=[f"{m.name}:{m.version}" for m in models.all()],
@@ -77,5 +108,75 @@ class EdgeNode:
         )
         return port
 
+    def _start_updates(self, models: LocalModels) -> None:
+        settings = self.settings
+        if settings.golden_set is None or not settings.trusted_keys:
+            raise ValueError("over-the-air updates need golden_set and trusted_keys")
+        factory = ChannelFactory(self._telemetry.client_interceptors())
+        self._registry_channel = factory.create(
+            settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
+        )
+        self._registry = RegistryClient(self._registry_channel)
+        self.updater = EdgeUpdater(
+            self._registry,
+            models,
+            UpdaterSettings(
+                store=settings.model_store,
+                staging=settings.update_staging,
+                keep_versions=settings.keep_versions,
+                intra_op_threads=settings.intra_op_threads,
+                margins=CanaryMargins(
+                    settings.canary_max_accuracy_drop, settings.canary_min_agreement
+                ),
+            ),
+            load_trusted_keys(list(settings.trusted_keys)),
+            GoldenSet.load(settings.golden_set),
+            on_report=self._on_update,
+        )
+        self._updates = asyncio.create_task(self._update_loop())
+
+    def _on_update(self, report: UpdateReport) -> None:
+        self.events.record(report)
+        # Tell the registry at once, so the fleet view shows the change (not at next poll).
+        task = asyncio.get_running_loop().create_task(self._report_site())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_site(self) -> None:
+        if self._registry is None or self.models is None or self.updater is None:
+            return
+        served = [
+            SiteServes(
+                MODEL_KIND,
+                model.name,
+                int(model.version),
+                tuple(sorted(self.updater.refused.get(model.name, ()))),
+            )
+            for model in self.models.all()
+        ]
+        try:
+            await self._registry.report_site(self.settings.site_id, served)
+        except grpc.aio.AioRpcError as error:
+            _log.warning("site report failed", code=error.code().name)
+
+    async def _update_loop(self) -> None:
+        assert self.updater is not None
+        await self._report_site()
+        while not self._stop_updates.is_set():
+            try:
+                await self.updater.poll_once()
+            except (grpc.aio.AioRpcError, OSError) as error:
+                _log.warning("update poll failed", error=str(error))
+            await self._report_site()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_updates.wait(), self.settings.update_interval_s)
+
     async def stop(self, grace: float | None = None) -> None:
+        self._stop_updates.set()
+        if self._updates is not None:
+            self._updates.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._updates
         await self.host.stop(grace)
+        if self._registry_channel is not None:
+            await self._registry_channel.close(None)

@@ -40,3 +40,21 @@ class EdgeSettings(ServiceSettings):
     # INVALID_ARGUMENT naming the field (the transport limit above is only a backstop).
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_top_k: int = Field(default=10, ge=1)
+
+    # Over-the-air updates (edge_node.updater); off unless a registry is configured.
+    # The registry to poll ("host:port"); empty: no updates, models from the store only.
+    registry_target: str = ""
+    # mTLS to the registry (ca.crt, tls.crt, tls.key); unset: plaintext.
+    registry_tls_dir: Path | None = None
+    # This site's id in the registry's fleet view.
+    site_id: str = "site-local"
+    # PEM public keys of the operators whose signatures this site accepts.
+    trusted_keys: tuple[Path, ...] = ()
+    # Labelled images the canary runs (edge_node.canary.GoldenSet .npz).
+    golden_set: Path | None = None
+    # Downloads in progress, retired versions and refused.json.
+    update_staging: Path = Path("var/edge-updates")
+    update_interval_s: float = Field(default=30.0, gt=0)
+    keep_versions: int = Field(default=3, ge=2)
+    canary_max_accuracy_drop: float = Field(default=0.005, ge=0, le=1)
+    canary_min_agreement: float = Field(default=0.90, ge=0, le=1)

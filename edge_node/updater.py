@@ -16,7 +16,6 @@ node, which loads the newest installed version, comes back on the version that s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import time
@@ -81,6 +80,10 @@ class EdgeUpdater:
         settings.staging.mkdir(parents=True, exist_ok=True)
         self.refused: dict[str, set[int]] = self._load_refused()
 
+    @property
+    def store(self) -> Path:
+        return self._settings.store
+
     async def poll_once(self) -> list[UpdateReport]:
         """Bring every served model to its promoted version (unless that was refused)."""
         reports = []
@@ -92,16 +95,6 @@ class EdgeUpdater:
                 continue
             reports.append(await self.apply(model.name, promoted))
         return reports
-
-    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Poll until ``stop``; a failing registry is logged and retried next round."""
-        while not stop.is_set():
-            try:
-                await self.poll_once()
-            except Exception as error:  # the loop must outlive any one failure
-                _log.warning("update poll failed", error=str(error))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
 
     async def apply(self, name: str, version: int) -> UpdateReport:
         async with self._lock:
@@ -116,7 +109,7 @@ class EdgeUpdater:
             if not earlier:
                 raise ModelStoreError(f"{name}: no earlier installed version to roll back to")
             self._refuse(name, int(current.version))
-            report = await self._apply(name, earlier[-1], canary=False)
+            report = await self._apply(name, earlier[-1], canary=False, announce=False)
             return self._report(
                 UpdateReport(
                     name,
@@ -128,7 +121,9 @@ class EdgeUpdater:
                 )
             )
 
-    async def _apply(self, name: str, version: int, *, canary: bool = True) -> UpdateReport:
+    async def _apply(
+        self, name: str, version: int, *, canary: bool = True, announce: bool = True
+    ) -> UpdateReport:
         ref = ArtifactRef(MODEL_KIND, name, version)
         current = self._models.resolve_name(name)
         timings: dict[str, float] = {}
@@ -166,9 +161,8 @@ class EdgeUpdater:
                 if newer > version:
                     await asyncio.to_thread(self._retire, self._settings.store / name / str(newer))
         await asyncio.to_thread(self._prune, name, version)
-        return self._report(
-            UpdateReport(name, version, "switched", "", current.version, timings, verdict)
-        )
+        report = UpdateReport(name, version, "switched", "", current.version, timings, verdict)
+        return self._report(report) if announce else report
 
     def _load(self, directory: Path) -> LoadedModel:
         return LoadedModel(load_verified(directory), directory, self._settings.intra_op_threads)

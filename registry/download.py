@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +41,11 @@ class ArtifactSource(Protocol):
 
     async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]: ...
 
-    async def read_chunk(self, ref: ArtifactRef, path: str, offset: int, size: int) -> bytes: ...
+    def stream_file(
+        self, ref: ArtifactRef, path: str, offset: int, chunk_bytes: int
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes from ``offset`` to its end, in chunks."""
+        ...
 
 
 class StoreSource:
@@ -56,8 +60,14 @@ class StoreSource:
     async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
         return await asyncio.to_thread(self._store.manifest, ref)
 
-    async def read_chunk(self, ref: ArtifactRef, path: str, offset: int, size: int) -> bytes:
-        return await asyncio.to_thread(self._store.read_chunk, ref, path, offset, size)
+    async def stream_file(
+        self, ref: ArtifactRef, path: str, offset: int, chunk_bytes: int
+    ) -> AsyncIterator[bytes]:
+        while chunk := await asyncio.to_thread(
+            self._store.read_chunk, ref, path, offset, chunk_bytes
+        ):
+            yield chunk
+            offset += len(chunk)
 
 
 @dataclass(frozen=True)
@@ -104,14 +114,15 @@ async def fetch_verified(
             offset = 0
         resumed += offset
         with part.open("ab") as stream:
-            while offset < entry.size_bytes:
-                size = min(chunk_bytes, entry.size_bytes - offset)
-                chunk = await source.read_chunk(ref, entry.path, offset, size)
-                if not chunk:
-                    raise ArtifactError(f"{entry.path}: registry returned nothing at {offset}")
-                stream.write(chunk)
-                offset += len(chunk)
-                downloaded += len(chunk)
+            if offset < entry.size_bytes:
+                async for chunk in source.stream_file(ref, entry.path, offset, chunk_bytes):
+                    if offset + len(chunk) > entry.size_bytes:
+                        raise ArtifactError(f"{entry.path}: registry sent more than listed")
+                    stream.write(chunk)
+                    offset += len(chunk)
+                    downloaded += len(chunk)
+        if offset != entry.size_bytes:
+            raise ArtifactError(f"{entry.path}: registry stopped at {offset} bytes")
         if await asyncio.to_thread(sha256_of, part) != entry.sha256:
             part.unlink()
             raise ArtifactError(f"{ref}: {entry.path}: sha256 differs from the signed manifest")

@@ -7,6 +7,7 @@ call without one instead of letting it hang on a dead link.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -119,3 +120,15 @@ class ChannelFactory:
         return grpc.aio.secure_channel(
             target, credentials, options=options, interceptors=self._interceptors
         )
+
+
+def mtls_credentials(tls_dir: Path | None) -> grpc.ChannelCredentials | None:
+    """Client credentials from a directory in the Kubernetes TLS secret layout (ca.crt,
+    tls.crt, tls.key); None (plaintext) when no directory is configured."""
+    if tls_dir is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        private_key=(tls_dir / "tls.key").read_bytes(),
+        certificate_chain=(tls_dir / "tls.crt").read_bytes(),
+    )

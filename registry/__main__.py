@@ -1,0 +1,26 @@
+"""python -m registry: serve the artifact registry (configured by HYBRIDMESH_REGISTRY_*)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from registry.app import RegistryNode
+from registry.config import RegistrySettings
+from services.logging import configure_logging
+from services.server import serve_until_signalled
+from services.telemetry import create_telemetry
+
+
+async def _serve(settings: RegistrySettings) -> None:
+    telemetry = create_telemetry(settings.service_name)
+    await serve_until_signalled(RegistryNode(settings, telemetry), telemetry)
+
+
+def main() -> None:
+    settings = RegistrySettings()
+    configure_logging(settings.log_level)
+    asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The registry as an edge site sees it: an ArtifactSource over gRPC, and site reports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from hybridmesh.registry.v1 import registry_service_pb2 as pb
+from hybridmesh.registry.v1 import registry_service_pb2_grpc
+from registry.artifacts import ArtifactRef
+from registry.servicer import KIND_VALUES, to_wire
+from registry.sites import SiteServes
+
+CALL_TIMEOUT_S = 5.0
+# A whole file streams under one deadline: generous, as a WAN link may be slow.
+FILE_TIMEOUT_S = 300.0
+
+
+class RegistryClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+
+    async def promoted(self, kind: str, name: str) -> int | None:
+        request = pb.ListArtifactsRequest()
+        reply = await self._stub.ListArtifacts(request, timeout=CALL_TIMEOUT_S)
+        for artifact in reply.artifacts:
+            if artifact.kind == KIND_VALUES[kind] and artifact.name == name:
+                return artifact.promoted_version or None
+        return None
+
+    async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
+        reply = await self._stub.GetManifest(
+            pb.GetManifestRequest(artifact=to_wire(ref)), timeout=CALL_TIMEOUT_S
+        )
+        return reply.manifest, reply.signature
+
+    async def stream_file(
+        self, ref: ArtifactRef, path: str, offset: int, chunk_bytes: int
+    ) -> AsyncIterator[bytes]:
+        request = pb.FetchFileRequest(
+            artifact=to_wire(ref), path=path, offset=offset, chunk_bytes=chunk_bytes
+        )
+        async for chunk in self._stub.FetchFile(request, timeout=FILE_TIMEOUT_S):
+            yield chunk.data
+
+    async def report_site(self, site: str, served: list[SiteServes]) -> None:
+        status = pb.SiteStatus(
+            site=site,
+            served=[
+                pb.ServedVersion(
+                    artifact=to_wire(ArtifactRef(s.kind, s.name, s.version)),
+                    refused_versions=s.refused_versions,
+                )
+                for s in served
+            ],
+        )
+        status.reported_at.GetCurrentTime()
+        await self._stub.ReportSiteStatus(
+            pb.ReportSiteStatusRequest(status=status), timeout=CALL_TIMEOUT_S
+        )

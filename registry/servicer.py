@@ -1,0 +1,171 @@
+"""Thin gRPC adapter over the registry store and the site book: validation and mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from hybridmesh.registry.v1 import registry_service_pb2 as pb
+from hybridmesh.registry.v1 import registry_service_pb2_grpc
+from registry.artifacts import NAME, ArtifactError, ArtifactRef
+from registry.sites import SiteBook, SiteReport, SiteServes
+from registry.store import NotFoundError, RegistryError, RegistryStore
+from services.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from services.errors import (
+    NotFoundError as NotFoundStatus,
+)
+
+KIND_NAMES = {pb.ARTIFACT_KIND_MODEL: "model", pb.ARTIFACT_KIND_ROUTER_POLICY: "router-policy"}
+KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
+SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_CHUNK_BYTES = 1 << 20
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def artifact_ref(message: pb.ArtifactRef, field: str, *, version_zero_ok: bool) -> ArtifactRef:
+    """Validate a wire ArtifactRef; errors name the field."""
+    kind = KIND_NAMES.get(message.kind)
+    if kind is None:
+        raise InvalidArgumentError("must be MODEL or ROUTER_POLICY", field=f"{field}.kind")
+    if not NAME.fullmatch(message.name):
+        raise InvalidArgumentError(f"must match {NAME.pattern}", field=f"{field}.name")
+    if message.version < 0 or (message.version == 0 and not version_zero_ok):
+        raise InvalidArgumentError("must be a positive version", field=f"{field}.version")
+    return ArtifactRef(kind, message.name, message.version)
+
+
+def to_wire(ref: ArtifactRef) -> pb.ArtifactRef:
+    return pb.ArtifactRef(kind=KIND_VALUES[ref.kind], name=ref.name, version=ref.version)
+
+
+class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, store: RegistryStore, sites: SiteBook, default_chunk_bytes: int) -> None:
+        self._store = store
+        self._sites = sites
+        self._default_chunk = default_chunk_bytes
+
+    async def ListArtifacts(  # noqa: N802 (gRPC method name)
+        self, request: pb.ListArtifactsRequest, context: Context
+    ) -> pb.ListArtifactsResponse:
+        summaries = await asyncio.to_thread(self._store.summaries)
+        return pb.ListArtifactsResponse(
+            artifacts=[
+                pb.ArtifactSummary(
+                    kind=KIND_VALUES.get(s.kind, pb.ARTIFACT_KIND_UNSPECIFIED),
+                    name=s.name,
+                    versions=s.versions,
+                    promoted_version=s.promoted or 0,
+                )
+                for s in summaries
+                if s.kind in KIND_VALUES
+            ]
+        )
+
+    async def GetManifest(  # noqa: N802 (gRPC method name)
+        self, request: pb.GetManifestRequest, context: Context
+    ) -> pb.GetManifestResponse:
+        ref = artifact_ref(request.artifact, "artifact", version_zero_ok=True)
+        if ref.version == 0:
+            promoted = self._store.promoted(ref.kind, ref.name)
+            if promoted is None:
+                raise NotFoundStatus(f"{ref.kind} {ref.name}: nothing promoted", field="artifact")
+            ref = ArtifactRef(ref.kind, ref.name, promoted)
+        try:
+            manifest, signature = await asyncio.to_thread(self._store.manifest, ref)
+        except NotFoundError as error:
+            raise NotFoundStatus(str(error), field="artifact") from None
+        return pb.GetManifestResponse(artifact=to_wire(ref), manifest=manifest, signature=signature)
+
+    async def FetchFile(  # noqa: N802 (gRPC method name)
+        self, request: pb.FetchFileRequest, context: Context
+    ) -> AsyncIterator[pb.FetchFileResponse]:
+        ref = artifact_ref(request.artifact, "artifact", version_zero_ok=False)
+        if request.offset < 0:
+            raise InvalidArgumentError("must be >= 0", field="offset")
+        if not 0 <= request.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise InvalidArgumentError(f"must be 0..{MAX_CHUNK_BYTES}", field="chunk_bytes")
+        size = request.chunk_bytes or self._default_chunk
+        offset = request.offset
+        while True:
+            try:
+                data = await asyncio.to_thread(
+                    self._store.read_chunk, ref, request.path, offset, size
+                )
+            except NotFoundError as error:
+                raise NotFoundStatus(str(error), field="artifact") from None
+            except ArtifactError as error:
+                raise NotFoundStatus(str(error), field="path") from None
+            except RegistryError as error:
+                raise InvalidArgumentError(str(error), field="offset") from None
+            if not data:
+                return
+            yield pb.FetchFileResponse(offset=offset, data=data)
+            offset += len(data)
+
+    async def Promote(  # noqa: N802 (gRPC method name)
+        self, request: pb.PromoteRequest, context: Context
+    ) -> pb.PromoteResponse:
+        ref = artifact_ref(request.artifact, "artifact", version_zero_ok=False)
+        try:
+            await asyncio.to_thread(self._store.promote, ref.kind, ref.name, ref.version)
+        except NotFoundError as error:
+            raise NotFoundStatus(str(error), field="artifact.version") from None
+        return pb.PromoteResponse(promoted=to_wire(ref))
+
+    async def Rollback(  # noqa: N802 (gRPC method name)
+        self, request: pb.RollbackRequest, context: Context
+    ) -> pb.RollbackResponse:
+        ref = artifact_ref(request.artifact, "artifact", version_zero_ok=True)
+        try:
+            version = await asyncio.to_thread(self._store.rollback, ref.kind, ref.name)
+        except RegistryError as error:
+            raise FailedPreconditionError(str(error), field="artifact") from None
+        return pb.RollbackResponse(promoted=to_wire(ArtifactRef(ref.kind, ref.name, version)))
+
+    async def ReportSiteStatus(  # noqa: N802 (gRPC method name)
+        self, request: pb.ReportSiteStatusRequest, context: Context
+    ) -> pb.ReportSiteStatusResponse:
+        status = request.status
+        if not SITE_ID.fullmatch(status.site):
+            raise InvalidArgumentError(f"must match {SITE_ID.pattern}", field="status.site")
+        served = []
+        for index, entry in enumerate(status.served):
+            field = f"status.served[{index}]"
+            ref = artifact_ref(entry.artifact, f"{field}.artifact", version_zero_ok=False)
+            served.append(
+                SiteServes(ref.kind, ref.name, ref.version, tuple(entry.refused_versions))
+            )
+        reported_at = (
+            status.reported_at.ToNanoseconds() / 1e9
+            if status.HasField("reported_at")
+            else time.time()
+        )
+        self._sites.record(SiteReport(status.site, tuple(served), reported_at))
+        return pb.ReportSiteStatusResponse()
+
+    async def ListSites(  # noqa: N802 (gRPC method name)
+        self, request: pb.ListSitesRequest, context: Context
+    ) -> pb.ListSitesResponse:
+        sites = []
+        for report in self._sites.reports():
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromNanoseconds(int(report.reported_at * 1e9))
+            served = [
+                pb.ServedVersion(
+                    artifact=to_wire(ArtifactRef(s.kind, s.name, s.version)),
+                    refused_versions=s.refused_versions,
+                )
+                for s in report.served
+            ]
+            sites.append(pb.SiteStatus(site=report.site, served=served, reported_at=stamp))
+        return pb.ListSitesResponse(sites=sites)
