@@ -1,0 +1,59 @@
+"""The operator's CLI against a real registry process: keygen, publish, promote, list,
+rollback, and a clear error for a version that does not exist."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.load import ServerProcess
+from tests.ota_fixtures import COMMITTED_STORE, EDGE_MODEL, make_version
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_publish_promote_list_and_rollback(tmp_path: Path) -> None:
+    keys, root = tmp_path / "keys", tmp_path / "registry"
+    assert cli("keygen", "--keys", str(keys)).returncode == 0
+    v2 = make_version(tmp_path / "publisher", 2)
+    for version, source in ((1, COMMITTED_STORE / EDGE_MODEL / "1"), (2, v2)):
+        published = cli(
+            "publish", "--root", str(root), "--keys", str(keys),
+            "--name", EDGE_MODEL, "--version", str(version), str(source),
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        assert f"published model {EDGE_MODEL} v{version}" in published.stdout
+    registry = ServerProcess(
+        ["-m", "registry"],
+        env={"HYBRIDMESH_REGISTRY_PORT": "{port}", "HYBRIDMESH_REGISTRY_ROOT": str(root)},
+    )
+    try:
+        await registry.wait_serving()
+        target = ("--registry", registry.address, "--name", EDGE_MODEL)
+        assert cli("promote", *target, "--version", "1").returncode == 0
+        assert cli("promote", *target, "--version", "2").returncode == 0
+        listed = cli("list", "--registry", registry.address)
+        missing = cli("promote", *target, "--version", "9")
+        rolled = cli("rollback", *target)
+        after = cli("list", "--registry", registry.address)
+    finally:
+        registry.stop()
+    assert f"{EDGE_MODEL}" in listed.stdout and "[1, 2] promoted 2" in listed.stdout
+    assert missing.returncode == 1
+    assert "NOT_FOUND: artifact.version" in missing.stderr
+    assert "v1 again" in rolled.stdout and "[1, 2] promoted 1" in after.stdout
