@@ -111,6 +111,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "",
         f"![fault timeline]({docs_images}/fault_timeline.png)",
         "",
+        "## 4. Over-the-air update time",
+        "",
+        (out / "ota_bench.md").read_text().strip(),
+        "",
     ]
     if ANALYSIS.exists():
         lines += [ANALYSIS.read_text().strip(), ""]
@@ -143,6 +147,8 @@ def main() -> None:
     run([python, "-m", "bench.mesh_bench", *mesh, "--out", str(out / "mesh_bench.json")])
     fault = ["--before-s", "3", "--fault-s", "5", "--after-s", "10"] if args.quick else []
     run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
+    rounds = ["--rounds", "3"] if args.quick else []
+    run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)
