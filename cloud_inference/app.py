@@ -8,13 +8,15 @@ import contextlib
 from cloud_inference.admission import Admission
 from cloud_inference.auth import SiteAuthenticator, SiteAuthInterceptor, load_site_hashes
 from cloud_inference.config import CloudSettings
+from cloud_inference.dedupe import AnswerCache
 from cloud_inference.inference import CloudInference
+from cloud_inference.intake import IntakeLog
 from cloud_inference.labels import ModelFacts, facts_from_repository, facts_from_store
 from cloud_inference.servicer import CloudServicer
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from services.errors import ServiceError, UnavailableError
-from services.logging import get_logger
+from services.logging import get_logger, open_log_file
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
 
@@ -41,6 +43,14 @@ class CloudNode:
         self.triton = TritonClient(settings.triton_url, settings.retry_after_ms)
         self._inference: CloudInference | None = None
         self._triton_ready = False
+        # Kept across Triton restarts, like the admission limit.
+        self._answers = AnswerCache(settings.answer_cache_size)
+        self._intake_stream = (
+            open_log_file(settings.intake_log_path)
+            if settings.intake_log_path is not None
+            else None
+        )
+        self._intake = IntakeLog(self._intake_stream) if self._intake_stream else None
         # One admission limit for the process, kept across Triton restarts.
         self._admission = Admission(
             settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
@@ -87,6 +97,8 @@ class CloudNode:
                 await self._watch
         await self.host.stop(grace)
         await self.triton.close()
+        if self._intake_stream is not None:
+            self._intake_stream.close()
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -128,6 +140,8 @@ class CloudNode:
                     facts,
                     self._telemetry.tracer("hybridmesh.cloud_inference"),
                     admission=self._admission,
+                    answers=self._answers,
+                    intake=self._intake,
                 )
                 _log.info(
                     "triton models",

@@ -44,3 +44,7 @@ class CloudSettings(ServiceSettings):
     # timeout of each check.
     health_poll_s: float = Field(default=0.5, gt=0)
     health_check_timeout_s: float = Field(default=1.0, gt=0)
+    # Answers kept by request id, so an outbox replay is answered without Triton.
+    answer_cache_size: int = Field(default=10_000, ge=0)
+    # A JSON line per Infer call that arrived (before validation); unset: off.
+    intake_log_path: Path | None = None

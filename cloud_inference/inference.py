@@ -18,6 +18,8 @@ from opentelemetry import trace
 
 from cloud_inference.admission import Admission
 from cloud_inference.config import CloudSettings
+from cloud_inference.dedupe import AnswerCache, payload_sha256
+from cloud_inference.intake import IntakeLog
 from cloud_inference.labels import ModelFacts
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2
@@ -70,6 +72,8 @@ class CloudInference:
         tracer: trace.Tracer,
         *,
         admission: Admission | None = None,
+        answers: AnswerCache | None = None,
+        intake: IntakeLog | None = None,
     ) -> None:
         self._settings = settings
         self._triton = triton
@@ -79,6 +83,8 @@ class CloudInference:
         self._admission = admission or Admission(
             settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
         )
+        self._answers = answers or AnswerCache(settings.answer_cache_size)
+        self._intake = intake
 
     @property
     def model_names(self) -> list[str]:
@@ -154,8 +160,21 @@ class CloudInference:
 
         with self._tracer.start_as_current_span("cloud.triton_infer") as span:
             span.set_attribute("hybridmesh.request_id", request.request_id)
+            # This span runs off site: whatever it holds left the edge.
+            span.set_attribute("hybridmesh.data_left_site", True)
+            span.set_attribute(
+                "hybridmesh.privacy_class", routing_pb2.PrivacyClass.Name(request.privacy_class)
+            )
+            if self._intake is not None:
+                self._intake.record(request)
             valid = self.validate(request)
             model = valid.model
+            payload = payload_sha256(request)
+            if request.reconciliation:
+                answered = self._answers.get(request.request_id, payload)
+                span.set_attribute("hybridmesh.deduplicated", answered is not None)
+                if answered is not None:
+                    return answered
             span.set_attribute("hybridmesh.model.name", model.name)
             span.set_attribute("hybridmesh.batch_size", valid.batch_size)
             async with self._admission.slot(remaining_s() - TIMEOUT_MARGIN_S):
@@ -181,13 +200,15 @@ class CloudInference:
             probabilities = softmax(np.asarray(result.outputs[output], dtype=np.float32))
             compute = duration_pb2.Duration()
             compute.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
-            return cloud_service_pb2.InferResponse(
+            response = cloud_service_pb2.InferResponse(
                 request_id=request.request_id,
                 model=model_pb2.ModelRef(name=model.name, version=result.version),
                 outputs=[encode_tensor(name, value) for name, value in result.outputs.items()],
                 classifications=top_k(probabilities, facts.labels, request.top_k or 1),
                 compute_time=compute,
             )
+            self._answers.put(request.request_id, payload, response)
+            return response
 
     def list_models(self, ready: bool) -> cloud_service_pb2.ListModelsResponse:
         return cloud_service_pb2.ListModelsResponse(

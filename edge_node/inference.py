@@ -107,6 +107,8 @@ class EdgeInference:
 
     async def infer(self, request: edge_service_pb2.InferRequest) -> edge_service_pb2.InferResponse:
         with self._tracer.start_as_current_span("edge.infer") as span:
+            # The edge node sends nothing anywhere: its spans say so for the audit trail.
+            span.set_attribute("hybridmesh.data_left_site", False)
             model, arrays = self._validate(request)
             batch = next(iter(arrays.values())).shape[0]
             span.set_attribute("hybridmesh.model.name", model.name)

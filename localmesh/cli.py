@@ -30,6 +30,7 @@ from localmesh.launcher import (
     grpc_serving,
 )
 from localmesh.otlp_receiver import OtlpReceiver
+from router_service.outbox import read_stats
 from services.logging import configure_logging
 
 
@@ -86,7 +87,20 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         healthy &= alive
         label = "running" if alive else "DOWN"
         console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+    _print_outbox(state, console)
     return 0 if healthy else 1
+
+
+def _print_outbox(state: MeshState, console: Console) -> None:
+    """Queue depth and age of the router's outbox, read from its SQLite file."""
+    if not state.outbox or not Path(state.outbox).exists():
+        console.print("  outbox   none yet")
+        return
+    stats = read_stats(Path(state.outbox))
+    console.print(
+        f"  outbox   {stats.depth} queued, oldest {stats.oldest_age_s:.1f} s; "
+        f"{stats.reconciled_items} item(s) reconciled, {stats.corrections} correction(s)"
+    )
 
 
 def _alive(pid: int | None) -> bool:

@@ -76,8 +76,11 @@ def envoy_config(
     *,
     wan_delay_ms: int,
     otlp_grpc: tuple[str, int] | None,
+    access_log: Path | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap, as a dict (Envoy reads it as JSON)."""
+    """The bootstrap, as a dict (Envoy reads it as JSON). ``access_log``: a JSON line per
+    request at the cloud ingress, with the request id and privacy class the router sends
+    as headers (what crossed the WAN, seen from outside the router)."""
     http_filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.fault",
@@ -129,6 +132,8 @@ def envoy_config(
         },
         "http_filters": http_filters,
     }
+    if access_log is not None:
+        manager["access_log"] = [_json_access_log(access_log)]
     clusters = [
         _static_cluster(
             "cloud_inference",
@@ -189,6 +194,29 @@ def envoy_config(
         },
     }
     return _bootstrap(ports, "cloud_ingress", manager, clusters, transport_socket=tls)
+
+
+def _json_access_log(path: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {
+                "json_format": {
+                    "start_time": "%START_TIME%",
+                    "path": "%REQ(:PATH)%",
+                    "request_id": "%REQ(X-HYBRIDMESH-REQUEST-ID)%",
+                    "privacy_class": "%REQ(X-HYBRIDMESH-PRIVACY-CLASS)%",
+                    "grpc_status": "%GRPC_STATUS_NUMBER%",
+                    "response_flags": "%RESPONSE_FLAGS%",
+                    "bytes_received": "%BYTES_RECEIVED%",
+                    "duration_ms": "%DURATION%",
+                    "upstream_host": "%UPSTREAM_HOST%",
+                }
+            },
+        },
+    }
 
 
 def plain_proxy_config(ports: EnvoyPorts, upstream_port: int) -> dict[str, Any]:
@@ -279,6 +307,9 @@ def envoy_command(config_path: Path, log_path: Path) -> list[str]:
         "--concurrency",
         "1",
         "--disable-hot-restart",
+        # Access log lines reach the file within a second (the default is 10 s).
+        "--file-flush-interval-msec",
+        "1000",
     ]
 
 

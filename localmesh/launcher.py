@@ -66,6 +66,9 @@ class MeshState:
     logs: dict[str, str]
     wan_delay_ms: int
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # The router's outbox (SQLite), read by `hybridmesh status`; audit and access logs.
+    outbox: str = ""
+    audit_logs: dict[str, str] = field(default_factory=dict)
 
     def write(self) -> Path:
         path = Path(self.state_dir) / STATE_FILE
@@ -88,6 +91,11 @@ class MeshOptions:
     otlp_grpc_endpoint: str | None = None
     otlp_http_traces_url: str | None = None
     log_level: str = "info"
+    # The cloud service logs every Infer call it receives (a JSON line each): what the
+    # privacy tests assert on; a benchmark may turn it off.
+    cloud_intake_log: bool = True
+    # Extra HYBRIDMESH_ROUTER_* settings (e.g. a faster drain in tests).
+    router_environment: dict[str, str] = field(default_factory=dict)
 
 
 class LocalMesh:
@@ -104,6 +112,13 @@ class LocalMesh:
         self._spawned: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.triton: TritonServer | None = None
         self.logs = {name: str(self.state_dir / "logs" / f"{name}.log") for name in PARTS}
+        # Off-site transfers as each side saw them: the router's audit trail, Envoy's
+        # access log at the cloud ingress, and what the cloud service received.
+        self.audit_logs = {
+            name: str(self.state_dir / "logs" / f"{name}.jsonl")
+            for name in ("router_audit", "envoy_access", "cloud_intake")
+        }
+        self.outbox_path = self.state_dir / "router" / "outbox.sqlite"
         self.state: MeshState | None = None
 
     def endpoint(self, name: str) -> str:
@@ -156,6 +171,8 @@ class LocalMesh:
             pids={name: process.pid for name, process in self.processes.items()},
             logs=self.logs,
             wan_delay_ms=self.options.wan_delay_ms,
+            outbox=str(self.outbox_path),
+            audit_logs=self.audit_logs,
         )
         state.write()
         self.state = state
@@ -204,6 +221,7 @@ class LocalMesh:
                     ),
                     "HYBRIDMESH_CLOUD_LOG_LEVEL": level,
                     "OTEL_SERVICE_NAME": "cloud-inference",
+                    **self._intake_environment(),
                 }
             ),
         )
@@ -215,6 +233,7 @@ class LocalMesh:
             certificates.directory,
             wan_delay_ms=self.options.wan_delay_ms,
             otlp_grpc=self._envoy_otlp(),
+            access_log=Path(self.audit_logs["envoy_access"]),
         )
         config_path = write_config(self.state_dir / "envoy.json", config)
         self._spawn(
@@ -247,10 +266,18 @@ class LocalMesh:
                     "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),
                     "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
                     "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
+                    "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
+                    "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
+                    **self.options.router_environment,
                 }
             ),
         )
         await self._wait_ready("router")
+
+    def _intake_environment(self) -> dict[str, str]:
+        if not self.options.cloud_intake_log:
+            return {}
+        return {"HYBRIDMESH_CLOUD_INTAKE_LOG_PATH": self.audit_logs["cloud_intake"]}
 
     def _triton_otlp(self) -> str | None:
         if self.options.otlp_http_traces_url:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,15 +14,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
+from router_service.anonymisers import anonymiser
+from router_service.audit import TransferAudit
 from router_service.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.metrics import RouterMetrics
+from router_service.outbox import Outbox
+from router_service.reconciler import PairRoute, Reconciler
 from router_service.routing import PairSpec, Router
 from router_service.servicer import RouterServicer
 from router_service.tiers import CloudTier, EdgeTier
-from services.channels import ChannelFactory
-from services.logging import get_logger
+from services.channels import ChannelFactory, mtls_credentials
+from services.logging import get_logger, open_log_file
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
 from services.tensors import DATATYPE_BY_KSERVE_NAME
@@ -31,16 +36,6 @@ ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
 HEALTH_POLL_S = 0.5
 
 _log = get_logger("router_service")
-
-
-def _cloud_credentials(tls_dir: Path | None) -> grpc.ChannelCredentials | None:
-    if tls_dir is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=(tls_dir / "ca.crt").read_bytes(),
-        private_key=(tls_dir / "tls.key").read_bytes(),
-        certificate_chain=(tls_dir / "tls.crt").read_bytes(),
-    )
 
 
 def pairs_from_catalog(path: Path) -> list[PairSpec]:
@@ -67,10 +62,12 @@ class RouterNode:
         self, settings: RouterSettings, telemetry: Telemetry, pairs: Sequence[PairSpec]
     ) -> None:
         self.settings = settings
+        for pair in pairs:
+            anonymiser(pair.anonymiser)  # an unknown anonymiser fails at start, not at upload
         factory = ChannelFactory(telemetry.client_interceptors(), settings.max_message_bytes)
         self._edge_channel = factory.create(settings.edge_target)
         self._cloud_channel = factory.create(
-            settings.cloud_target, credentials=_cloud_credentials(settings.cloud_tls_dir)
+            settings.cloud_target, credentials=mtls_credentials(settings.cloud_tls_dir)
         )
         meter = telemetry.meter("hybridmesh.router")
         breaker_state = meter.create_up_down_counter(
@@ -84,6 +81,35 @@ class RouterNode:
             elif old is BreakerState.OPEN:
                 breaker_state.add(-1, {"target": name})
 
+        tracer = telemetry.tracer("hybridmesh.router")
+        self._audit_stream = (
+            open_log_file(settings.audit_log_path)
+            if settings.audit_log_path is not None
+            else sys.stdout
+        )
+        cloud = CloudTier(
+            cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
+            CircuitBreaker("cloud", BreakerConfig(slow_call_s=0.5), on_state_change=on_change),
+            settings.cloud_site_token,
+            TransferAudit(self._audit_stream, settings.cloud_target),
+        )
+        self.outbox = Outbox(
+            settings.outbox_path,
+            max_items=settings.outbox_max_items,
+            synchronous=settings.outbox_synchronous,
+            max_reconciled_rows=settings.outbox_max_examples,
+        )
+        self.reconciler = Reconciler(
+            settings,
+            self.outbox,
+            cloud,
+            {pair.name: PairRoute(pair.cloud_model, pair.anonymiser) for pair in pairs},
+            cloud_ready=lambda: (
+                self.tier_up["cloud"] and cloud.breaker.state is not BreakerState.OPEN
+            ),
+            tracer=tracer,
+            meter=meter,
+        )
         self.router = Router(
             settings,
             pairs=pairs,
@@ -91,16 +117,13 @@ class RouterNode:
                 edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel),
                 CircuitBreaker("edge", BreakerConfig(slow_call_s=0.1), on_state_change=on_change),
             ),
-            cloud=CloudTier(
-                cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
-                CircuitBreaker("cloud", BreakerConfig(slow_call_s=0.5), on_state_change=on_change),
-                settings.cloud_site_token,
-            ),
+            cloud=cloud,
             classifier=EscalationClassifier(latest_policy(settings.policy_root)),
-            tracer=telemetry.tracer("hybridmesh.router"),
+            tracer=tracer,
             metrics=RouterMetrics(meter),
+            reconciler=self.reconciler,
         )
-        servicer = RouterServicer(self.router)
+        servicer = RouterServicer(self.router, self.reconciler)
         self.host = ServiceHost(
             settings,
             [
@@ -114,31 +137,43 @@ class RouterNode:
             ],
             interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
         )
-        self._watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.tier_up = {"edge": False, "cloud": False}
 
     async def start(self) -> int:
         port = await self.host.start()
-        self._watch = asyncio.create_task(self._watch_tiers())
+        self._tasks = [
+            asyncio.create_task(self._watch_tiers()),
+            asyncio.create_task(self.reconciler.run()),
+        ]
         return port
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+                await task
         await self.host.stop(grace)
         await self._edge_channel.close(None)
         await self._cloud_channel.close(None)
+        self.outbox.close()
+        if self._audit_stream is not sys.stdout:
+            self._audit_stream.close()
 
     async def _watch_tiers(self) -> None:
         """Poll both tiers' grpc.health.v1; the router serves while either can answer."""
         edge = health_pb2_grpc.HealthStub(self._edge_channel)
         cloud = health_pb2_grpc.HealthStub(self._cloud_channel)
         serving: bool | None = None
+        breakers = {"edge": self.router.edge.breaker, "cloud": self.router.cloud.breaker}
         while True:
-            self.tier_up["edge"] = await _is_serving(edge)
-            self.tier_up["cloud"] = await _is_serving(cloud)
+            for name, stub in (("edge", edge), ("cloud", cloud)):
+                up = await _is_serving(stub)
+                if up and not self.tier_up[name]:
+                    # Back from down: probe now instead of waiting out the open period.
+                    breakers[name].health_restored()
+                self.tier_up[name] = up
             now_serving = any(self.tier_up.values())
             if now_serving != serving:
                 serving = now_serving

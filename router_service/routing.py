@@ -26,6 +26,7 @@ from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier
 from router_service.features import router_features
 from router_service.metrics import RouterMetrics
+from router_service.outbox import OutboxItem, Priority
 from router_service.policy import (
     PolicyVerdict,
     Reason,
@@ -33,6 +34,7 @@ from router_service.policy import (
     Situation,
     evaluate,
 )
+from router_service.reconciler import Reconciler, sampled
 from router_service.tiers import CloudTier, EdgeTier, TierAnswer, TierUnavailableError
 from services.classification import softmax
 from services.errors import (
@@ -59,6 +61,18 @@ CALLER_CHOSEN = frozenset(
         decision_pb2.DECISION_REASON_COST_CEILING,
     }
 )
+# The cloud should have answered these items but could not: queue them for the cloud.
+CLOUD_UNREACHABLE = frozenset(
+    {
+        decision_pb2.DECISION_REASON_CLOUD_BREAKER_OPEN,
+        decision_pb2.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK,
+    }
+)
+# Why data went to the cloud, for the audit log.
+TRANSFER_PURPOSE = {
+    decision_pb2.DECISION_REASON_PREFERENCE_CLOUD_ONLY: "cloud-only",
+    decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK: "edge-fallback",
+}
 EDGE, CLOUD = routing_pb2.TIER_EDGE, routing_pb2.TIER_CLOUD
 
 
@@ -108,6 +122,9 @@ class _Outcome:
     cloud_items_sent: int = 0
     degraded: bool = False
     data_left_site: bool = False
+    # CLOUD_ONLY was asked for, but the cloud failed: every edge-served item is queued.
+    cloud_only_failed: bool = False
+    queued: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     explanation: str = ""
 
@@ -133,9 +150,11 @@ class Router:
         classifier: EscalationClassifier,
         tracer: trace.Tracer,
         metrics: RouterMetrics | None = None,
+        reconciler: Reconciler | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self._reconciler = reconciler
         self._pairs = {pair.name: pair for pair in pairs}
         self.edge = edge
         self.cloud = cloud
@@ -143,6 +162,10 @@ class Router:
         self._tracer = tracer
         self._metrics = metrics
         self._clock = clock
+
+    @property
+    def pair_names(self) -> list[str]:
+        return sorted(self._pairs)
 
     async def infer(
         self, request: router_service_pb2.InferRequest, time_remaining_s: float | None
@@ -176,11 +199,13 @@ class Router:
                 escalate = self._plan_escalation(outcome)
                 if not escalate:
                     self._cancel_hedge(outcome)
+                    await self._queue_for_reconciliation(outcome)
                     yield self._finish(outcome, started, span), True
                     return
                 if progressive:
                     yield self._finish(outcome, started, span, partial=True), False
                 await self._escalate(outcome, escalate)
+                await self._queue_for_reconciliation(outcome)
                 yield self._finish(outcome, started, span), True
             finally:
                 if outcome is not None:
@@ -222,6 +247,8 @@ class Router:
         span.set_attribute("hybridmesh.request_id", outcome.request_id)
         span.set_attribute("hybridmesh.pair", pair.name)
         span.set_attribute("hybridmesh.batch_size", batch)
+        # Until something is sent: a request that fails still says nothing left.
+        span.set_attribute("hybridmesh.data_left_site", False)
         return outcome
 
     async def _cloud_first(self, outcome: _Outcome) -> bool:
@@ -234,6 +261,7 @@ class Router:
             )
         except TierUnavailableError as error:
             outcome.degraded = True
+            outcome.cloud_only_failed = True
             outcome.explanation = f"CLOUD_ONLY requested but the cloud failed ({error}); "
             return False
         outcome.explanation = "CLOUD_ONLY requested; the cloud answered"
@@ -323,9 +351,10 @@ class Router:
                 model=outcome.pair.cloud_model,
                 inputs=outcome.request.inputs,
                 top_k=outcome.request.top_k or 1,
-                timeout_s=self._timeout(outcome.deadline),
+                timeout_s=self._cloud_timeout(outcome.deadline),
                 privacy_class=outcome.constraints.privacy_class,
                 anonymiser=outcome.anonymiser,
+                purpose="hedge",
             )
         )
         # The request is on the wire from here on, whatever happens to the call.
@@ -360,6 +389,50 @@ class Router:
                 )
             outcome.degraded = True
             outcome.explanation += f"; the cloud failed ({error}), edge answer kept"
+
+    async def _queue_for_reconciliation(self, outcome: _Outcome) -> None:
+        """Store the items the cloud should have answered (or a sample of confident
+        ones) in the outbox, so the cloud checks them once it is back."""
+        if self._reconciler is None or outcome.edge is None:
+            return
+        if outcome.constraints.privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
+            return  # never leaves the site, so never queued either
+        items = outcome.items
+        # CLOUD_ONLY wanted every item from the cloud: all of them are owed a cloud answer.
+        wanted_all = outcome.cloud_only_failed or (
+            outcome.constraints.preference == routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY
+            and outcome.verdict.cloud_blocked_reason in CLOUD_UNREACHABLE
+        )
+        indices = [
+            index
+            for index, item in enumerate(items)
+            if item.tier == EDGE and (wanted_all or item.reason in CLOUD_UNREACHABLE)
+        ]
+        priority = Priority.ESCALATION
+        if not indices:
+            confident = all(i.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT for i in items)
+            if not confident or not sampled(outcome.request_id, self._settings.outbox_sample_rate):
+                return
+            indices, priority = list(range(len(items))), Priority.SAMPLE
+        source = outcome.request.inputs[0]
+        edge = outcome.edge
+        outcome.queued = await self._reconciler.enqueue(
+            OutboxItem(
+                request_id=outcome.request_id,
+                priority=priority,
+                pair=outcome.pair.name,
+                privacy_class=outcome.constraints.privacy_class,
+                top_k=outcome.request.top_k or 1,
+                item_indices=tuple(indices),
+                edge_classes=tuple(edge.classifications[i].top_k[0].class_index for i in indices),
+                edge_model=f"{edge.model.name}:{edge.model.version}",
+                inputs=encode_tensor(
+                    source.name, np.ascontiguousarray(outcome.inputs[indices])
+                ).SerializeToString(),
+            )
+        )
+        if outcome.queued and priority is Priority.ESCALATION:
+            outcome.explanation += f"; {len(indices)} item(s) queued for reconciliation"
 
     # -- steps -------------------------------------------------------------------------
 
@@ -421,6 +494,12 @@ class Router:
             raise DeadlineExceededError("the deadline passed while routing")
         return remaining
 
+    def _cloud_timeout(self, deadline: float) -> float:
+        """The cloud call ends early enough that a failure still leaves time to store the
+        item in the outbox and answer with the edge's result within the deadline."""
+        remaining = self._timeout(deadline)
+        return max(remaining - self._settings.outbox_write_reserve_s, remaining / 2)
+
     @staticmethod
     def _probabilities(pair: PairSpec, edge: TierAnswer) -> npt.NDArray[np.float32]:
         scores = _tensor_array(edge.outputs[0])
@@ -461,9 +540,10 @@ class Router:
                 model=outcome.pair.cloud_model,
                 inputs=[subset],
                 top_k=outcome.request.top_k or 1,
-                timeout_s=self._timeout(outcome.deadline),
+                timeout_s=self._cloud_timeout(outcome.deadline),
                 privacy_class=outcome.constraints.privacy_class,
                 anonymiser=outcome.anonymiser,
+                purpose=TRANSFER_PURPOSE.get(reason, "escalation") if reason else "escalation",
             )
         except TierUnavailableError as error:
             # Bytes were sent unless the breaker refused before the call.
@@ -552,6 +632,7 @@ class Router:
                 all_cloud_micros=settings.cloud_price_micros * batch,
             ),
             trace_id=trace.format_trace_id(span_context.trace_id) if span_context.is_valid else "",
+            queued_for_reconciliation=outcome.queued and not partial,
         )
         if outcome.edge is not None:
             decision.edge_model.CopyFrom(outcome.edge.model)
@@ -614,6 +695,7 @@ def _annotate(span: trace.Span, decision: decision_pb2.Decision) -> None:
     span.set_attribute("hybridmesh.policy_version", decision.policy_version)
     span.set_attribute("hybridmesh.degraded", decision.degraded)
     span.set_attribute("hybridmesh.data_left_site", decision.data_left_site)
+    span.set_attribute("hybridmesh.queued_for_reconciliation", decision.queued_for_reconciliation)
     span.set_attribute("hybridmesh.edge_model_version", decision.edge_model.version)
     span.set_attribute("hybridmesh.cloud_model_version", decision.cloud_model.version)
     span.set_attribute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,12 +10,15 @@ import grpc
 
 from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from router_service.reconciler import Reconciler
 from router_service.routing import Router
+from services.errors import NotFoundError
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, reconciler: Reconciler) -> None:
         self._router = router
+        self._reconciler = reconciler
 
     async def Infer(  # noqa: N802 (gRPC method name)
         self,
@@ -46,3 +50,21 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             )
             previous = top1
             sequence += 1
+
+    async def WatchCorrections(  # noqa: N802 (gRPC method name)
+        self,
+        request: router_service_pb2.WatchCorrectionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[router_service_pb2.WatchCorrectionsResponse]:
+        if request.model and request.model not in self._router.pair_names:
+            raise NotFoundError(
+                f"no model pair {request.model!r}; known: {self._router.pair_names}",
+                field="model",
+            )
+        recorded = (
+            await asyncio.to_thread(self._reconciler.outbox.reconciled, corrections_only=True)
+            if request.include_recorded
+            else []
+        )
+        async for correction in self._reconciler.feed.watch(request.model, recorded):
+            yield router_service_pb2.WatchCorrectionsResponse(correction=correction)

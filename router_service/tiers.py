@@ -17,8 +17,11 @@ import grpc
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
+from router_service.anonymisers import Anonymised, anonymiser, strip_attributes
+from router_service.audit import TransferAudit
 from router_service.breaker import CallOutcome, CircuitBreaker, outcome_of
 from router_service.latency import RollingLatency
+from services.errors import FailedPreconditionError
 
 ResponseT = TypeVar("ResponseT")
 
@@ -93,15 +96,21 @@ class EdgeTier:
 
 
 class CloudTier:
+    """The only way data leaves the site: SENSITIVE data is refused here whatever the
+    caller (escalation, hedge, fallback, outbox, retry), INTERNAL data is anonymised
+    here, and every transfer is audited here before it is sent."""
+
     def __init__(
         self,
         stub: cloud_service_pb2_grpc.CloudServiceAsyncStub,
         breaker: CircuitBreaker,
         site_token: str,
+        audit: TransferAudit,
     ) -> None:
         self._stub = stub
         self.breaker = breaker
         self.latency = RollingLatency()
+        self._audit = audit
         self._metadata = (("authorization", f"Bearer {site_token}"),) if site_token else ()
 
     async def infer(
@@ -114,19 +123,58 @@ class CloudTier:
         timeout_s: float,
         privacy_class: routing_pb2.PrivacyClass.ValueType,
         anonymiser: str,
+        purpose: str = "escalation",
+        reconciliation: bool = False,
     ) -> TierAnswer:
+        if privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
+            # A bug upstream, never a fallback: the request fails rather than leaks.
+            raise FailedPreconditionError(
+                "SENSITIVE data never leaves the site", field="hints.privacy_class"
+            )
+        if privacy_class != routing_pb2.PRIVACY_CLASS_PUBLIC and not anonymiser:
+            raise FailedPreconditionError(
+                "INTERNAL data leaves the site only through its model's anonymiser",
+                field="hints.privacy_class",
+            )
+        anonymised = [await _anonymise(anonymiser, tensor) for tensor in inputs]
         request = cloud_service_pb2.InferRequest(
             request_id=request_id,
             model=model_pb2.ModelRef(name=model),
-            inputs=inputs,
+            inputs=[a.tensor for a in anonymised],
             top_k=top_k,
             privacy_class=privacy_class,
             anonymiser=anonymiser,
+            reconciliation=reconciliation,
         )
-        response, elapsed = await _guarded(
-            "cloud",
-            self.breaker,
-            lambda: self._stub.Infer(request, timeout=timeout_s, metadata=self._metadata),
+        # Visible to every hop (Envoy's access log), not only inside the body.
+        metadata = (
+            *self._metadata,
+            ("x-hybridmesh-request-id", request_id),
+            ("x-hybridmesh-privacy-class", routing_pb2.PrivacyClass.Name(privacy_class)),
         )
+
+        def send() -> Awaitable[cloud_service_pb2.InferResponse]:
+            # Audited once the breaker let the call through, before the bytes go out.
+            self._audit.record(
+                request_id=request_id,
+                privacy_class=privacy_class,
+                anonymiser=anonymiser,
+                tensors=request.inputs,
+                purpose=purpose,
+                regions_blurred=sum(a.regions_blurred for a in anonymised),
+            )
+            return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
+
+        response, elapsed = await _guarded("cloud", self.breaker, send)
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
+
+
+async def _anonymise(name: str, tensor: tensor_pb2.Tensor) -> Anonymised:
+    if not name:
+        return Anonymised(tensor)  # PUBLIC: leaves as is
+    transform = anonymiser(name)
+    if transform is strip_attributes:
+        return transform(tensor)
+    # Image work takes milliseconds: off the event loop (contextvars follow).
+    return await asyncio.to_thread(transform, tensor)

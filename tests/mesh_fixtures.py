@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest_asyncio
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -44,6 +46,23 @@ class Mesh:
     cloud_spans: InMemorySpanExporter
     channel: grpc.aio.Channel
     stub: router_service_pb2_grpc.RouterServiceAsyncStub
+    router_spans: InMemorySpanExporter = field(default_factory=InMemorySpanExporter)
+    router_metrics: InMemoryMetricReader = field(default_factory=InMemoryMetricReader)
+
+    def router_counter(self, name: str) -> int:
+        """Sum over every attribute set of one of the router's counters."""
+        data = self.router_metrics.get_metrics_data()
+        total = 0
+        for resource in data.resource_metrics if data else []:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        total += sum(
+                            int(point.value)
+                            for point in metric.data.data_points
+                            if isinstance(point, NumberDataPoint)
+                        )
+        return total
 
 
 def router_settings(edge: str, cloud: str, **overrides: object) -> RouterSettings:
@@ -56,34 +75,47 @@ def router_settings(edge: str, cloud: str, **overrides: object) -> RouterSetting
         "catalog": REPO / "models" / "catalog.toml",
         "shutdown_grace_seconds": 0.0,
     }
+    # Each router gets its own outbox and audit log (tests pass their own to share them).
+    state = Path(tempfile.mkdtemp(prefix="hybridmesh-router-"))
+    values["outbox_path"] = state / "outbox.sqlite"
+    values["audit_log_path"] = state / "audit.log"
     values.update(overrides)
     return RouterSettings.model_validate(values)
 
 
-async def start_mesh(triton_url: str, **router_overrides: object) -> Mesh:
-    edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
-    await edge.start()
-    cloud_spans = InMemorySpanExporter()
+async def start_cloud(triton_url: str, spans: InMemorySpanExporter, port: int = 0) -> CloudNode:
     cloud = CloudNode(
         CloudSettings(
-            port=0,
+            port=port,
             triton_url=triton_url,
             model_store=STORE,
             site_token_sha256={"site": token_sha256(TOKEN)},
             health_poll_s=0.1,
             shutdown_grace_seconds=0.0,
         ),
-        create_telemetry(
-            "cloud", span_processors=[SimpleSpanProcessor(cloud_spans)], export_otlp=False
-        ),
+        create_telemetry("cloud", span_processors=[SimpleSpanProcessor(spans)], export_otlp=False),
         TRITON_MODELS,
     )
     await cloud.start()
     await cloud.wait_ready()
+    return cloud
+
+
+async def start_mesh(triton_url: str, **router_overrides: object) -> Mesh:
+    edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
+    await edge.start()
+    cloud_spans = InMemorySpanExporter()
+    cloud = await start_cloud(triton_url, cloud_spans)
     settings = router_settings(edge.host.address, cloud.host.address, **router_overrides)
+    router_spans, router_metrics = InMemorySpanExporter(), InMemoryMetricReader()
     router = RouterNode(
         settings,
-        create_telemetry("router", export_otlp=False),
+        create_telemetry(
+            "router",
+            span_processors=[SimpleSpanProcessor(router_spans)],
+            metric_readers=[router_metrics],
+            export_otlp=False,
+        ),
         pairs_from_catalog(settings.catalog),
     )
     await router.start()
@@ -95,6 +127,8 @@ async def start_mesh(triton_url: str, **router_overrides: object) -> Mesh:
         cloud_spans,
         channel,
         router_service_pb2_grpc.RouterServiceStub(channel),
+        router_spans,
+        router_metrics,
     )
 
 
@@ -156,3 +190,27 @@ async def wait_until(condition: object, timeout_s: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.05)
+
+
+def hard_by_agreement(
+    images: npt.NDArray[np.uint8], hard: list[int]
+) -> tuple[list[int], list[int]]:
+    """Split hard items into those where the cloud model corrects the edge model's top-1
+    and those where both agree (both models run here in onnxruntime, as in Triton)."""
+    import onnxruntime as ort
+
+    top1 = {}
+    for name in ("fashion-edge", "fashion-cloud"):
+        session = ort.InferenceSession(str(STORE / name / "1" / "model.onnx"))
+        (logits,) = session.run(["logits"], {"image": images[hard]})
+        top1[name] = np.asarray(logits).argmax(axis=1)
+    differ = top1["fashion-edge"] != top1["fashion-cloud"]
+    return [i for i, d in zip(hard, differ, strict=True) if d], [
+        i for i, d in zip(hard, differ, strict=True) if not d
+    ]
+
+
+async def restart_cloud(mesh: Mesh, triton_url: str) -> None:
+    """A new cloud service on the port the router already points at (an outage ends)."""
+    port = int(mesh.cloud.host.address.rsplit(":", 1)[1])
+    mesh.cloud = await start_cloud(triton_url, mesh.cloud_spans, port)

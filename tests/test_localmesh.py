@@ -207,6 +207,7 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
         )
         assert status.returncode == 0, status.stdout
         assert status.stdout.count("SERVING") == 3 and "NOT SERVING" not in status.stdout
+        assert "outbox   0 queued" in status.stdout, status.stdout
     finally:
         subprocess.run(
             [*command, "down"],

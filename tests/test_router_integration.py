@@ -155,6 +155,9 @@ async def test_cloud_killed_every_request_still_answered_and_breaker_opens(
             )
         assert all(r.decision.served_by == routing_pb2.TIER_EDGE for r in replies)
         assert all(r.decision.degraded for r in replies)
+        # Each would-be escalation is kept for the cloud (request ids are fresh uuids).
+        assert all(r.decision.queued_for_reconciliation for r in replies)
+        assert mesh.router.outbox.depth == len(replies)
         reasons = [r.decision.reason for r in replies]
         assert reasons[0] == decision_pb2.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK
         # After 5 consecutive failures the breaker is open: no more calls to the dead cloud.

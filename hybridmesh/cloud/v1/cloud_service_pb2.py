@@ -28,7 +28,7 @@ from hybridmesh.common.v1 import routing_pb2 as hybridmesh_dot_common_dot_v1_dot
 from hybridmesh.common.v1 import tensor_pb2 as hybridmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'hybridmesh/cloud/v1/cloud_service.proto\x12\x13hybridmesh.cloud.v1\x1a\x1egoogle/protobuf/duration.proto\x1a hybridmesh/common/v1/model.proto\x1a\"hybridmesh/common/v1/routing.proto\x1a!hybridmesh/common/v1/tensor.proto\"\xdd\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x39\n\rprivacy_class\x18\x05 \x01(\x0e\x32\".hybridmesh.common.v1.PrivacyClass\x12\x12\n\nanonymiser\x18\x06 \x01(\t\"\xf1\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12-\n\x07outputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12=\n\x0f\x63lassifications\x18\x04 \x03(\x0b\x32$.hybridmesh.common.v1.Classification\x12/\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.hybridmesh.common.v1.ModelInfo2\xbd\x01\n\x0c\x43loudService\x12N\n\x05Infer\x12!.hybridmesh.cloud.v1.InferRequest\x1a\".hybridmesh.cloud.v1.InferResponse\x12]\n\nListModels\x12&.hybridmesh.cloud.v1.ListModelsRequest\x1a\'.hybridmesh.cloud.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'hybridmesh/cloud/v1/cloud_service.proto\x12\x13hybridmesh.cloud.v1\x1a\x1egoogle/protobuf/duration.proto\x1a hybridmesh/common/v1/model.proto\x1a\"hybridmesh/common/v1/routing.proto\x1a!hybridmesh/common/v1/tensor.proto\"\xf5\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x39\n\rprivacy_class\x18\x05 \x01(\x0e\x32\".hybridmesh.common.v1.PrivacyClass\x12\x12\n\nanonymiser\x18\x06 \x01(\t\x12\x16\n\x0ereconciliation\x18\x07 \x01(\x08\"\xf1\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12-\n\x07outputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12=\n\x0f\x63lassifications\x18\x04 \x03(\x0b\x32$.hybridmesh.common.v1.Classification\x12/\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.hybridmesh.common.v1.ModelInfo2\xbd\x01\n\x0c\x43loudService\x12N\n\x05Infer\x12!.hybridmesh.cloud.v1.InferRequest\x1a\".hybridmesh.cloud.v1.InferResponse\x12]\n\nListModels\x12&.hybridmesh.cloud.v1.ListModelsRequest\x1a\'.hybridmesh.cloud.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hybridmesh.cloud.v1.cloud_s
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=202
-  _globals['_INFERREQUEST']._serialized_end=423
-  _globals['_INFERRESPONSE']._serialized_start=426
-  _globals['_INFERRESPONSE']._serialized_end=667
-  _globals['_LISTMODELSREQUEST']._serialized_start=669
-  _globals['_LISTMODELSREQUEST']._serialized_end=688
-  _globals['_LISTMODELSRESPONSE']._serialized_start=690
-  _globals['_LISTMODELSRESPONSE']._serialized_end=759
-  _globals['_CLOUDSERVICE']._serialized_start=762
-  _globals['_CLOUDSERVICE']._serialized_end=951
+  _globals['_INFERREQUEST']._serialized_end=447
+  _globals['_INFERRESPONSE']._serialized_start=450
+  _globals['_INFERRESPONSE']._serialized_end=691
+  _globals['_LISTMODELSREQUEST']._serialized_start=693
+  _globals['_LISTMODELSREQUEST']._serialized_end=712
+  _globals['_LISTMODELSRESPONSE']._serialized_start=714
+  _globals['_LISTMODELSRESPONSE']._serialized_end=783
+  _globals['_CLOUDSERVICE']._serialized_start=786
+  _globals['_CLOUDSERVICE']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

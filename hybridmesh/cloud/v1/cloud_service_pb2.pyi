@@ -34,6 +34,7 @@ class InferRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     PRIVACY_CLASS_FIELD_NUMBER: _builtins.int
     ANONYMISER_FIELD_NUMBER: _builtins.int
+    RECONCILIATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Request id; the cloud deduplicates on it for outbox reconciliation."""
     top_k: _builtins.int
@@ -44,6 +45,11 @@ class InferRequest(_message.Message):
     """
     anonymiser: _builtins.str
     """Name of the anonymiser that ran at the edge; empty if none ran."""
+    reconciliation: _builtins.bool
+    """True when the edge outbox replays a request it could not deliver live. The cloud
+    answers a request id (with the same payload) it already answered from its dedupe
+    cache instead of running the model again, so a replay is idempotent.
+    """
     @_builtins.property
     def model(self) -> _model_pb2.ModelRef:
         """Model to run; an empty version means the version currently served."""
@@ -61,10 +67,11 @@ class InferRequest(_message.Message):
         top_k: _builtins.int = ...,
         privacy_class: _routing_pb2.PrivacyClass.ValueType = ...,
         anonymiser: _builtins.str = ...,
+        reconciliation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymiser", b"anonymiser", "inputs", b"inputs", "model", b"model", "privacy_class", b"privacy_class", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymiser", b"anonymiser", "inputs", b"inputs", "model", b"model", "privacy_class", b"privacy_class", "reconciliation", b"reconciliation", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 from hybridmesh.common.v1 import decision_pb2 as hybridmesh_dot_common_dot_v1_dot_decision__pb2
 from hybridmesh.common.v1 import model_pb2 as hybridmesh_dot_common_dot_v1_dot_model__pb2
 from hybridmesh.common.v1 import routing_pb2 as hybridmesh_dot_common_dot_v1_dot_routing__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hybridmesh.common.v1 import tensor_pb2 as hybridmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)hybridmesh/router/v1/router_service.proto\x12\x14hybridmesh.router.v1\x1a#hybridmesh/common/v1/decision.proto\x1a hybridmesh/common/v1/model.proto\x1a\"hybridmesh/common/v1/routing.proto\x1a!hybridmesh/common/v1/tensor.proto\"\x9c\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\x31\n\x05hints\x18\x04 \x01(\x0b\x32\".hybridmesh.common.v1.RoutingHints\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x46\n\nattributes\x18\x06 \x03(\x0b\x32\x32.hybridmesh.router.v1.InferRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x01\n\nPrediction\x12<\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32$.hybridmesh.common.v1.Classification\x12-\n\tserved_by\x18\x02 \x01(\x0e\x32\x1a.hybridmesh.common.v1.Tier\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.hybridmesh.common.v1.DecisionReason\x12\x18\n\x10\x65scalation_score\x18\x04 \x01(\x02\"\xbb\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\x35\n\x0bpredictions\x18\x03 \x03(\x0b\x32 .hybridmesh.router.v1.Prediction\x12\x30\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x1e.hybridmesh.common.v1.Decision\"I\n\x12InferStreamRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".hybridmesh.router.v1.InferRequest\"\xa8\x01\n\x13InferStreamResponse\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32#.hybridmesh.router.v1.InferResponse\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12\x1b\n\x13supersedes_previous\x18\x03 \x01(\x08\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x1c\n\x14\x61grees_with_previous\x18\x05 \x01(\x08\x32\xc7\x01\n\rRouterService\x12P\n\x05Infer\x12\".hybridmesh.router.v1.InferRequest\x1a#.hybridmesh.router.v1.InferResponse\x12\x64\n\x0bInferStream\x12(.hybridmesh.router.v1.InferStreamRequest\x1a).hybridmesh.router.v1.InferStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)hybridmesh/router/v1/router_service.proto\x12\x14hybridmesh.router.v1\x1a#hybridmesh/common/v1/decision.proto\x1a hybridmesh/common/v1/model.proto\x1a\"hybridmesh/common/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!hybridmesh/common/v1/tensor.proto\"\x9c\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\x31\n\x05hints\x18\x04 \x01(\x0b\x32\".hybridmesh.common.v1.RoutingHints\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x46\n\nattributes\x18\x06 \x03(\x0b\x32\x32.hybridmesh.router.v1.InferRequest.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x01\n\nPrediction\x12<\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32$.hybridmesh.common.v1.Classification\x12-\n\tserved_by\x18\x02 \x01(\x0e\x32\x1a.hybridmesh.common.v1.Tier\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.hybridmesh.common.v1.DecisionReason\x12\x18\n\x10\x65scalation_score\x18\x04 \x01(\x02\"\xbb\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\x35\n\x0bpredictions\x18\x03 \x03(\x0b\x32 .hybridmesh.router.v1.Prediction\x12\x30\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x1e.hybridmesh.common.v1.Decision\"I\n\x12InferStreamRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".hybridmesh.router.v1.InferRequest\"\xa8\x01\n\x13InferStreamResponse\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32#.hybridmesh.router.v1.InferResponse\x12\x10\n\x08sequence\x18\x02 \x01(\r\x12\x1b\n\x13supersedes_previous\x18\x03 \x01(\x08\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x1c\n\x14\x61grees_with_previous\x18\x05 \x01(\x08\"B\n\x17WatchCorrectionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10include_recorded\x18\x02 \x01(\x08\"\xb7\x02\n\nCorrection\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nitem_index\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nedge_class\x18\x04 \x01(\r\x12\x13\n\x0b\x63loud_class\x18\x05 \x01(\r\x12\x32\n\nedge_model\x18\x06 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12\x33\n\x0b\x63loud_model\x18\x07 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rreconciled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x18WatchCorrectionsResponse\x12\x34\n\ncorrection\x18\x01 \x01(\x0b\x32 .hybridmesh.router.v1.Correction2\xbc\x02\n\rRouterService\x12P\n\x05Infer\x12\".hybridmesh.router.v1.InferRequest\x1a#.hybridmesh.router.v1.InferResponse\x12\x64\n\x0bInferStream\x12(.hybridmesh.router.v1.InferStreamRequest\x1a).hybridmesh.router.v1.InferStreamResponse0\x01\x12s\n\x10WatchCorrections\x12-.hybridmesh.router.v1.WatchCorrectionsRequest\x1a..hybridmesh.router.v1.WatchCorrectionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_INFERREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_INFERREQUEST']._serialized_start=210
-  _globals['_INFERREQUEST']._serialized_end=494
-  _globals['_INFERREQUEST_ATTRIBUTESENTRY']._serialized_start=445
-  _globals['_INFERREQUEST_ATTRIBUTESENTRY']._serialized_end=494
-  _globals['_PREDICTION']._serialized_start=497
-  _globals['_PREDICTION']._serialized_end=698
-  _globals['_INFERRESPONSE']._serialized_start=701
-  _globals['_INFERRESPONSE']._serialized_end=888
-  _globals['_INFERSTREAMREQUEST']._serialized_start=890
-  _globals['_INFERSTREAMREQUEST']._serialized_end=963
-  _globals['_INFERSTREAMRESPONSE']._serialized_start=966
-  _globals['_INFERSTREAMRESPONSE']._serialized_end=1134
-  _globals['_ROUTERSERVICE']._serialized_start=1137
-  _globals['_ROUTERSERVICE']._serialized_end=1336
+  _globals['_INFERREQUEST']._serialized_start=243
+  _globals['_INFERREQUEST']._serialized_end=527
+  _globals['_INFERREQUEST_ATTRIBUTESENTRY']._serialized_start=478
+  _globals['_INFERREQUEST_ATTRIBUTESENTRY']._serialized_end=527
+  _globals['_PREDICTION']._serialized_start=530
+  _globals['_PREDICTION']._serialized_end=731
+  _globals['_INFERRESPONSE']._serialized_start=734
+  _globals['_INFERRESPONSE']._serialized_end=921
+  _globals['_INFERSTREAMREQUEST']._serialized_start=923
+  _globals['_INFERSTREAMREQUEST']._serialized_end=996
+  _globals['_INFERSTREAMRESPONSE']._serialized_start=999
+  _globals['_INFERSTREAMRESPONSE']._serialized_end=1167
+  _globals['_WATCHCORRECTIONSREQUEST']._serialized_start=1169
+  _globals['_WATCHCORRECTIONSREQUEST']._serialized_end=1235
+  _globals['_CORRECTION']._serialized_start=1238
+  _globals['_CORRECTION']._serialized_end=1549
+  _globals['_WATCHCORRECTIONSRESPONSE']._serialized_start=1551
+  _globals['_WATCHCORRECTIONSRESPONSE']._serialized_end=1631
+  _globals['_ROUTERSERVICE']._serialized_start=1634
+  _globals['_ROUTERSERVICE']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

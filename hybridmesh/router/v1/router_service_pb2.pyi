@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from hybridmesh.common.v1 import decision_pb2 as _decision_pb2
 from hybridmesh.common.v1 import model_pb2 as _model_pb2
@@ -237,3 +238,119 @@ class InferStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferStreamResponse: _TypeAlias = InferStreamResponse  # noqa: Y015
+
+@_typing.final
+class WatchCorrectionsRequest(_message.Message):
+    """WatchCorrectionsRequest subscribes to correction events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INCLUDE_RECORDED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Only corrections for this model pair; empty means every pair."""
+    include_recorded: _builtins.bool
+    """First send the corrections already recorded in the outbox (oldest first), then
+    the new ones as they happen.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        include_recorded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_recorded", b"include_recorded", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCorrectionsRequest: _TypeAlias = WatchCorrectionsRequest  # noqa: Y015
+
+@_typing.final
+class Correction(_message.Message):
+    """Correction says the cloud answered an item differently from the edge answer the
+    caller already received.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ITEM_INDEX_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EDGE_CLASS_FIELD_NUMBER: _builtins.int
+    CLOUD_CLASS_FIELD_NUMBER: _builtins.int
+    EDGE_MODEL_FIELD_NUMBER: _builtins.int
+    CLOUD_MODEL_FIELD_NUMBER: _builtins.int
+    QUEUED_AT_FIELD_NUMBER: _builtins.int
+    RECONCILED_AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Request id of the original request."""
+    item_index: _builtins.int
+    """Index of the item in the original request's batch."""
+    model: _builtins.str
+    """Model pair of the original request."""
+    edge_class: _builtins.int
+    """The edge's top-1 class (what the caller received)."""
+    cloud_class: _builtins.int
+    """The cloud's top-1 class (the correction)."""
+    @_builtins.property
+    def edge_model(self) -> _model_pb2.ModelRef:
+        """Edge model that answered, with its version."""
+
+    @_builtins.property
+    def cloud_model(self) -> _model_pb2.ModelRef:
+        """Cloud model that reconciled, with its version."""
+
+    @_builtins.property
+    def queued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the item was queued in the outbox."""
+
+    @_builtins.property
+    def reconciled_at(self) -> _timestamp_pb2.Timestamp:
+        """When the cloud's answer was recorded."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        item_index: _builtins.int = ...,
+        model: _builtins.str = ...,
+        edge_class: _builtins.int = ...,
+        cloud_class: _builtins.int = ...,
+        edge_model: _model_pb2.ModelRef | None = ...,
+        cloud_model: _model_pb2.ModelRef | None = ...,
+        queued_at: _timestamp_pb2.Timestamp | None = ...,
+        reconciled_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cloud_model", b"cloud_model", "edge_model", b"edge_model", "queued_at", b"queued_at", "reconciled_at", b"reconciled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_class", b"cloud_class", "cloud_model", b"cloud_model", "edge_class", b"edge_class", "edge_model", b"edge_model", "item_index", b"item_index", "model", b"model", "queued_at", b"queued_at", "reconciled_at", b"reconciled_at", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Correction: _TypeAlias = Correction  # noqa: Y015
+
+@_typing.final
+class WatchCorrectionsResponse(_message.Message):
+    """WatchCorrectionsResponse carries one correction event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRECTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def correction(self) -> Global___Correction:
+        """The correction."""
+
+    def __init__(
+        self,
+        *,
+        correction: Global___Correction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCorrectionsResponse: _TypeAlias = WatchCorrectionsResponse  # noqa: Y015

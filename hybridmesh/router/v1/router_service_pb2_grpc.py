@@ -46,6 +46,11 @@ class RouterServiceStub:
                 request_serializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamRequest.SerializeToString,
                 response_deserializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamResponse.FromString,
                 _registered_method=True)
+        self.WatchCorrections = channel.unary_stream(
+                '/hybridmesh.router.v1.RouterService/WatchCorrections',
+                request_serializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsRequest.SerializeToString,
+                response_deserializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -69,6 +74,15 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCorrections(self, request, context):
+        """WatchCorrections streams correction events: an item answered by the edge while the
+        cloud was unreachable, reconciled later, whose cloud answer differs from the edge's.
+        The stream stays open until the caller cancels it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.InferStream,
                     request_deserializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamRequest.FromString,
                     response_serializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamResponse.SerializeToString,
+            ),
+            'WatchCorrections': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCorrections,
+                    request_deserializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsRequest.FromString,
+                    response_serializer=hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +158,33 @@ class RouterService:
             '/hybridmesh.router.v1.RouterService/InferStream',
             hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamRequest.SerializeToString,
             hybridmesh_dot_router_dot_v1_dot_router__service__pb2.InferStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCorrections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hybridmesh.router.v1.RouterService/WatchCorrections',
+            hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsRequest.SerializeToString,
+            hybridmesh_dot_router_dot_v1_dot_router__service__pb2.WatchCorrectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,11 @@ class RouterServiceStub:
     escalated, the cloud answer marked as superseding it. The stream ends after the
     message with final = true.
     """
+    WatchCorrections: _grpc.UnaryStreamMultiCallable[_router_service_pb2.WatchCorrectionsRequest, _router_service_pb2.WatchCorrectionsResponse]
+    """WatchCorrections streams correction events: an item answered by the edge while the
+    cloud was unreachable, reconciled later, whose cloud answer differs from the edge's.
+    The stream stays open until the caller cancels it.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -56,6 +61,11 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """InferStream answers progressively: the edge answer first, then, if the request is
     escalated, the cloud answer marked as superseding it. The stream ends after the
     message with final = true.
+    """
+    WatchCorrections: _aio.UnaryStreamMultiCallable[_router_service_pb2.WatchCorrectionsRequest, _router_service_pb2.WatchCorrectionsResponse]  # type: ignore[assignment]
+    """WatchCorrections streams correction events: an item answered by the edge while the
+    cloud was unreachable, reconciled later, whose cloud answer differs from the edge's.
+    The stream stays open until the caller cancels it.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +90,17 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         """InferStream answers progressively: the edge answer first, then, if the request is
         escalated, the cloud answer marked as superseding it. The stream ends after the
         message with final = true.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchCorrections(
+        self,
+        request: _router_service_pb2.WatchCorrectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_service_pb2.WatchCorrectionsResponse], _abc.AsyncIterator[_router_service_pb2.WatchCorrectionsResponse]]:
+        """WatchCorrections streams correction events: an item answered by the edge while the
+        cloud was unreachable, reconciled later, whose cloud answer differs from the edge's.
+        The stream stays open until the caller cancels it.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

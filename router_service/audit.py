@@ -1,0 +1,49 @@
+"""The audit trail of off-site transfers: one JSON line per request body that leaves the
+site, on its own stream (a file on the site's volume, or stdout while the service's own
+logs go to stderr), written before the bytes go out."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TextIO
+
+from hybridmesh.common.v1 import routing_pb2, tensor_pb2
+from services.logging import stream_logger
+
+
+def content_sha256(tensors: Sequence[tensor_pb2.Tensor]) -> str:
+    """Hash of exactly what is uploaded (after the anonymiser), so a transfer can be
+    matched against what the cloud stored."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+class TransferAudit:
+    def __init__(self, stream: TextIO, destination: str) -> None:
+        self._log = stream_logger(stream, "audit")
+        self._destination = destination
+
+    def record(
+        self,
+        *,
+        request_id: str,
+        privacy_class: routing_pb2.PrivacyClass.ValueType,
+        anonymiser: str,
+        tensors: Sequence[tensor_pb2.Tensor],
+        purpose: str,
+        regions_blurred: int = 0,
+    ) -> None:
+        self._log.info(
+            "off-site transfer",
+            request_id=request_id,
+            privacy_class=routing_pb2.PrivacyClass.Name(privacy_class),
+            anonymiser=anonymiser,
+            regions_blurred=regions_blurred,
+            content_sha256=content_sha256(tensors),
+            destination=self._destination,
+            purpose=purpose,
+            items=int(tensors[0].shape[0]) if tensors and tensors[0].shape else 0,
+        )

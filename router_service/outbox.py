@@ -1,0 +1,345 @@
+"""The edge outbox: a durable, bounded queue of answers the cloud should still check.
+
+SQLite in WAL mode on the site's persistent volume, one file holding three things:
+``outbox`` (items waiting for the cloud), ``reconciled`` (the cloud's answer beside the
+edge's for every reconciled item, with the item's input: the labelled examples for
+retraining the router) and nothing else, so a copy of the file is a consistent backup.
+
+Bounded: at ``max_items`` a new item evicts the oldest item of the lowest priority
+present, if that priority is not above its own; otherwise the new item is refused.
+Either way the caller is told (``PutResult``) so it can count and log it: never a
+silent drop. Reconciliation is exactly once per request id: the item is deleted and its
+results inserted in one transaction, and a second completion of the same id is a no-op.
+
+Synchronous, thread-safe (one connection behind a lock): the router calls it through
+``asyncio.to_thread``. Times are wall-clock seconds (they must survive a restart).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    priority INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    pair TEXT NOT NULL,
+    privacy_class INTEGER NOT NULL,
+    top_k INTEGER NOT NULL,
+    item_indices TEXT NOT NULL,
+    edge_classes TEXT NOT NULL,
+    edge_model TEXT NOT NULL,
+    inputs BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_by_priority ON outbox (priority, seq);
+CREATE TABLE IF NOT EXISTS reconciled (
+    request_id TEXT NOT NULL,
+    item_index INTEGER NOT NULL,
+    pair TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    reconciled_at REAL NOT NULL,
+    edge_model TEXT NOT NULL,
+    edge_class INTEGER NOT NULL,
+    cloud_model TEXT NOT NULL,
+    cloud_class INTEGER NOT NULL,
+    agrees INTEGER NOT NULL,
+    input BLOB NOT NULL,
+    PRIMARY KEY (request_id, item_index)
+);
+"""
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+class Priority(enum.IntEnum):
+    """Higher survives longer when the outbox is full."""
+
+    # A sample of edge-kept answers, for quality monitoring.
+    SAMPLE = 0
+    # A request that should have been escalated: its answer may be wrong.
+    ESCALATION = 1
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    request_id: str
+    priority: Priority
+    pair: str
+    privacy_class: int
+    top_k: int
+    # Indices of the stored items in the caller's original batch.
+    item_indices: tuple[int, ...]
+    # The edge's top-1 class per stored item.
+    edge_classes: tuple[int, ...]
+    # "name:version" of the edge model that answered.
+    edge_model: str
+    # A serialized hybridmesh.common.v1.Tensor holding only the stored items.
+    inputs: bytes
+    enqueued_at: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ReconciledItem:
+    request_id: str
+    item_index: int
+    pair: str
+    enqueued_at: float
+    reconciled_at: float
+    edge_model: str
+    edge_class: int
+    cloud_model: str
+    cloud_class: int
+    # The item's input (a serialized Tensor of batch 1): with cloud_class, a labelled example.
+    input: bytes
+
+    @property
+    def agrees(self) -> bool:
+        return self.edge_class == self.cloud_class
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: bool
+    # Request ids evicted to make room (oldest of the lowest priority).
+    evicted: tuple[str, ...] = ()
+    # The request id was already queued (a retried request): nothing changed.
+    duplicate: bool = False
+    # The request id was already reconciled: nothing to do.
+    already_reconciled: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    oldest_age_s: float
+    reconciled_items: int
+    corrections: int
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_items: int,
+        synchronous: Synchronous = "FULL",
+        max_reconciled_rows: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_items = max_items
+        self._max_reconciled = max_reconciled_rows
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed item survives power loss; NORMAL: it survives a process
+        # crash (kill -9) but the last commits may be lost on power loss.
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._depth = self._scalar("SELECT count(*) FROM outbox")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting; kept in memory so metrics callbacks do no I/O."""
+        return self._depth
+
+    def put(self, item: OutboxItem) -> PutResult:
+        now = self._clock()
+        with self._lock, self._transaction():
+            if self._queued(item.request_id):
+                return PutResult(stored=False, duplicate=True)
+            if self._reconciled(item.request_id):
+                return PutResult(stored=False, already_reconciled=True)
+            evicted: tuple[str, ...] = ()
+            if self._depth >= self.max_items:
+                victim = self._db.execute(
+                    "SELECT request_id, priority FROM outbox ORDER BY priority, seq LIMIT 1"
+                ).fetchone()
+                if victim is None or victim[1] > item.priority:
+                    return PutResult(stored=False)
+                self._db.execute("DELETE FROM outbox WHERE request_id = ?", (victim[0],))
+                self._depth -= 1
+                evicted = (victim[0],)
+            self._db.execute(
+                "INSERT INTO outbox (request_id, priority, enqueued_at, pair, privacy_class,"
+                " top_k, item_indices, edge_classes, edge_model, inputs, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item.request_id,
+                    int(item.priority),
+                    now,
+                    item.pair,
+                    item.privacy_class,
+                    item.top_k,
+                    json.dumps(list(item.item_indices)),
+                    json.dumps(list(item.edge_classes)),
+                    item.edge_model,
+                    item.inputs,
+                    now,
+                ),
+            )
+            self._depth += 1
+            return PutResult(stored=True, evicted=evicted)
+
+    def due(self, limit: int) -> list[OutboxItem]:
+        """Items whose next attempt is due, most important and oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, priority, pair, privacy_class, top_k, item_indices,"
+                " edge_classes, edge_model, inputs, enqueued_at, attempts FROM outbox"
+                " WHERE next_attempt_at <= ? ORDER BY priority DESC, seq LIMIT ?",
+                (self._clock(), limit),
+            ).fetchall()
+        return [
+            OutboxItem(
+                request_id=row[0],
+                priority=Priority(row[1]),
+                pair=row[2],
+                privacy_class=row[3],
+                top_k=row[4],
+                item_indices=tuple(json.loads(row[5])),
+                edge_classes=tuple(json.loads(row[6])),
+                edge_model=row[7],
+                inputs=row[8],
+                enqueued_at=row[9],
+                attempts=row[10],
+            )
+            for row in rows
+        ]
+
+    def defer(self, request_id: str, error: str, delay_s: float) -> None:
+        """A failed attempt: try again after ``delay_s``."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
+                " WHERE request_id = ?",
+                (self._clock() + delay_s, error[:500], request_id),
+            )
+
+    def complete(self, request_id: str, results: Sequence[ReconciledItem]) -> bool:
+        """Record the cloud's answers and remove the item, atomically. False when the item
+        was not queued any more (already reconciled or evicted): nothing is recorded."""
+        with self._lock, self._transaction():
+            removed = self._db.execute(
+                "DELETE FROM outbox WHERE request_id = ?", (request_id,)
+            ).rowcount
+            if removed == 0:
+                return False
+            self._depth -= removed
+            self._db.executemany(
+                "INSERT INTO reconciled (request_id, item_index, pair, enqueued_at,"
+                " reconciled_at, edge_model, edge_class, cloud_model, cloud_class, agrees, input)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.request_id,
+                        r.item_index,
+                        r.pair,
+                        r.enqueued_at,
+                        r.reconciled_at,
+                        r.edge_model,
+                        r.edge_class,
+                        r.cloud_model,
+                        r.cloud_class,
+                        int(r.agrees),
+                        r.input,
+                    )
+                    for r in results
+                ],
+            )
+            # Keep the newest labelled examples only: the file stays bounded too.
+            self._db.execute(
+                "DELETE FROM reconciled WHERE rowid <= (SELECT max(rowid) FROM reconciled) - ?",
+                (self._max_reconciled,),
+            )
+            return True
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return _stats(self._db, self._clock())
+
+    def reconciled(self, *, corrections_only: bool = False) -> list[ReconciledItem]:
+        """Reconciled items, oldest first (the labelled examples)."""
+        where = "WHERE agrees = 0" if corrections_only else ""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, item_index, pair, enqueued_at, reconciled_at, edge_model,"
+                f" edge_class, cloud_model, cloud_class, input FROM reconciled {where}"
+                " ORDER BY rowid"
+            ).fetchall()
+        return [ReconciledItem(*row) for row in rows]
+
+    def _queued(self, request_id: str) -> bool:
+        found = self._db.execute("SELECT 1 FROM outbox WHERE request_id = ?", (request_id,))
+        return found.fetchone() is not None
+
+    def _reconciled(self, request_id: str) -> bool:
+        found = self._db.execute(
+            "SELECT 1 FROM reconciled WHERE request_id = ? LIMIT 1", (request_id,)
+        )
+        return found.fetchone() is not None
+
+    def _scalar(self, sql: str) -> int:
+        value: int = self._db.execute(sql).fetchone()[0]
+        return value
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
+    depth, oldest = db.execute("SELECT count(*), min(enqueued_at) FROM outbox").fetchone()
+    reconciled, disagreements = db.execute(
+        "SELECT count(*), coalesce(sum(agrees = 0), 0) FROM reconciled"
+    ).fetchone()
+    return OutboxStats(
+        depth=depth,
+        oldest_age_s=0.0 if oldest is None else max(now - oldest, 0.0),
+        reconciled_items=reconciled,
+        corrections=disagreements,
+    )
+
+
+def read_stats(path: Path, now: float | None = None) -> OutboxStats:
+    """Stats of an outbox file another process owns (``hybridmesh status``), read-only."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return _stats(db, time.time() if now is None else now)
+    finally:
+        db.close()
