@@ -84,6 +84,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect within ~2 s of a peer coming back (gRPC's default backoff grows to
+        # 120 s): the router's health watch, and so escalation, recovers that fast.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
         # gRPC Python skips retries of messages over 256 KiB unless this is raised; keep
         # it at the message limit so a large image is never silently not retried.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
