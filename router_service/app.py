@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
+from registry.client import RegistryClient
+from registry.signing import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
 from router_service.breaker import BreakerConfig, BreakerState, CircuitBreaker
@@ -21,6 +23,7 @@ from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.metrics import RouterMetrics
 from router_service.outbox import Outbox
+from router_service.policy_updater import PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
 from router_service.routing import PairSpec, Router
 from router_service.servicer import RouterServicer
@@ -139,6 +142,25 @@ class RouterNode:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.tier_up = {"edge": False, "cloud": False}
+        self._registry_channel: grpc.aio.Channel | None = None
+        self.policy_updater: PolicyUpdater | None = None
+        if settings.registry_target:
+            self._registry_channel = factory.create(
+                settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
+            )
+            self.policy_updater = PolicyUpdater(
+                RegistryClient(self._registry_channel),
+                self.router.classifier.metadata.pair,
+                settings.policy_root,
+                settings.policy_update_staging,
+                load_trusted_keys(list(settings.trusted_keys)),
+                current=lambda: self.router.classifier,
+                install=self._install_policy,
+            )
+
+    def _install_policy(self, classifier: EscalationClassifier) -> None:
+        # One reference assignment: requests in flight keep the policy they started with.
+        self.router.classifier = classifier
 
     async def start(self) -> int:
         port = await self.host.start()
@@ -146,7 +168,17 @@ class RouterNode:
             asyncio.create_task(self._watch_tiers()),
             asyncio.create_task(self.reconciler.run()),
         ]
+        if self.policy_updater is not None:
+            self._tasks.append(asyncio.create_task(self._poll_policies(self.policy_updater)))
         return port
+
+    async def _poll_policies(self, updater: PolicyUpdater) -> None:
+        while True:
+            try:
+                await updater.poll_once()
+            except (grpc.aio.AioRpcError, OSError) as error:
+                _log.warning("policy update poll failed", error=str(error))
+            await asyncio.sleep(self.settings.policy_update_interval_s)
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:
@@ -157,6 +189,8 @@ class RouterNode:
         await self.host.stop(grace)
         await self._edge_channel.close(None)
         await self._cloud_channel.close(None)
+        if self._registry_channel is not None:
+            await self._registry_channel.close(None)
         self.outbox.close()
         if self._audit_stream is not sys.stdout:
             self._audit_stream.close()

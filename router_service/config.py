@@ -71,3 +71,11 @@ class RouterSettings(ServiceSettings):
     # Audit log of off-site transfers (JSON lines). Unset: stdout, apart from the
     # service's own log on stderr.
     audit_log_path: Path | None = None
+    # Over-the-air router policies (router_service.policy_updater); off unless a
+    # registry is configured. Verified with trusted_keys, downloads under
+    # policy_update_staging, installed under policy_root.
+    registry_target: str = ""
+    registry_tls_dir: Path | None = None
+    trusted_keys: tuple[Path, ...] = ()
+    policy_update_staging: Path = Path("var/router-policy-updates")
+    policy_update_interval_s: float = Field(default=30.0, gt=0)

@@ -111,8 +111,9 @@ class _Outcome:
     verdict: PolicyVerdict
     deadline: float
     items: list[_Item]
-    threshold: float
-    policy_version: str
+    # The policy this request started with: an over-the-air swap mid-request does not
+    # mix one version's threshold with another's scores.
+    classifier: EscalationClassifier
     edge: TierAnswer | None = None
     cloud: TierAnswer | None = None
     # Item index -> row of ``cloud`` holding that item's cloud answer.
@@ -131,6 +132,14 @@ class _Outcome:
     @property
     def anonymiser(self) -> str:
         return self.pair.anonymiser if self.constraints.requires_anonymiser else ""
+
+    @property
+    def threshold(self) -> float:
+        return self.classifier.threshold
+
+    @property
+    def policy_version(self) -> str:
+        return self.classifier.version
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -240,8 +249,7 @@ class Router:
             verdict=verdict,
             deadline=deadline,
             items=[_Item() for _ in range(batch)],
-            threshold=self.classifier.threshold,
-            policy_version=self.classifier.version,
+            classifier=self.classifier,
         )
         outcome.timings["policy"] = self._clock() - started
         span.set_attribute("hybridmesh.request_id", outcome.request_id)
@@ -316,7 +324,7 @@ class Router:
         assert outcome.edge is not None
         started = self._clock()
         probabilities = self._probabilities(outcome.pair, outcome.edge)
-        scores = self.classifier.score(router_features(probabilities, outcome.inputs))
+        scores = outcome.classifier.score(router_features(probabilities, outcome.inputs))
         outcome.timings["classifier"] = self._clock() - started
         wanted = self._wanted_escalations(scores, probabilities, outcome)
         blocked = outcome.verdict.cloud_blocked_reason

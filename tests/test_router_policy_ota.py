@@ -1,0 +1,94 @@
+"""A router process swaps its escalation policy over the air: a new signed policy version
+promoted in a real registry (gRPC) is picked up, verified and serves the next request.
+
+The router, the edge node and the registry are real gRPC servers; the cloud is a server
+with only grpc.health.v1, because these requests are kept on the edge (the policy swap,
+not escalation, is under test)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from edge_node.app import EdgeNode
+from hybridmesh.router.v1 import router_service_pb2_grpc
+from registry.app import RegistryNode
+from registry.artifacts import ArtifactRef
+from registry.config import RegistrySettings
+from registry.signing import generate_key
+from router_service.app import RouterNode, pairs_from_catalog
+from router_service.policy_updater import POLICY_KIND
+from services.config import ServiceSettings
+from services.server import ServiceHost, ServiceRegistration
+from services.telemetry import create_telemetry
+from tests.edge_fixtures import edge_settings
+from tests.mesh_fixtures import easy_and_hard, infer_request, router_settings, wait_until
+from workload.fashion_mnist import load_split
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "models" / "policies" / "fashion-mnist" / "1"
+PAIR = "fashion-mnist"
+IMAGES = load_split("test").images[:200]
+EASY, _ = easy_and_hard(IMAGES, 1)
+
+
+async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None:
+    key = generate_key(tmp_path / "operator")
+    registry = RegistryNode(
+        RegistrySettings(port=0, root=tmp_path / "registry", shutdown_grace_seconds=0),
+        create_telemetry("registry", metric_readers=[InMemoryMetricReader()], export_otlp=False),
+    )
+    await registry.start()
+    registry.store.publish(COMMITTED, ArtifactRef(POLICY_KIND, PAIR, 1), key)
+    registry.store.promote(POLICY_KIND, PAIR, 1)
+    edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
+    await edge.start()
+    cloud = ServiceHost(
+        ServiceSettings(port=0, shutdown_grace_seconds=0),
+        [ServiceRegistration("hybridmesh.cloud.v1.CloudService", lambda server: None)],
+    )
+    await cloud.start()
+    policy_root = tmp_path / "policies" / PAIR
+    shutil.copytree(COMMITTED, policy_root / "1")
+    settings = router_settings(
+        edge.host.address,
+        cloud.address,
+        policy_root=policy_root,
+        registry_target=registry.host.address,
+        trusted_keys=(tmp_path / "operator" / "publisher.pub",),
+        policy_update_staging=tmp_path / "staging",
+        policy_update_interval_s=0.1,
+    )
+    router = RouterNode(
+        settings,
+        create_telemetry("router", export_otlp=False),
+        pairs_from_catalog(settings.catalog),
+    )
+    await router.start()
+    channel = grpc.aio.insecure_channel(router.host.address)
+    try:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        await wait_until(lambda: router.tier_up["edge"])
+        request = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+        before = await stub.Infer(request, timeout=5)
+        source = tmp_path / "publisher" / "2"
+        shutil.copytree(COMMITTED, source)
+        metadata = json.loads((source / "policy.json").read_text())
+        (source / "policy.json").write_text(json.dumps({**metadata, "version": "2"}))
+        registry.store.publish(source, ArtifactRef(POLICY_KIND, PAIR, 2), key)
+        registry.store.promote(POLICY_KIND, PAIR, 2)
+        await wait_until(lambda: router.router.classifier.version == "2")
+        after = await stub.Infer(request, timeout=5)
+    finally:
+        await channel.close(None)
+        await router.stop(0)
+        await cloud.stop(0)
+        await edge.stop(0)
+        await registry.stop(0)
+    assert before.decision.policy_version == "1"
+    assert after.decision.policy_version == "2"
+    assert (policy_root / "2" / "policy.json").exists(), "installed beside the old version"
