@@ -4,6 +4,8 @@
   hybridmesh down                                                  stop a detached mesh
   hybridmesh status                                                health of each part
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
+  hybridmesh router retrain --outbox FILE [...]   retrain the router policy (router_service.retrain)
+  hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli)
 
 ``up --detach`` writes ``<state-dir>/state.json``: {"endpoints": {...}, "pids": {...},
 "logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...}.
@@ -150,6 +152,16 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def main() -> None:
+    # Operator commands live with their packages; the hybridmesh CLI forwards to them.
+    argv = sys.argv[1:]
+    if argv[:2] == ["router", "retrain"]:
+        from router_service.retrain import main as retrain
+
+        sys.exit(retrain(argv[2:]))
+    if argv[:1] == ["registry"]:
+        from registry.cli import main as registry
+
+        sys.exit(registry(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="hybridmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -43,7 +43,7 @@ from router_service.escalation import (
     POLICY_SCHEMA,
     EscalationClassifier,
 )
-from router_service.features import feature_names, router_features
+from router_service.features import SUMMARY_FEATURES, feature_names, router_features
 from services.classification import softmax
 from workload.fashion_mnist import load_split
 from workload.model_store import latest_versions
@@ -183,16 +183,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     chosen = max(selection, key=lambda name: selection[name])
     classifier = fitted[chosen]
 
-    onnx_model = to_onnx(
-        classifier,
-        train_out.features[:1],
-        options={id(classifier): {"zipmap": False}}
-        if chosen == "gradient_boosted_trees"
-        else {"zipmap": False},
-        target_opset=17,
-    )
-    onnx_bytes = onnx_model.SerializeToString()
-
     calibration_scores = classifier.predict_proba(calibration.features)[:, 1].astype(np.float32)
     kind, value = args.target
     if kind == "cloud-share":
@@ -210,28 +200,26 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     version = args.version or _next_version(args.policies / args.pair)
     policy_dir = args.policies / args.pair / str(version)
-    policy_dir.mkdir(parents=True, exist_ok=False)
-    (policy_dir / CLASSIFIER_FILE).write_bytes(onnx_bytes)
-    metadata = {
-        "schema": POLICY_SCHEMA,
-        "pair": args.pair,
-        "version": str(version),
-        "threshold": threshold,
-        "feature_names": feature_names(train_out.edge_probabilities.shape[1]),
-        "classifier_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-        "classifier": chosen,
-        "label": args.label,
-        "target": {"kind": kind, "value": value},
-        "calibration": {
-            "split": "calibration (6,000)",
-            "expected": expected.as_dict(),
-            "model_selection": selection,
+    metadata = write_policy(
+        policy_dir,
+        classifier,
+        chosen,
+        train_out.features[:1],
+        pair=args.pair,
+        version=version,
+        threshold=threshold,
+        extra={
+            "label": args.label,
+            "target": {"kind": kind, "value": value},
+            "calibration": {
+                "split": "calibration (6,000)",
+                "expected": expected.as_dict(),
+                "model_selection": selection,
+            },
+            "models": {"edge": args.edge_model, "cloud": args.cloud_model},
+            "command": "python -m router_service.train_policy " + " ".join(sys.argv[1:]),
         },
-        "models": {"edge": args.edge_model, "cloud": args.cloud_model},
-        "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
-        "command": "python -m router_service.train_policy " + " ".join(sys.argv[1:]),
-    }
-    (policy_dir / POLICY_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    )
 
     # The artifact as the router will run it: scores from the exported ONNX, in process.
     deployed = EscalationClassifier(policy_dir)
@@ -250,6 +238,45 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     write_report(report, args.report)
     return report
+
+
+def write_policy(
+    directory: Path,
+    classifier: Any,
+    chosen: str,
+    sample_features: npt.NDArray[np.float32],
+    *,
+    pair: str,
+    version: int,
+    threshold: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Export ``classifier`` to ONNX and write a policy version directory (classifier +
+    policy.json with its sha256); returns the metadata written."""
+    onnx_model = to_onnx(
+        classifier,
+        sample_features,
+        options={id(classifier): {"zipmap": False}}
+        if chosen == "gradient_boosted_trees"
+        else {"zipmap": False},
+        target_opset=17,
+    )
+    onnx_bytes = onnx_model.SerializeToString()
+    directory.mkdir(parents=True, exist_ok=False)
+    (directory / CLASSIFIER_FILE).write_bytes(onnx_bytes)
+    metadata = {
+        "schema": POLICY_SCHEMA,
+        "pair": pair,
+        "version": str(version),
+        "threshold": threshold,
+        "feature_names": feature_names(sample_features.shape[1] - len(SUMMARY_FEATURES)),
+        "classifier_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "classifier": chosen,
+        "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        **extra,
+    }
+    (directory / POLICY_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return metadata
 
 
 def _next_version(directory: Path) -> int:

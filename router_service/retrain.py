@@ -1,0 +1,265 @@
+"""The feedback loop: retrain the router's escalation policy with what reconciliation
+taught, and publish it through the signed registry only if it is better.
+
+``python -m router_service.retrain --outbox var/mesh/router/outbox.sqlite``
+``  [--registry-root var/registry --keys ~/.hybridmesh/keys]``
+
+Data: the router-train split with its ground-truth label ("the cloud fixes the edge"),
+plus every reconciled example in the outbox for the pair: the item's input, the edge
+model's output recomputed from it, and the label "the cloud disagreed with the edge" (the
+cloud model is the teacher there: no ground truth exists at a site).
+
+Comparison on held-out data: the calibration split is halved by index parity; both the
+serving policy and the candidate get their threshold for the same cloud-share target on
+the even half, and are compared on the odd half (accuracy at that share). The test split
+stays untouched. The candidate is published (signed, promoted) only when its held-out
+accuracy beats the serving policy's by more than ``--min-gain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from hybridmesh.common.v1 import tensor_pb2
+from registry.artifacts import ArtifactRef
+from registry.signing import PRIVATE_KEY_FILE, load_private_key
+from registry.store import RegistryStore
+from router_service.calibration import operating_point, threshold_for_cloud_share
+from router_service.escalation import EscalationClassifier, latest_policy
+from router_service.features import router_features
+from router_service.outbox import Outbox
+from router_service.policy_updater import POLICY_KIND
+from router_service.train_policy import (
+    SplitOutputs,
+    candidate_classifiers,
+    split_outputs,
+    write_policy,
+)
+from services.classification import softmax
+from services.tensors import decode_tensor
+from workload.model_store import latest_versions
+
+
+@dataclass(frozen=True)
+class Examples:
+    features: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.bool_]
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    reconciled_examples: int
+    reconciled_corrections: int
+    target_cloud_share: float
+    serving_version: str
+    serving_accuracy: float
+    serving_cloud_share: float
+    candidate_accuracy: float
+    candidate_cloud_share: float
+    min_gain: float
+
+    @property
+    def better(self) -> bool:
+        return self.candidate_accuracy > self.serving_accuracy + self.min_gain
+
+
+def reconciled_examples(outbox: Path, pair: str, edge_model: Path) -> Examples:
+    """Features and "the cloud disagreed" labels of the pair's reconciled items."""
+    store = Outbox(outbox, max_items=1, synchronous="NORMAL")
+    try:
+        items = [item for item in store.reconciled() if item.pair == pair]
+    finally:
+        store.close()
+    if not items:
+        return Examples(np.zeros((0, 0), np.float32), np.zeros(0, np.bool_))
+    images = np.concatenate([_decode(item.input) for item in items])
+    session = ort.InferenceSession(str(edge_model))
+    input_name = session.get_inputs()[0].name
+    logits = np.concatenate(
+        [
+            session.run(None, {input_name: images[i : i + 1000]})[0]
+            for i in range(0, len(images), 1000)
+        ]
+    )
+    features = router_features(softmax(logits.astype(np.float32)), images)
+    labels = np.array([not item.agrees for item in items], dtype=np.bool_)
+    return Examples(features, labels)
+
+
+def _decode(serialized: bytes) -> npt.NDArray[np.uint8]:
+    tensor = tensor_pb2.Tensor.FromString(serialized)
+    decoded = decode_tensor(
+        tensor,
+        "input",
+        # Validated when it was queued; decoded as stored.
+        expected_datatype=tensor.datatype,
+        expected_shape=(-1, *tensor.shape[1:]),
+        max_batch_size=max(tensor.shape[0], 1),
+    )
+    array: npt.NDArray[np.uint8] = np.asarray(decoded, dtype=np.uint8)
+    return array
+
+
+def _at_share(
+    scores_a: npt.NDArray[np.float32],
+    scores_b: npt.NDArray[np.float32],
+    half_b: SplitOutputs,
+    share: float,
+) -> tuple[float, float]:
+    threshold = threshold_for_cloud_share(scores_a, share)
+    point = operating_point(
+        scores_b, threshold, half_b.edge_correct, half_b.cloud_correct, cloud_price_micros=0
+    )
+    return point.accuracy, point.cloud_share
+
+
+def _half(outputs: SplitOutputs, parity: int) -> SplitOutputs:
+    index = np.arange(len(outputs.labels)) % 2 == parity
+    return SplitOutputs(
+        outputs.images[index],
+        outputs.labels[index],
+        outputs.edge_probabilities[index],
+        outputs.edge_correct[index],
+        outputs.cloud_correct[index],
+    )
+
+
+def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
+    serving = EscalationClassifier(latest_policy(args.policies / args.pair))
+    train = split_outputs("router_train", args.store, args.edge_model, args.cloud_model)
+    calibration = split_outputs("calibration", args.store, args.edge_model, args.cloud_model)
+    half_a, half_b = _half(calibration, 0), _half(calibration, 1)
+    edge_path = {d.parent.name: d / "model.onnx" for d in latest_versions(args.store)}
+    learned = reconciled_examples(args.outbox, args.pair, edge_path[args.edge_model])
+    features, labels = train.features, train.cloud_fixes_edge
+    if learned.count:
+        features = np.concatenate([features, learned.features])
+        labels = np.concatenate([labels, learned.labels])
+    chosen = _classifier_kind(latest_policy(args.policies / args.pair))
+    classifier = candidate_classifiers()[chosen]
+    classifier.fit(features, labels)
+
+    def scores(half: SplitOutputs) -> npt.NDArray[np.float32]:
+        result: npt.NDArray[np.float32] = classifier.predict_proba(half.features)[:, 1]
+        return result.astype(np.float32)
+
+    share = args.target_cloud_share
+    serving_accuracy, serving_share = _at_share(
+        serving.score(half_a.features), serving.score(half_b.features), half_b, share
+    )
+    candidate_accuracy, candidate_share = _at_share(scores(half_a), scores(half_b), half_b, share)
+    comparison = Comparison(
+        reconciled_examples=learned.count,
+        reconciled_corrections=int(learned.labels.sum()),
+        target_cloud_share=share,
+        serving_version=serving.version,
+        serving_accuracy=serving_accuracy,
+        serving_cloud_share=serving_share,
+        candidate_accuracy=candidate_accuracy,
+        candidate_cloud_share=candidate_share,
+        min_gain=args.min_gain,
+    )
+    return comparison, classifier, calibration
+
+
+def _classifier_kind(policy: Path) -> str:
+    """The serving policy's classifier kind (the candidate is trained the same way)."""
+    kind = json.loads((policy / "policy.json").read_text()).get("classifier")
+    return kind if kind in candidate_classifiers() else "logistic_regression"
+
+
+def report(comparison: Comparison) -> str:
+    c = comparison
+    verdict = "better: publish" if c.better else "not better: keep the serving policy"
+    return "\n".join(
+        [
+            f"reconciled examples used: {c.reconciled_examples} "
+            f"({c.reconciled_corrections} where the cloud disagreed)",
+            f"held-out (calibration, odd half), cloud share target {c.target_cloud_share:.0%}:",
+            f"  serving v{c.serving_version}: accuracy {c.serving_accuracy:.2%} "
+            f"at cloud share {c.serving_cloud_share:.1%}",
+            f"  candidate:  accuracy {c.candidate_accuracy:.2%} "
+            f"at cloud share {c.candidate_cloud_share:.1%}",
+            f"verdict: {verdict} (min gain {c.min_gain:.2%})",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--outbox", type=Path, required=True)
+    parser.add_argument("--pair", default="fashion-mnist")
+    parser.add_argument("--edge-model", default="fashion-edge")
+    parser.add_argument("--cloud-model", default="fashion-cloud")
+    parser.add_argument("--store", type=Path, default=Path("models/store"))
+    parser.add_argument("--policies", type=Path, default=Path("models/policies"))
+    parser.add_argument("--target-cloud-share", type=float, default=0.2)
+    parser.add_argument("--min-gain", type=float, default=0.0)
+    parser.add_argument("--cloud-price-micros", type=int, default=1500)
+    parser.add_argument("--out", type=Path, help="where the candidate policy is written")
+    parser.add_argument("--registry-root", type=Path, help="publish here when better")
+    parser.add_argument("--keys", type=Path, help="the operator's key directory")
+    args = parser.parse_args(argv)
+    comparison, classifier, calibration = retrain(args)
+    sys.stdout.write(report(comparison) + "\n")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "retrain.json").write_text(
+            json.dumps(asdict(comparison) | {"better": comparison.better}, indent=2) + "\n"
+        )
+    if not comparison.better:
+        return 0
+    serving = latest_policy(args.policies / args.pair)
+    version = int(serving.name) + 1
+    directory = (args.out or args.policies / args.pair) / str(version)
+    calibration_scores = classifier.predict_proba(calibration.features)[:, 1].astype(np.float32)
+    threshold = threshold_for_cloud_share(calibration_scores, args.target_cloud_share)
+    expected = operating_point(
+        calibration_scores,
+        threshold,
+        calibration.edge_correct,
+        calibration.cloud_correct,
+        cloud_price_micros=args.cloud_price_micros,
+    )
+    write_policy(
+        directory,
+        classifier,
+        _classifier_kind(serving),
+        calibration.features[:1],
+        pair=args.pair,
+        version=version,
+        threshold=threshold,
+        extra={
+            "label": "cloud-fixes-edge (router-train) + cloud-disagreed (reconciled)",
+            "target": {"kind": "cloud-share", "value": args.target_cloud_share},
+            "calibration": {"split": "calibration (6,000)", "expected": expected.as_dict()},
+            "models": {"edge": args.edge_model, "cloud": args.cloud_model},
+            "retrained_from": comparison.serving_version,
+            "comparison": asdict(comparison),
+        },
+    )
+    sys.stdout.write(f"wrote {directory}\n")
+    if args.registry_root and args.keys:
+        key = load_private_key(args.keys / PRIVATE_KEY_FILE)
+        store = RegistryStore(args.registry_root)
+        store.publish(directory, ArtifactRef(POLICY_KIND, args.pair, version), key)
+        store.promote(POLICY_KIND, args.pair, version)
+        sys.stdout.write(f"published and promoted {args.pair} policy v{version}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
