@@ -79,7 +79,9 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         console.print("no mesh is up")
         return 1
     healthy = True
-    for name in ("router", "edge", "cloud"):
+    for name in ("router", "edge", "cloud", "registry"):
+        if name not in state.endpoints:
+            continue  # a state file from before the registry was part of the mesh
         serving = await grpc_serving(state.endpoints[name])
         healthy &= serving
         label = "SERVING" if serving else "NOT SERVING"

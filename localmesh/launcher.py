@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_inference.auth import token_sha256
 from cloud_inference.triton_launcher import TritonServer
+from localmesh import ota
 from localmesh.certs import ensure_certificates
 from localmesh.envoy import EnvoyPorts, WanControl, envoy_command, envoy_config, write_config
 from services.logging import get_logger
@@ -43,8 +44,11 @@ DEFAULT_PORTS = {
     "envoy": 50443,
     "envoy_admin": 59901,
     "triton": 58001,
+    "registry": 50054,
 }
-PARTS = ("triton", "cloud", "envoy", "edge", "router")
+PARTS = ("triton", "cloud", "registry", "envoy", "edge", "router")
+# How often the local site asks the registry for new versions.
+UPDATE_INTERVAL_S = "10"
 
 _log = get_logger("localmesh")
 
@@ -167,6 +171,7 @@ class LocalMesh:
                 "envoy": self.endpoint("envoy"),
                 "envoy_admin": f"http://{self.endpoint('envoy_admin')}",
                 "triton": self.endpoint("triton"),
+                "registry": self.endpoint("registry"),
             },
             pids={name: process.pid for name, process in self.processes.items()},
             logs=self.logs,
@@ -242,6 +247,23 @@ class LocalMesh:
 
         await self._wait_ready("envoy")
 
+        # Over-the-air updates: a registry (in the real deployment behind the cloud
+        # ingress; here on loopback) and the site's own copies of model and policy.
+        site = await asyncio.to_thread(ota.prepare, self.state_dir, root)
+        trusted = json.dumps([str(site.trusted_key)])
+        self._spawn(
+            "registry",
+            [python, "-m", "registry"],
+            self._environment(
+                {
+                    "HYBRIDMESH_REGISTRY_PORT": str(self.ports["registry"]),
+                    "HYBRIDMESH_REGISTRY_ROOT": str(site.registry_root),
+                    "HYBRIDMESH_REGISTRY_LOG_LEVEL": level,
+                }
+            ),
+        )
+        await self._wait_ready("registry")
+
         self._spawn(
             "edge",
             [python, "-m", "edge_node"],
@@ -250,6 +272,12 @@ class LocalMesh:
                     "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
                     "HYBRIDMESH_EDGE_SERVED_MODELS": '["fashion-edge"]',
                     "HYBRIDMESH_EDGE_LOG_LEVEL": level,
+                    "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
+                    "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
+                    "HYBRIDMESH_EDGE_TRUSTED_KEYS": trusted,
+                    "HYBRIDMESH_EDGE_GOLDEN_SET": str(site.golden_set),
+                    "HYBRIDMESH_EDGE_UPDATE_STAGING": str(site.staging / "edge"),
+                    "HYBRIDMESH_EDGE_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
                 }
             ),
         )
@@ -268,6 +296,11 @@ class LocalMesh:
                     "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
                     "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
                     "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
+                    "HYBRIDMESH_ROUTER_POLICY_ROOT": str(site.policy_root),
+                    "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
+                    "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,
+                    "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),
+                    "HYBRIDMESH_ROUTER_POLICY_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
                     **self.options.router_environment,
                 }
             ),

@@ -21,12 +21,17 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
+from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from localmesh.otlp_receiver import OtlpReceiver
+from registry.artifacts import ArtifactRef
+from registry.signing import PRIVATE_KEY_FILE, load_private_key
+from registry.store import RegistryStore
 from services.channels import ChannelFactory
 from services.telemetry import Telemetry, create_telemetry
 from tests.mesh_fixtures import easy_and_hard, infer_request
+from tests.ota_fixtures import make_version
 from workload.fashion_mnist import load_split
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -177,6 +182,34 @@ async def test_a_killed_edge_node_is_survived_and_restarted(running: RunningMesh
     assert during.decision.reason == decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
 
 
+@MODULE_LOOP
+async def test_the_site_takes_a_signed_edge_model_update_over_the_air(
+    running: RunningMesh, tmp_path: Path
+) -> None:
+    state_dir = Path(running.state.state_dir)
+    store = RegistryStore(state_dir / "registry")
+    version = max(store.versions("model", "fashion-edge")) + 1
+    source = make_version(tmp_path / "publisher", version)
+    key = load_private_key(state_dir / "operator" / PRIVATE_KEY_FILE)
+    await asyncio.to_thread(
+        store.publish, source, ArtifactRef("model", "fashion-edge", version), key
+    )
+    store.promote("model", "fashion-edge", version)
+    easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+    async with (
+        grpc.aio.insecure_channel(running.state.endpoints["edge"]) as edge,
+        grpc.aio.insecure_channel(running.state.endpoints["router"]) as router,
+    ):
+        check = await edge_admin_pb2_grpc.EdgeAdminServiceStub(edge).CheckForUpdates(
+            edge_admin_pb2.CheckForUpdatesRequest(), timeout=30
+        )
+        reply = await router_service_pb2_grpc.RouterServiceStub(router).Infer(easy, timeout=5)
+    (event,) = check.events
+    assert (event.outcome, event.version) == ("switched", version), event.reason
+    assert reply.decision.edge_model.version == str(version)
+    assert (state_dir / "site" / "models" / "fashion-edge" / str(version)).is_dir()
+
+
 def _exists(path: str) -> bool:
     return Path(path).exists()
 
@@ -193,7 +226,7 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
         capture_output=True,
     )
     state = json.loads((tmp_path / "state.json").read_text())
-    assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton"}
+    assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton", "registry"}
     pids = list(state["pids"].values())
     try:
         status = subprocess.run(
@@ -206,7 +239,7 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
             text=True,
         )
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("SERVING") == 3 and "NOT SERVING" not in status.stdout
+        assert status.stdout.count("SERVING") == 4 and "NOT SERVING" not in status.stdout
         assert "outbox   0 queued" in status.stdout, status.stdout
     finally:
         subprocess.run(
