@@ -13,9 +13,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from localmesh.certs import ensure_certificates
+from localmesh.envoy import ENVOY_BINARY
+
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = sorted(p for p in (REPO / "deploy/k8s/overlays").iterdir() if p.is_dir())
-OUR_SERVICES = {"router", "edge-node", "cloud-inference"}
+OUR_SERVICES = {"router", "edge-node", "cloud-inference", "registry"}
 
 
 def build(overlay: Path) -> list[dict[str, Any]]:
@@ -82,22 +85,49 @@ def test_edge_overlay_has_edge_parts_only() -> None:
     edge = {d["metadata"]["name"] for d in _deployments(build(REPO / "deploy/k8s/overlays/edge"))}
     cloud = {d["metadata"]["name"] for d in _deployments(build(REPO / "deploy/k8s/overlays/cloud"))}
     assert edge == {"router", "edge-node"}
-    assert cloud == {"envoy", "cloud-inference", "triton", "jaeger"}
+    assert cloud == {"envoy", "cloud-inference", "triton", "jaeger", "registry"}
 
 
 def test_network_policies_and_disruption_budgets() -> None:
     edge = build(REPO / "deploy/k8s/overlays/edge")
     cloud = build(REPO / "deploy/k8s/overlays/cloud")
     policies = {r["metadata"]["name"]: r for r in edge + cloud if r["kind"] == "NetworkPolicy"}
-    assert set(policies) == {"router", "edge-node", "cloud-inference", "triton"}
-    # The edge node answers only the router; cloud-inference only Envoy; Triton only
-    # cloud-inference.
+    assert set(policies) == {"router", "edge-node", "cloud-inference", "triton", "registry"}
+    # The edge node answers only the router; cloud-inference and the registry only Envoy;
+    # Triton only cloud-inference.
     for name, peer in (
         ("edge-node", "router"),
         ("cloud-inference", "envoy"),
+        ("registry", "envoy"),
         ("triton", "cloud-inference"),
     ):
         (rule,) = policies[name]["spec"]["ingress"]
         assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": peer}}}]
     budgets = {r["metadata"]["name"] for r in cloud if r["kind"] == "PodDisruptionBudget"}
     assert budgets == {"envoy", "cloud-inference"}
+
+
+def test_the_cloud_ingress_config_is_valid_for_the_real_envoy(tmp_path: Path) -> None:
+    """The k8s Envoy bootstrap (routes to cloud-inference and the registry, mTLS, access
+    log) passes ``envoy --mode validate``, with certificates at the paths it names."""
+    certificates = ensure_certificates(tmp_path / "certs").directory
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for source, target in (
+        ("server.crt", "tls.crt"),
+        ("server.key", "tls.key"),
+        ("ca.crt", "ca.crt"),
+    ):
+        shutil.copyfile(certificates / source, tls / target)
+    text = (REPO / "deploy/k8s/base/envoy/envoy-config.yaml").read_text()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text.replace("/etc/envoy/tls/", f"{tls}/"))
+    result = subprocess.run(
+        [str(ENVOY_BINARY), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "/hybridmesh.registry.v1.RegistryService/" in text
