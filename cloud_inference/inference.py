@@ -190,7 +190,7 @@ class CloudInference:
                     request_id=request.request_id,
                     timeout_s=timeout_s,
                     # Triton's aio client takes no interceptor: W3C context as headers.
-                    headers=inject_trace_headers(),
+                    headers=inject_trace_headers(level1_flags=True),
                 )
                 triton_s = time.perf_counter() - called
             span.set_attribute("hybridmesh.model.version", result.version)

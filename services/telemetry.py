@@ -97,9 +97,21 @@ def create_telemetry(
     return Telemetry(service_name, tracer_provider, meter_provider, processors)
 
 
-def inject_trace_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+def inject_trace_headers(
+    headers: dict[str, str] | None = None, *, level1_flags: bool = False
+) -> dict[str, str]:
     """W3C trace context of the current span as plain headers (for clients that take no
-    interceptor, such as tritonclient's aio client)."""
+    interceptor, such as tritonclient's aio client).
+
+    ``level1_flags`` keeps only the sampled bit of the trace flags: the Python SDK sets W3C
+    level 2's "random" bit (flags ``03``), which opentelemetry-cpp 1.13 in this Triton does
+    not know. Sending ``03`` under load coincided with Triton crashing (a segfault, and
+    once its python stub dying) in two of two demo runs; level-1 flags never did.
+    """
     carrier: dict[str, str] = dict(headers or {})
     inject(carrier)
+    traceparent = carrier.get("traceparent")
+    if level1_flags and traceparent and len(traceparent) == 55:
+        flags = int(traceparent[-2:], 16) & 0x01
+        carrier["traceparent"] = f"{traceparent[:-2]}{flags:02x}"
     return carrier
