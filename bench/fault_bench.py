@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from bench.load import publish_report
 from bench.mesh_bench import router_request
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2_grpc
@@ -369,11 +370,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report))
-        args.out.with_suffix(".md").write_text(markdown(report) + "\n")
-    sys.stdout.write(markdown(report) + "\n")
+    publish_report(args.out, report, markdown(report), indent=None)
 
 
 if __name__ == "__main__":

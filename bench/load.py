@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -118,3 +121,14 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
+
+
+def publish_report(
+    out: Path | None, report: dict[str, Any], markdown: str, indent: int | None = 2
+) -> None:
+    """Print the Markdown; with ``out``, also write the JSON there and the Markdown beside."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=indent))
+        out.with_suffix(".md").write_text(markdown + "\n")
+    sys.stdout.write(markdown + "\n")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 
-from bench.load import ServerProcess, free_port, latency, median, throughput
+from bench.load import ServerProcess, free_port, latency, median, publish_report, throughput
 from hybridmesh.common.v1 import model_pb2, routing_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
@@ -364,11 +363,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        args.out.with_suffix(".md").write_text(markdown(report) + "\n")
-    sys.stdout.write(markdown(report) + "\n")
+    publish_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from bench.load import ServerProcess
+from bench.load import ServerProcess, publish_report
 from edge_node.canary import GoldenSet
 from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
@@ -32,20 +30,13 @@ from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from registry.artifacts import ArtifactRef
 from registry.signing import generate_key
 from registry.store import RegistryStore
-from workload.fashion_mnist import load_split
-from workload.model_store import load_verified, write_version
+from workload.fashion_mnist import GOLDEN_SIZE, golden_split
+from workload.model_store import derive_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EDGE_MODEL = "fashion-edge"
 COMMITTED = REPO_ROOT / "models" / "store" / EDGE_MODEL / "1"
-GOLDEN_SIZE = 1000
 STEPS = ("download", "verify", "load", "canary", "switch", "check_round_trip")
-
-
-def new_version(publisher_store: Path, version: int) -> Path:
-    manifest = load_verified(COMMITTED)
-    files = {entry.path: (COMMITTED / entry.path).read_bytes() for entry in manifest.files}
-    return write_version(publisher_store, dataclasses.replace(manifest, version=version), files)
 
 
 async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -56,10 +47,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     edge_store = directory / "edge" / "store"
     shutil.copytree(COMMITTED, edge_store / EDGE_MODEL / "1")
     shutil.copytree(COMMITTED, directory / "publisher" / EDGE_MODEL / "1")
-    split = load_split("calibration")
-    GoldenSet(split.images[:GOLDEN_SIZE], split.labels[:GOLDEN_SIZE]).save(
-        directory / "edge" / "golden.npz"
-    )
+    GoldenSet.of(golden_split()).save(directory / "edge" / "golden.npz")
     registry = ServerProcess(
         ["-m", "registry"],
         env={
@@ -93,7 +81,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             promote = registry_service_pb2_grpc.RegistryServiceStub(registry_channel).Promote
             check = edge_admin_pb2_grpc.EdgeAdminServiceStub(edge_channel).CheckForUpdates
             for version in range(2, args.rounds + 2):
-                source = new_version(directory / "publisher", version)
+                source = derive_version(COMMITTED, directory / "publisher", version)
                 store.publish(source, ArtifactRef("model", EDGE_MODEL, version), key)
                 ref = pb.ArtifactRef(kind=pb.ARTIFACT_KIND_MODEL, name=EDGE_MODEL, version=version)
                 await promote(pb.PromoteRequest(artifact=ref), timeout=10)
@@ -136,11 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         report = asyncio.run(run(args, Path(temporary)))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        args.out.with_suffix(".md").write_text(markdown(report) + "\n")
-    sys.stdout.write(markdown(report) + "\n")
+    publish_report(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from workload.fashion_mnist import Split
+
 GOLDEN_FILE = "golden.npz"
 
 
@@ -22,6 +24,10 @@ GOLDEN_FILE = "golden.npz"
 class GoldenSet:
     images: npt.NDArray[np.uint8]
     labels: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, split: Split) -> GoldenSet:
+        return cls(split.images, split.labels.astype(np.int64))
 
     @classmethod
     def load(cls, path: Path) -> GoldenSet:

@@ -14,12 +14,11 @@ from registry.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key, lo
 from registry.store import RegistryStore
 from router_service.escalation import latest_policy
 from router_service.policy_updater import POLICY_KIND
-from workload.fashion_mnist import load_split
+from workload.fashion_mnist import golden_split
 from workload.model_store import latest_versions
 
 EDGE_MODEL = "fashion-edge"
 PAIR = "fashion-mnist"
-GOLDEN_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,7 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
         shutil.copytree(committed_policy, policy_root / committed_policy.name)
     golden = site / GOLDEN_FILE
     if not golden.exists():
-        split = load_split("calibration")
-        GoldenSet(split.images[:GOLDEN_SIZE], split.labels[:GOLDEN_SIZE]).save(golden)
+        GoldenSet.of(golden_split()).save(golden)
     return SiteArtifacts(
         store.root, keys / PUBLIC_KEY_FILE, edge_store, golden, policy_root, site / "updates"
     )

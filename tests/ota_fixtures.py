@@ -15,19 +15,16 @@ from edge_node.canary import GoldenSet
 from registry.artifacts import ArtifactRef
 from registry.signing import PublisherKey, generate_key
 from registry.store import RegistryStore
-from workload.fashion_mnist import load_split
-from workload.model_store import load_verified, write_version
+from workload.fashion_mnist import golden_split
+from workload.model_store import derive_version
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED_STORE = REPO / "models" / "store"
 EDGE_MODEL = "fashion-edge"
-GOLDEN_SIZE = 1000
 
 
 def golden_set() -> GoldenSet:
-    """From the calibration split: never used to train the edge model or to test it."""
-    split = load_split("calibration")
-    return GoldenSet(split.images[:GOLDEN_SIZE], split.labels[:GOLDEN_SIZE].astype(np.int64))
+    return GoldenSet.of(golden_split())
 
 
 def worse_model_bytes(seed: int = 7, noise: float = 0.2) -> bytes:
@@ -46,15 +43,7 @@ def worse_model_bytes(seed: int = 7, noise: float = 0.2) -> bytes:
 
 def make_version(publisher_store: Path, version: int, model_bytes: bytes | None = None) -> Path:
     """A new store version of the edge model (same contract), written as the store does."""
-    source = COMMITTED_STORE / EDGE_MODEL / "1"
-    manifest = load_verified(source)
-    files = {
-        entry.path: (source / entry.path).read_bytes()
-        for entry in manifest.files
-        if entry.path != manifest.model_file
-    }
-    files[manifest.model_file] = model_bytes or (source / manifest.model_file).read_bytes()
-    return write_version(publisher_store, dataclasses.replace(manifest, version=version), files)
+    return derive_version(COMMITTED_STORE / EDGE_MODEL / "1", publisher_store, version, model_bytes)
 
 
 @dataclasses.dataclass

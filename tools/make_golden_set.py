@@ -10,14 +10,11 @@ import sys
 from pathlib import Path
 
 from edge_node.canary import GoldenSet
-from workload.fashion_mnist import load_split
-
-GOLDEN_SIZE = 1000
+from workload.fashion_mnist import golden_split
 
 
 def main() -> None:
-    split = load_split("calibration")
-    GoldenSet(split.images[:GOLDEN_SIZE], split.labels[:GOLDEN_SIZE]).save(Path(sys.argv[1]))
+    GoldenSet.of(golden_split()).save(Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

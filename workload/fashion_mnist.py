@@ -89,3 +89,13 @@ def load_split(name: str, directory: Path = DATASET_DIR) -> Split:
     images, labels = _files("train", directory)
     chosen = split_indices(len(labels))[name]
     return Split(name, images[chosen], labels[chosen])
+
+
+GOLDEN_SIZE = 1000
+
+
+def golden_split(size: int = GOLDEN_SIZE) -> Split:
+    """The edge canary's labelled images: the first ``size`` of the calibration split
+    (never used to train the edge model, never the test split)."""
+    calibration = load_split("calibration")
+    return Split("golden", calibration.images[:size], calibration.labels[:size])

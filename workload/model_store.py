@@ -10,6 +10,7 @@ hash, signing the manifest signs the version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -266,3 +267,15 @@ def _manifest_json(manifest: ModelManifest, files: list[FileEntry]) -> str:
     document = {"schema": MANIFEST_SCHEMA, **asdict(manifest)}
     document["files"] = [asdict(entry) for entry in files]
     return json.dumps(document, indent=2, sort_keys=True)
+
+
+def derive_version(
+    source: Path, store: Path, version: int, model_bytes: bytes | None = None
+) -> Path:
+    """A new version in ``store`` made from the verified version at ``source``: same
+    contract, labels and card, the given model bytes (or the same ones)."""
+    manifest = load_verified(source)
+    files = {entry.path: (source / entry.path).read_bytes() for entry in manifest.files}
+    if model_bytes is not None:
+        files[manifest.model_file] = model_bytes
+    return write_version(store, dataclasses.replace(manifest, version=version), files)
