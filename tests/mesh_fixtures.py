@@ -28,6 +28,8 @@ from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.features import router_features
 from services.classification import softmax
+from services.config import ServiceSettings
+from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
 from tests.edge_fixtures import edge_settings
@@ -214,3 +216,17 @@ async def restart_cloud(mesh: Mesh, triton_url: str) -> None:
     """A new cloud service on the port the router already points at (an outage ends)."""
     port = int(mesh.cloud.host.address.rsplit(":", 1)[1])
     mesh.cloud = await start_cloud(triton_url, mesh.cloud_spans, port)
+
+
+CLOUD_SERVICE_NAME = "hybridmesh.cloud.v1.CloudService"
+
+
+async def start_health_only_cloud() -> ServiceHost:
+    """A real gRPC server that serves only grpc.health.v1 under the cloud service's name:
+    for tests of the router's health watch, where no request reaches the cloud."""
+    cloud = ServiceHost(
+        ServiceSettings(port=0, shutdown_grace_seconds=0),
+        [ServiceRegistration(CLOUD_SERVICE_NAME, lambda server: None)],
+    )
+    await cloud.start()
+    return cloud

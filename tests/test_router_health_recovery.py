@@ -14,13 +14,14 @@ import asyncio
 from edge_node.app import EdgeNode
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.breaker import BreakerState, CallOutcome, CircuitBreaker
-from services.config import ServiceSettings
-from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import create_telemetry
 from tests.edge_fixtures import edge_settings
-from tests.mesh_fixtures import router_settings, wait_until
-
-CLOUD_SERVICE = "hybridmesh.cloud.v1.CloudService"
+from tests.mesh_fixtures import (
+    CLOUD_SERVICE_NAME,
+    router_settings,
+    start_health_only_cloud,
+    wait_until,
+)
 
 
 def state_of(breaker: CircuitBreaker) -> BreakerState:
@@ -31,11 +32,7 @@ def state_of(breaker: CircuitBreaker) -> BreakerState:
 async def test_an_open_cloud_breaker_half_opens_when_the_cloud_is_healthy_again() -> None:
     edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
     await edge.start()
-    cloud = ServiceHost(
-        ServiceSettings(port=0, shutdown_grace_seconds=0),
-        [ServiceRegistration(CLOUD_SERVICE, lambda server: None)],
-    )
-    await cloud.start()
+    cloud = await start_health_only_cloud()
     settings = router_settings(edge.host.address, cloud.address)
     router = RouterNode(
         settings,
@@ -51,11 +48,11 @@ async def test_an_open_cloud_breaker_half_opens_when_the_cloud_is_healthy_again(
             breaker.record(CallOutcome.FAILURE)
         assert state_of(breaker) is BreakerState.OPEN
         assert breaker.remaining_open_s() > 4.0
-        await cloud.set_serving(CLOUD_SERVICE, False)
+        await cloud.set_serving(CLOUD_SERVICE_NAME, False)
         await wait_until(lambda: not router.tier_up["cloud"])
         await asyncio.sleep(0.2)
         assert state_of(breaker) is BreakerState.OPEN, "down: the breaker stays open"
-        await cloud.set_serving(CLOUD_SERVICE, True)
+        await cloud.set_serving(CLOUD_SERVICE_NAME, True)
         await wait_until(lambda: router.tier_up["cloud"], timeout_s=3.0)
         assert state_of(breaker) is BreakerState.HALF_OPEN, "healthy again: probe now"
     finally:

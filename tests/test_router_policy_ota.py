@@ -22,11 +22,15 @@ from registry.config import RegistrySettings
 from registry.signing import generate_key
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.policy_updater import POLICY_KIND
-from services.config import ServiceSettings
-from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import create_telemetry
 from tests.edge_fixtures import edge_settings
-from tests.mesh_fixtures import easy_and_hard, infer_request, router_settings, wait_until
+from tests.mesh_fixtures import (
+    easy_and_hard,
+    infer_request,
+    router_settings,
+    start_health_only_cloud,
+    wait_until,
+)
 from workload.fashion_mnist import load_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,11 +51,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
     registry.store.promote(POLICY_KIND, PAIR, 1)
     edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
     await edge.start()
-    cloud = ServiceHost(
-        ServiceSettings(port=0, shutdown_grace_seconds=0),
-        [ServiceRegistration("hybridmesh.cloud.v1.CloudService", lambda server: None)],
-    )
-    await cloud.start()
+    cloud = await start_health_only_cloud()
     policy_root = tmp_path / "policies" / PAIR
     shutil.copytree(COMMITTED, policy_root / "1")
     settings = router_settings(
