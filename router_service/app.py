@@ -25,8 +25,10 @@ from router_service.metrics import RouterMetrics
 from router_service.outbox import Outbox
 from router_service.policy_updater import PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
-from router_service.routing import PairSpec, Router
+from router_service.request_validation import PairSpec
+from router_service.routing import Router
 from router_service.servicer import RouterServicer
+from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger, open_log_file
@@ -200,14 +202,19 @@ class RouterNode:
         edge = health_pb2_grpc.HealthStub(self._edge_channel)
         cloud = health_pb2_grpc.HealthStub(self._cloud_channel)
         serving: bool | None = None
-        breakers = {"edge": self.router.edge.breaker, "cloud": self.router.cloud.breaker}
+        tiers: dict[str, EdgeTierApi | CloudTierApi] = {
+            "edge": self.router.edge,
+            "cloud": self.router.cloud,
+        }
         while True:
             for name, stub in (("edge", edge), ("cloud", cloud)):
                 up = await _is_serving(stub)
                 if up and not self.tier_up[name]:
                     # Back from down: probe now instead of waiting out the open period.
-                    breakers[name].health_restored()
+                    tiers[name].breaker.health_restored()
                 self.tier_up[name] = up
+                # A tier known to be down is skipped while the other can answer.
+                tiers[name].health.up = up
             now_serving = any(self.tier_up.values())
             if now_serving != serving:
                 serving = now_serving

@@ -34,6 +34,13 @@ class RouterSettings(ServiceSettings):
     # Call the cloud beside the edge (hedge) when the remaining budget is below this, or
     # below edge p95 + cloud p95 once both are known; 0 leaves only the p95 rule.
     hedge_below_budget_s: float = Field(default=0.0, ge=0)
+    # Per-attempt timeouts (router_service/budget.py): a tier attempt is capped at
+    # attempt_p99_multiple x its rolling p99 (never below attempt_floor_s), and leaves
+    # the other tier's rolling p95 (fallback_reserve_default_s until known) for the
+    # fallback, so a hung tier costs the cap, not the caller's deadline.
+    attempt_floor_s: float = Field(default=0.1, gt=0)
+    attempt_p99_multiple: float = Field(default=4.0, ge=1)
+    fallback_reserve_default_s: float = Field(default=0.25, ge=0)
     max_batch_size: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=10, ge=1)
     # Prices per item in micro-USD: $1.50 per 1,000 cloud images (a typical cloud vision

@@ -24,7 +24,7 @@ from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from router_service.config import RouterSettings
 from router_service.corrections import CorrectionFeed
 from router_service.outbox import Outbox, OutboxItem, Priority, ReconciledItem
-from router_service.tiers import CloudTier, TierUnavailableError
+from router_service.tier_api import CloudTierApi, TierUnavailableError
 from services.errors import ServiceError
 from services.logging import get_logger
 from services.tensors import DATATYPE_TO_NUMPY, encode_tensor
@@ -112,7 +112,7 @@ class Reconciler:
         self,
         settings: RouterSettings,
         outbox: Outbox,
-        cloud: CloudTier,
+        cloud: CloudTierApi,
         pairs: Mapping[str, PairRoute],
         *,
         cloud_ready: Callable[[], bool],

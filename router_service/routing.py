@@ -1,107 +1,72 @@
-"""The router's domain: one request in, one explained answer out.
+"""The router's request flow: which tier is called when, over the tier interfaces.
 
-Order of work: validate, budget, hard policy, edge inference, learned escalation score,
-cloud escalation for the items that earn it, fallback both ways, explanation. No
-sockets here beyond the two tier clients, which tests can point at real servers.
+Sequencing only. What the policy allows is ``policy.py``; which items escalate and
+what every decision field says is ``decision.py``; how long each attempt may take is
+``budget.py``; the response is assembled in ``response.py``. The tiers are
+``tier_api`` interfaces (gRPC clients in ``tiers.py``), so tests drive this with
+scripted tiers.
+
+Flow: validate -> budget -> hard policy -> [CLOUD_ONLY: cloud first] -> [tight
+deadline: hedge the cloud beside the edge] -> edge (capped, leaving the cloud's p95
+for the fallback; skipped when its health check says it is down and the cloud may
+answer) -> classifier -> escalate the wanted items -> settle -> outbox -> response.
+The request's lifetime bounds all of it: a cancelled caller cancels every call and
+hedge in flight (``asyncio`` cancellation; see ``services/channels.py`` for the
+interceptor that makes it reach the wire), and nothing is recorded for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import numpy.typing as npt
-from google.protobuf import duration_pb2
 from opentelemetry import trace
 
-from hybridmesh.common.v1 import decision_pb2, model_pb2, routing_pb2, tensor_pb2
+from hybridmesh.common.v1 import decision_pb2
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.breaker import BreakerState
+from router_service.budget import AttemptBudget
 from router_service.config import RouterSettings
+from router_service.decision import (
+    AttemptResult,
+    CloudAttempt,
+    EdgeFailure,
+    EscalationPlan,
+    Purpose,
+    Settlement,
+    edge_first_settlement,
+    plan_escalation,
+    settle,
+)
 from router_service.escalation import EscalationClassifier
 from router_service.features import router_features
 from router_service.metrics import RouterMetrics
 from router_service.outbox import OutboxItem, Priority
-from router_service.policy import (
-    PolicyVerdict,
-    Reason,
-    RequestConstraints,
-    Situation,
-    evaluate,
-)
+from router_service.policy import PolicyVerdict, RequestConstraints, Situation, evaluate
 from router_service.reconciler import Reconciler, sampled
-from router_service.tiers import CloudTier, EdgeTier, TierAnswer, TierUnavailableError
+from router_service.request_validation import PairSpec, validate_request
+from router_service.response import Prices, annotate, build_response, tensor_array
+from router_service.tier_api import CloudTierApi, EdgeTierApi, TierAnswer, TierUnavailableError
 from services.classification import softmax
-from services.errors import (
-    DeadlineExceededError,
-    InvalidArgumentError,
-    NotFoundError,
-    UnavailableError,
-)
-from services.tensors import DATATYPE_TO_NUMPY, DataTypeValue, decode_tensor, encode_tensor
+from services.errors import DeadlineExceededError, UnavailableError
+from services.tensors import encode_tensor
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
-# The caller's rules that take the cloud off the table for every item.
-CALLER_EXCLUDED_CLOUD = frozenset(
-    {
-        decision_pb2.DECISION_REASON_PRIVACY_SENSITIVE,
-        decision_pb2.DECISION_REASON_PREFERENCE_EDGE_ONLY,
-    }
-)
-# Reasons that are the caller's own choice: keeping the edge answer is not a degradation.
-CALLER_CHOSEN = frozenset(
-    {
-        decision_pb2.DECISION_REASON_PRIVACY_SENSITIVE,
-        decision_pb2.DECISION_REASON_PREFERENCE_EDGE_ONLY,
-        decision_pb2.DECISION_REASON_COST_CEILING,
-    }
-)
-# The cloud should have answered these items but could not: queue them for the cloud.
-CLOUD_UNREACHABLE = frozenset(
-    {
-        decision_pb2.DECISION_REASON_CLOUD_BREAKER_OPEN,
-        decision_pb2.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK,
-    }
-)
-# Why data went to the cloud, for the audit log.
-TRANSFER_PURPOSE = {
-    decision_pb2.DECISION_REASON_PREFERENCE_CLOUD_ONLY: "cloud-only",
-    decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK: "edge-fallback",
-}
-EDGE, CLOUD = routing_pb2.TIER_EDGE, routing_pb2.TIER_CLOUD
+__all__ = ["PairSpec", "Router"]
+
+EdgeAnswerListener = Callable[[router_service_pb2.InferResponse], None]
 
 
 @dataclass(frozen=True)
-class PairSpec:
-    """A model pair as the router needs it: names, input contract, labels."""
-
-    name: str
-    edge_model: str
-    cloud_model: str
-    input_name: str
-    input_datatype: DataTypeValue
-    input_shape: tuple[int, ...]
-    # True when the models output probabilities rather than logits.
-    outputs_probabilities: bool = False
-    # What runs on INTERNAL data before it leaves the site.
-    anonymiser: str = "strip-attributes"
-
-
-@dataclass
-class _Item:
-    tier: routing_pb2.Tier.ValueType = EDGE
-    reason: Reason = decision_pb2.DECISION_REASON_EDGE_CONFIDENT
-    score: float = 0.0
-
-
-@dataclass
-class _Outcome:
-    """One request in flight: what was asked, what the policy allows, what happened."""
+class _Routed:
+    """A validated request and what the policy allows for it; fixed for its lifetime."""
 
     request: router_service_pb2.InferRequest
     request_id: str
@@ -109,43 +74,41 @@ class _Outcome:
     inputs: npt.NDArray[np.generic]
     constraints: RequestConstraints
     verdict: PolicyVerdict
+    started: float
     deadline: float
-    items: list[_Item]
     # The policy this request started with: an over-the-air swap mid-request does not
     # mix one version's threshold with another's scores.
     classifier: EscalationClassifier
-    edge: TierAnswer | None = None
-    cloud: TierAnswer | None = None
-    # Item index -> row of ``cloud`` holding that item's cloud answer.
-    cloud_rows: dict[int, int] = field(default_factory=dict)
-    hedge: asyncio.Task[TierAnswer] | None = None
-    # Items whose data was sent to the cloud (what the cloud bills), answered or not.
-    cloud_items_sent: int = 0
-    degraded: bool = False
-    data_left_site: bool = False
-    # CLOUD_ONLY was asked for, but the cloud failed: every edge-served item is queued.
-    cloud_only_failed: bool = False
-    queued: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    explanation: str = ""
+
+    @property
+    def batch(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return self.request.top_k or 1
 
     @property
     def anonymiser(self) -> str:
         return self.pair.anonymiser if self.constraints.requires_anonymiser else ""
 
-    @property
-    def threshold(self) -> float:
-        return self.classifier.threshold
 
-    @property
-    def policy_version(self) -> str:
-        return self.classifier.version
+@dataclass
+class _Facts:
+    """What has happened so far, appended in order; settled by ``decision.settle``."""
 
+    edge: TierAnswer | None = None
+    edge_failure: EdgeFailure | None = None
+    plan: EscalationPlan | None = None
+    attempts: list[CloudAttempt] = field(default_factory=list)
+    # The cloud answer that serves the CLOUD items.
+    cloud: TierAnswer | None = None
+    hedge: asyncio.Task[TierAnswer] | None = None
+    hedge_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
+    def attempted(self, purpose: Purpose) -> CloudAttempt | None:
+        return next((a for a in self.attempts if a.purpose is purpose), None)
 
 
 class Router:
@@ -154,8 +117,8 @@ class Router:
         settings: RouterSettings,
         *,
         pairs: Sequence[PairSpec],
-        edge: EdgeTier,
-        cloud: CloudTier,
+        edge: EdgeTierApi,
+        cloud: CloudTierApi,
         classifier: EscalationClassifier,
         tracer: trace.Tracer,
         metrics: RouterMetrics | None = None,
@@ -171,54 +134,337 @@ class Router:
         self._tracer = tracer
         self._metrics = metrics
         self._clock = clock
+        self._budget = AttemptBudget(
+            floor_s=settings.attempt_floor_s,
+            p99_multiple=settings.attempt_p99_multiple,
+            default_reserve_s=settings.fallback_reserve_default_s,
+            reserve_margin_s=settings.outbox_write_reserve_s,
+        )
+        self._prices = Prices(
+            settings.currency_code, settings.edge_price_micros, settings.cloud_price_micros
+        )
 
     @property
     def pair_names(self) -> list[str]:
         return sorted(self._pairs)
 
     async def infer(
-        self, request: router_service_pb2.InferRequest, time_remaining_s: float | None
-    ) -> router_service_pb2.InferResponse:
-        final: router_service_pb2.InferResponse | None = None
-        async for response, _ in self.stages(request, time_remaining_s, progressive=False):
-            final = response
-        assert final is not None
-        return final
-
-    async def stages(
         self,
         request: router_service_pb2.InferRequest,
         time_remaining_s: float | None,
         *,
-        progressive: bool,
-    ) -> AsyncIterator[tuple[router_service_pb2.InferResponse, bool]]:
-        """Yield (answer, is_final); with ``progressive`` the edge answer comes first."""
+        on_edge_answer: EdgeAnswerListener | None = None,
+    ) -> router_service_pb2.InferResponse:
+        """Route one request. ``on_edge_answer`` receives the edge answer before an
+        escalation is sent (the progressive stream's first message).
+
+        Raises ServiceError subclasses (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE naming
+        each tier and why, DEADLINE_EXCEEDED); CancelledError when the caller leaves.
+        """
         started = self._clock()
-        outcome: _Outcome | None = None
         with self._tracer.start_as_current_span("router.decide") as span:
+            routed = self._begin(request, time_remaining_s, started, span)
+            facts = _Facts(timings={"policy": self._clock() - started})
             try:
-                outcome = self._begin(request, time_remaining_s, started, span)
-                if outcome.verdict.cloud_first and await self._cloud_first(outcome):
-                    yield self._finish(outcome, started, span), True
-                    return
-                self._maybe_hedge(outcome)
-                if not await self._edge_or_cloud_fallback(outcome):
-                    yield self._finish(outcome, started, span), True  # the cloud answered
-                    return
-                escalate = self._plan_escalation(outcome)
-                if not escalate:
-                    self._cancel_hedge(outcome)
-                    await self._queue_for_reconciliation(outcome)
-                    yield self._finish(outcome, started, span), True
-                    return
-                if progressive:
-                    yield self._finish(outcome, started, span, partial=True), False
-                await self._escalate(outcome, escalate)
-                await self._queue_for_reconciliation(outcome)
-                yield self._finish(outcome, started, span), True
+                await self._route(routed, facts, on_edge_answer)
+            except asyncio.CancelledError:
+                # The caller left: every call in flight is cancelled with this task, and
+                # nothing is billed, queued or counted for it.
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+                span.set_attribute("hybridmesh.cancelled", True)
+                raise
             finally:
-                if outcome is not None:
-                    self._cancel_hedge(outcome)
+                if facts.hedge is not None and not facts.hedge.done():
+                    facts.hedge.cancel()
+            settlement = settle(
+                routed.batch,
+                routed.constraints,
+                facts.plan,
+                facts.attempts,
+                edge_failure=facts.edge_failure,
+                hedged=facts.hedge_reason,
+            )
+            queued = await self._queue_owed(routed, facts, settlement)
+            response = self._respond(routed, facts, settlement, final=True, queued=queued)
+            annotate(span, response.decision)
+            if self._metrics is not None:
+                self._metrics.record(response.decision, [p.served_by for p in response.predictions])
+            return response
+
+    # -- sequencing ------------------------------------------------------------------
+
+    async def _route(
+        self, routed: _Routed, facts: _Facts, on_edge_answer: EdgeAnswerListener | None
+    ) -> None:
+        everything = tuple(range(routed.batch))
+        if routed.verdict.cloud_first:
+            timeout = self._budget.timeout(
+                self._remaining(routed),
+                self.cloud.latency.quantile(0.99),
+                self.edge.latency.p95,
+                fallback_possible=True,
+            )
+            if await self._call_cloud(routed, facts, Purpose.CLOUD_ONLY, everything, timeout):
+                return
+        else:
+            self._maybe_hedge(routed, facts)
+        if not await self._call_edge(routed, facts):
+            await self._cloud_after_edge_failure(routed, facts)
+            return
+        facts.plan = plan = self._plan(routed, facts)
+        if not plan.escalate:
+            self._resolve_hedge(facts, routed.batch, rows=())
+            return
+        if on_edge_answer is not None:
+            on_edge_answer(self._respond(routed, facts, edge_first_settlement(plan), final=False))
+        if facts.hedge is not None:
+            await self._await_hedge(facts, routed.batch, plan.escalate)
+            return
+        await self._call_cloud(
+            routed, facts, Purpose.ESCALATION, plan.escalate, self._cloud_timeout(routed)
+        )
+
+    async def _call_edge(self, routed: _Routed, facts: _Facts) -> bool:
+        """The edge attempt; False (and ``facts.edge_failure``) when it did not answer.
+
+        When the cloud could take over, the edge gets its cap (``budget.py``); past it
+        the cloud is called beside the still-running edge (a hedged fallback) and the
+        first answer wins, so a hung edge costs the cap, and a slow but alive edge
+        still answers when the cloud cannot.
+        """
+        cloud_can_take_over = routed.verdict.cloud_allowed and not facts.attempts
+        if self.edge.health.known_down and cloud_can_take_over:
+            facts.edge_failure = EdgeFailure("edge node is down (health check); not called")
+            return False
+        remaining = self._remaining(routed)
+        if remaining <= 0:
+            raise DeadlineExceededError("the deadline passed before the edge could be called")
+        edge_call = asyncio.create_task(
+            self.edge.infer(
+                request_id=routed.request_id,
+                model=routed.pair.edge_model,
+                inputs=routed.request.inputs,
+                top_k=routed.top_k,
+                timeout_s=remaining,
+            )
+        )
+        try:
+            if cloud_can_take_over and facts.hedge is None:
+                cap = self._budget.timeout(
+                    remaining,
+                    self.edge.latency.quantile(0.99),
+                    self.cloud.latency.p95,
+                    fallback_possible=True,
+                )
+                await asyncio.wait({edge_call}, timeout=cap)
+                if not edge_call.done():
+                    self._start_hedge(routed, facts, f"edge slower than its {cap * 1e3:.0f} ms cap")
+            if not await self._first_answer(edge_call, facts.hedge):
+                facts.edge_failure = EdgeFailure("edge slower than the cloud, which answered")
+                return False
+            facts.edge = edge_call.result()
+        except TierUnavailableError as error:
+            facts.edge_failure = EdgeFailure(_why(error))
+            return False
+        finally:
+            if not edge_call.done():
+                edge_call.cancel()
+        facts.timings["edge"] = facts.edge.elapsed_s
+        return True
+
+    @staticmethod
+    async def _first_answer(
+        edge_call: asyncio.Task[TierAnswer], hedge: asyncio.Task[TierAnswer] | None
+    ) -> bool:
+        """Wait until the edge is done, or the hedge answered first (False)."""
+        while not edge_call.done():
+            pending: set[asyncio.Task[TierAnswer]] = {edge_call}
+            if hedge is not None and not hedge.done():
+                pending.add(hedge)
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if (
+                hedge is not None
+                and hedge.done()
+                and not hedge.cancelled()
+                and hedge.exception() is None
+            ):
+                return edge_call.done() and edge_call.exception() is None
+        return True
+
+    async def _cloud_after_edge_failure(self, routed: _Routed, facts: _Facts) -> None:
+        """The edge did not answer: the cloud answers every item, if the policy allows
+        and it has not failed already; else UNAVAILABLE naming each tier and why."""
+        assert facts.edge_failure is not None
+        edge_why = facts.edge_failure.detail
+        blocked = routed.verdict.cloud_blocked_reason
+        earlier = facts.attempted(Purpose.CLOUD_ONLY)
+        if blocked is not None:
+            cloud_why = f"may not serve ({decision_pb2.DecisionReason.Name(blocked)})"
+        elif earlier is not None:
+            cloud_why = earlier.detail
+        else:
+            everything = tuple(range(routed.batch))
+            if facts.hedge is not None:
+                await self._await_hedge(facts, routed.batch, everything)
+            else:
+                await self._call_cloud(
+                    routed,
+                    facts,
+                    Purpose.EDGE_FALLBACK,
+                    everything,
+                    self._remaining(routed),
+                )
+            if facts.cloud is not None:
+                return
+            cloud_why = facts.attempts[-1].detail
+        raise UnavailableError(f"no tier could answer: edge: {edge_why}; cloud: {cloud_why}")
+
+    async def _call_cloud(
+        self,
+        routed: _Routed,
+        facts: _Facts,
+        purpose: Purpose,
+        items: tuple[int, ...],
+        timeout_s: float,
+    ) -> bool:
+        """Send ``items`` to the cloud; True when it answered (they are cloud-served)."""
+        if timeout_s <= 0:
+            facts.attempts.append(CloudAttempt(purpose, items, AttemptResult.NO_TIME, "no time"))
+            return False
+        subset = (
+            routed.request.inputs
+            if len(items) == routed.batch
+            else [
+                encode_tensor(
+                    routed.pair.input_name, np.ascontiguousarray(routed.inputs[list(items)])
+                )
+            ]
+        )
+        try:
+            answer = await self.cloud.infer(
+                request_id=routed.request_id,
+                model=routed.pair.cloud_model,
+                inputs=subset,
+                top_k=routed.top_k,
+                timeout_s=timeout_s,
+                privacy_class=routed.constraints.privacy_class,
+                anonymiser=routed.anonymiser,
+                purpose=purpose.value,
+            )
+        except TierUnavailableError as error:
+            facts.attempts.append(CloudAttempt(purpose, items, _result_of(error), _why(error)))
+            return False
+        rows = tuple((index, row) for row, index in enumerate(items))
+        facts.attempts.append(CloudAttempt(purpose, items, AttemptResult.ANSWERED, rows=rows))
+        self._adopt(facts, answer)
+        return True
+
+    def _maybe_hedge(self, routed: _Routed, facts: _Facts) -> None:
+        """Start the cloud call now, beside the edge, when there is no time to do them in
+        turn: the remaining budget is below ``hedge_below_budget_s``, or below edge p95 +
+        cloud p95. If the edge answer turns out confident, the cloud call is cancelled."""
+        if not routed.verdict.cloud_allowed:
+            return
+        remaining = self._remaining(routed)
+        edge_p95, cloud_p95 = self.edge.latency.p95, self.cloud.latency.p95
+        sequential_too_slow = (
+            edge_p95 is not None and cloud_p95 is not None and remaining < edge_p95 + cloud_p95
+        )
+        if remaining >= self._settings.hedge_below_budget_s and not sequential_too_slow:
+            return
+        self._start_hedge(routed, facts, "tight deadline")
+
+    def _start_hedge(self, routed: _Routed, facts: _Facts, why: str) -> None:
+        """Call the cloud with every item, beside the edge."""
+        facts.hedge_reason = why
+        facts.hedge = asyncio.create_task(
+            self.cloud.infer(
+                request_id=routed.request_id,
+                model=routed.pair.cloud_model,
+                inputs=routed.request.inputs,
+                top_k=routed.top_k,
+                timeout_s=self._cloud_timeout(routed),
+                privacy_class=routed.constraints.privacy_class,
+                anonymiser=routed.anonymiser,
+                purpose=Purpose.HEDGE.value,
+            )
+        )
+
+    async def _await_hedge(self, facts: _Facts, batch: int, serves: tuple[int, ...]) -> None:
+        """Wait for the hedge; its answer serves ``serves`` (it carries every item)."""
+        assert facts.hedge is not None
+        with contextlib.suppress(TierUnavailableError):  # recorded by _resolve_hedge
+            await facts.hedge
+        self._resolve_hedge(facts, batch, rows=tuple((index, index) for index in serves))
+
+    def _resolve_hedge(self, facts: _Facts, batch: int, rows: tuple[tuple[int, int], ...]) -> None:
+        """Record the hedge as an attempt; cancel it if it is still running (the edge
+        answer won). A cancelled hedge had already been sent."""
+        hedge = facts.hedge
+        if hedge is None:
+            return
+        everything = tuple(range(batch))
+        if not hedge.done():
+            hedge.cancel()
+            result = CloudAttempt(Purpose.HEDGE, everything, AttemptResult.CANCELLED)
+        elif hedge.cancelled():
+            result = CloudAttempt(Purpose.HEDGE, everything, AttemptResult.CANCELLED)
+        elif (error := hedge.exception()) is not None:
+            assert isinstance(error, TierUnavailableError), error
+            result = CloudAttempt(Purpose.HEDGE, everything, _result_of(error), _why(error))
+        else:
+            result = CloudAttempt(Purpose.HEDGE, everything, AttemptResult.ANSWERED, rows=rows)
+            self._adopt(facts, hedge.result())
+        facts.attempts.append(result)
+
+    def _plan(self, routed: _Routed, facts: _Facts) -> EscalationPlan:
+        assert facts.edge is not None
+        started = self._clock()
+        probabilities = _probabilities(routed.pair, facts.edge)
+        scores = routed.classifier.score(router_features(probabilities, routed.inputs))
+        facts.timings["classifier"] = self._clock() - started
+        return plan_escalation(
+            routed.verdict,
+            routed.constraints,
+            scores,
+            probabilities.max(axis=1),
+            routed.classifier.threshold,
+            routed.classifier.version,
+            cloud_already_failed=facts.attempted(Purpose.CLOUD_ONLY) is not None,
+        )
+
+    async def _queue_owed(self, routed: _Routed, facts: _Facts, settled: Settlement) -> bool:
+        """Store the items owed to the cloud (or a sample of confident ones) in the
+        outbox, so the cloud checks them once it is back. True when stored."""
+        if self._reconciler is None or facts.edge is None:
+            return False
+        indices, priority = list(settled.owed), Priority.ESCALATION
+        if not indices:
+            confident = all(
+                item.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT for item in settled.items
+            )
+            if not confident or not sampled(routed.request_id, self._settings.outbox_sample_rate):
+                return False
+            indices, priority = list(range(routed.batch)), Priority.SAMPLE
+        edge = facts.edge
+        stored = await self._reconciler.enqueue(
+            OutboxItem(
+                request_id=routed.request_id,
+                priority=priority,
+                pair=routed.pair.name,
+                privacy_class=routed.constraints.privacy_class,
+                top_k=routed.top_k,
+                item_indices=tuple(indices),
+                edge_classes=tuple(edge.classifications[i].top_k[0].class_index for i in indices),
+                edge_model=f"{edge.model.name}:{edge.model.version}",
+                inputs=encode_tensor(
+                    routed.pair.input_name, np.ascontiguousarray(routed.inputs[indices])
+                ).SerializeToString(),
+            )
+        )
+        return stored
+
+    # -- helpers -----------------------------------------------------------------------
 
     def _begin(
         self,
@@ -226,11 +472,16 @@ class Router:
         time_remaining_s: float | None,
         started: float,
         span: trace.Span,
-    ) -> _Outcome:
+    ) -> _Routed:
         """Validate, set the budget, apply hard policy."""
-        pair, inputs, constraints = self._validate(request)
-        deadline = started + self._budget(request, time_remaining_s)
-        batch = inputs.shape[0]
+        pair, inputs, constraints = validate_request(
+            request,
+            self._pairs,
+            max_top_k=self._settings.max_top_k,
+            max_batch_size=self._settings.max_batch_size,
+        )
+        deadline = started + self._budget_s(request, time_remaining_s)
+        batch = int(inputs.shape[0])
         verdict = evaluate(
             constraints,
             Situation(
@@ -240,248 +491,29 @@ class Router:
                 cloud_cost_micros=self._settings.cloud_price_micros * batch,
             ),
         )
-        outcome = _Outcome(
+        routed = _Routed(
             request=request,
             request_id=request.request_id or uuid.uuid4().hex,
             pair=pair,
             inputs=inputs,
             constraints=constraints,
             verdict=verdict,
+            started=started,
             deadline=deadline,
-            items=[_Item() for _ in range(batch)],
             classifier=self.classifier,
         )
-        outcome.timings["policy"] = self._clock() - started
-        span.set_attribute("hybridmesh.request_id", outcome.request_id)
-        span.set_attribute("hybridmesh.pair", pair.name)
-        span.set_attribute("hybridmesh.batch_size", batch)
-        # Until something is sent: a request that fails still says nothing left.
-        span.set_attribute("hybridmesh.data_left_site", False)
-        return outcome
-
-    async def _cloud_first(self, outcome: _Outcome) -> bool:
-        """CLOUD_ONLY: True when the cloud answered; else the edge answers, degraded."""
-        try:
-            await self._call_cloud(
-                outcome,
-                list(range(len(outcome.items))),
-                decision_pb2.DECISION_REASON_PREFERENCE_CLOUD_ONLY,
-            )
-        except TierUnavailableError as error:
-            outcome.degraded = True
-            outcome.cloud_only_failed = True
-            outcome.explanation = f"CLOUD_ONLY requested but the cloud failed ({error}); "
-            return False
-        outcome.explanation = "CLOUD_ONLY requested; the cloud answered"
-        return True
-
-    async def _edge_or_cloud_fallback(self, outcome: _Outcome) -> bool:
-        """Run the edge. False when the edge failed and the cloud answered instead."""
-        try:
-            outcome.edge = await self.edge.infer(
-                request_id=outcome.request_id,
-                model=outcome.pair.edge_model,
-                inputs=outcome.request.inputs,
-                top_k=outcome.request.top_k or 1,
-                timeout_s=self._timeout(outcome.deadline),
-            )
-        except TierUnavailableError as edge_error:
-            await self._cloud_after_edge_failure(outcome, edge_error)
-            return False
-        outcome.timings["edge"] = outcome.edge.elapsed_s
-        return True
-
-    async def _cloud_after_edge_failure(
-        self, outcome: _Outcome, edge_error: TierUnavailableError
-    ) -> None:
-        edge_detail = edge_error.detail or str(edge_error.code)
-        blocked = outcome.verdict.cloud_blocked_reason
-        if blocked is not None or outcome.degraded:
-            why = (
-                decision_pb2.DecisionReason.Name(blocked)
-                if blocked is not None
-                else "it failed too"
-            )
-            raise UnavailableError(
-                f"edge node unavailable ({edge_detail}) and the cloud may not serve: {why}"
-            ) from edge_error
-        try:
-            everything = list(range(len(outcome.items)))
-            reason = decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
-            if outcome.hedge is not None:
-                self._adopt_cloud(outcome, await outcome.hedge, {i: i for i in everything}, reason)
-            else:
-                await self._call_cloud(outcome, everything, reason)
-        except TierUnavailableError as cloud_error:
-            raise UnavailableError(
-                f"no tier could answer: edge: {edge_detail}; cloud: {cloud_error.detail}"
-            ) from cloud_error
-        outcome.degraded = True
-        outcome.explanation = f"edge node failed ({edge_detail}); the cloud answered"
-
-    def _plan_escalation(self, outcome: _Outcome) -> list[int]:
-        """Score every item; return the items the cloud should serve."""
-        assert outcome.edge is not None
-        started = self._clock()
-        probabilities = self._probabilities(outcome.pair, outcome.edge)
-        scores = outcome.classifier.score(router_features(probabilities, outcome.inputs))
-        outcome.timings["classifier"] = self._clock() - started
-        wanted = self._wanted_escalations(scores, probabilities, outcome)
-        blocked = outcome.verdict.cloud_blocked_reason
-        if blocked in CALLER_EXCLUDED_CLOUD:
-            # The cloud was never an option: every item is explained by the caller's rule.
-            for item in outcome.items:
-                item.reason = blocked
-        elif blocked is not None:
-            for index in wanted:
-                outcome.items[index].reason = blocked
-            outcome.degraded |= bool(wanted) and blocked not in CALLER_CHOSEN
-        escalate = wanted if blocked is None else []
-        outcome.explanation += self._explain(outcome, scores, escalate, blocked, wanted)
-        return escalate
-
-    def _maybe_hedge(self, outcome: _Outcome) -> None:
-        """Start the cloud call now, beside the edge, when there is no time to do them in
-        turn: the remaining budget is below the hedge budget, or below edge p95 + cloud
-        p95. If the edge answer turns out confident, the cloud call is cancelled."""
-        if not outcome.verdict.cloud_allowed:
-            return
-        remaining = outcome.deadline - self._clock()
-        edge_p95, cloud_p95 = self.edge.latency.p95, self.cloud.latency.p95
-        sequential_too_slow = (
-            edge_p95 is not None and cloud_p95 is not None and remaining < edge_p95 + cloud_p95
+        span.set_attributes(
+            {
+                "hybridmesh.request_id": routed.request_id,
+                "hybridmesh.pair": pair.name,
+                "hybridmesh.batch_size": batch,
+                # Until something is sent: a request that fails still says nothing left.
+                "hybridmesh.data_left_site": False,
+            }
         )
-        if remaining >= self._settings.hedge_below_budget_s and not sequential_too_slow:
-            return
-        outcome.hedge = asyncio.create_task(
-            self.cloud.infer(
-                request_id=outcome.request_id,
-                model=outcome.pair.cloud_model,
-                inputs=outcome.request.inputs,
-                top_k=outcome.request.top_k or 1,
-                timeout_s=self._cloud_timeout(outcome.deadline),
-                privacy_class=outcome.constraints.privacy_class,
-                anonymiser=outcome.anonymiser,
-                purpose="hedge",
-            )
-        )
-        # The request is on the wire from here on, whatever happens to the call.
-        outcome.data_left_site = True
-        outcome.cloud_items_sent = len(outcome.items)
-        outcome.explanation = "hedged: cloud called beside the edge (tight deadline); "
+        return routed
 
-    @staticmethod
-    def _cancel_hedge(outcome: _Outcome) -> None:
-        hedge = outcome.hedge
-        if hedge is None:
-            return
-        if not hedge.done():
-            hedge.cancel()  # the edge answer won: the loser is cancelled
-            outcome.explanation += "; hedged cloud call cancelled"
-        elif not hedge.cancelled():
-            hedge.exception()  # retrieved, so a failed loser is not reported as lost
-
-    async def _escalate(self, outcome: _Outcome, escalate: list[int]) -> None:
-        try:
-            if outcome.hedge is not None:
-                answer = await outcome.hedge
-                self._adopt_cloud(outcome, answer, {i: i for i in escalate}, None)
-            else:
-                await self._call_cloud(outcome, escalate, None)
-        except TierUnavailableError as error:
-            for index in escalate:
-                outcome.items[index].reason = (
-                    decision_pb2.DECISION_REASON_CLOUD_BREAKER_OPEN
-                    if error.code is None
-                    else decision_pb2.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK
-                )
-            outcome.degraded = True
-            outcome.explanation += f"; the cloud failed ({error}), edge answer kept"
-
-    async def _queue_for_reconciliation(self, outcome: _Outcome) -> None:
-        """Store the items the cloud should have answered (or a sample of confident
-        ones) in the outbox, so the cloud checks them once it is back."""
-        if self._reconciler is None or outcome.edge is None:
-            return
-        if outcome.constraints.privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
-            return  # never leaves the site, so never queued either
-        items = outcome.items
-        # CLOUD_ONLY wanted every item from the cloud: all of them are owed a cloud answer.
-        wanted_all = outcome.cloud_only_failed or (
-            outcome.constraints.preference == routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY
-            and outcome.verdict.cloud_blocked_reason in CLOUD_UNREACHABLE
-        )
-        indices = [
-            index
-            for index, item in enumerate(items)
-            if item.tier == EDGE and (wanted_all or item.reason in CLOUD_UNREACHABLE)
-        ]
-        priority = Priority.ESCALATION
-        if not indices:
-            confident = all(i.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT for i in items)
-            if not confident or not sampled(outcome.request_id, self._settings.outbox_sample_rate):
-                return
-            indices, priority = list(range(len(items))), Priority.SAMPLE
-        source = outcome.request.inputs[0]
-        edge = outcome.edge
-        outcome.queued = await self._reconciler.enqueue(
-            OutboxItem(
-                request_id=outcome.request_id,
-                priority=priority,
-                pair=outcome.pair.name,
-                privacy_class=outcome.constraints.privacy_class,
-                top_k=outcome.request.top_k or 1,
-                item_indices=tuple(indices),
-                edge_classes=tuple(edge.classifications[i].top_k[0].class_index for i in indices),
-                edge_model=f"{edge.model.name}:{edge.model.version}",
-                inputs=encode_tensor(
-                    source.name, np.ascontiguousarray(outcome.inputs[indices])
-                ).SerializeToString(),
-            )
-        )
-        if outcome.queued and priority is Priority.ESCALATION:
-            outcome.explanation += f"; {len(indices)} item(s) queued for reconciliation"
-
-    # -- steps -------------------------------------------------------------------------
-
-    def _validate(
-        self, request: router_service_pb2.InferRequest
-    ) -> tuple[PairSpec, npt.NDArray[np.generic], RequestConstraints]:
-        if not REQUEST_ID_PATTERN.match(request.request_id):
-            raise InvalidArgumentError(
-                "at most 128 characters of [A-Za-z0-9._:-]", field="request_id"
-            )
-        if not request.model:
-            raise InvalidArgumentError("required: a model pair name", field="model")
-        pair = self._pairs.get(request.model)
-        if pair is None:
-            raise NotFoundError(
-                f"no model pair {request.model!r}; known: {sorted(self._pairs)}", field="model"
-            )
-        if request.top_k > self._settings.max_top_k:
-            raise InvalidArgumentError(
-                f"{request.top_k} exceeds the limit of {self._settings.max_top_k}", field="top_k"
-            )
-        if len(request.inputs) != 1:
-            raise InvalidArgumentError(
-                f"expected exactly one input tensor {pair.input_name!r}, got {len(request.inputs)}",
-                field="inputs",
-            )
-        if request.inputs[0].name != pair.input_name:
-            raise InvalidArgumentError(
-                f"expected input {pair.input_name!r}, got {request.inputs[0].name!r}",
-                field="inputs[0].name",
-            )
-        inputs = decode_tensor(
-            request.inputs[0],
-            "inputs[0]",
-            expected_datatype=pair.input_datatype,
-            expected_shape=pair.input_shape,
-            max_batch_size=self._settings.max_batch_size,
-        )
-        return pair, inputs, RequestConstraints.from_hints(request.hints)
-
-    def _budget(
+    def _budget_s(
         self, request: router_service_pb2.InferRequest, time_remaining_s: float | None
     ) -> float:
         """Seconds this request may take: the gRPC deadline wins, then hints, then default."""
@@ -496,216 +528,58 @@ class Router:
             raise DeadlineExceededError("no time left to route this request")
         return budget
 
-    def _timeout(self, deadline: float) -> float:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            raise DeadlineExceededError("the deadline passed while routing")
-        return remaining
+    def _remaining(self, routed: _Routed) -> float:
+        return routed.deadline - self._clock()
 
-    def _cloud_timeout(self, deadline: float) -> float:
-        """The cloud call ends early enough that a failure still leaves time to store the
-        item in the outbox and answer with the edge's result within the deadline."""
-        remaining = self._timeout(deadline)
+    def _cloud_timeout(self, routed: _Routed) -> float:
+        """An escalation ends early enough that a failure still leaves time to store the
+        items in the outbox and answer with the edge's result within the deadline."""
+        remaining = self._remaining(routed)
         return max(remaining - self._settings.outbox_write_reserve_s, remaining / 2)
 
-    @staticmethod
-    def _probabilities(pair: PairSpec, edge: TierAnswer) -> npt.NDArray[np.float32]:
-        scores = _tensor_array(edge.outputs[0])
-        if pair.outputs_probabilities:
-            return scores.astype(np.float32)
-        return softmax(scores.astype(np.float32))
+    def _adopt(self, facts: _Facts, answer: TierAnswer) -> None:
+        facts.cloud = answer
+        facts.timings["cloud"] = answer.elapsed_s
 
-    def _wanted_escalations(
+    def _respond(
         self,
-        scores: npt.NDArray[np.float32],
-        probabilities: npt.NDArray[np.float32],
-        outcome: _Outcome,
-    ) -> list[int]:
-        wanted = []
-        top1 = probabilities.max(axis=1)
-        max_error = outcome.constraints.max_error_probability
-        for index, score in enumerate(scores):
-            item = outcome.items[index]
-            item.score = float(score)
-            if score >= outcome.threshold:
-                item.reason = decision_pb2.DECISION_REASON_ESCALATED_HARD_CASE
-                wanted.append(index)
-            elif max_error is not None and 1.0 - float(top1[index]) > max_error:
-                item.reason = decision_pb2.DECISION_REASON_ESCALATED_QUALITY_TARGET
-                wanted.append(index)
-        return wanted
-
-    async def _call_cloud(
-        self, outcome: _Outcome, indices: list[int], reason: Reason | None
-    ) -> None:
-        """Send ``indices`` of the batch to the cloud; on success they are cloud-served."""
-        source = outcome.request.inputs[0]
-        subset = encode_tensor(source.name, np.ascontiguousarray(outcome.inputs[indices]))
-        outcome.cloud_items_sent += len(indices)
-        try:
-            outcome.cloud = await self.cloud.infer(
-                request_id=outcome.request_id,
-                model=outcome.pair.cloud_model,
-                inputs=[subset],
-                top_k=outcome.request.top_k or 1,
-                timeout_s=self._cloud_timeout(outcome.deadline),
-                privacy_class=outcome.constraints.privacy_class,
-                anonymiser=outcome.anonymiser,
-                purpose=TRANSFER_PURPOSE.get(reason, "escalation") if reason else "escalation",
-            )
-        except TierUnavailableError as error:
-            # Bytes were sent unless the breaker refused before the call.
-            outcome.data_left_site |= error.code is not None
-            raise
-        self._adopt_cloud(
-            outcome, outcome.cloud, {index: row for row, index in enumerate(indices)}, reason
-        )
-
-    @staticmethod
-    def _adopt_cloud(
-        outcome: _Outcome, answer: TierAnswer, rows: dict[int, int], reason: Reason | None
-    ) -> None:
-        """Make the cloud's answer the one for the items in ``rows``."""
-        outcome.cloud = answer
-        outcome.data_left_site = True
-        outcome.timings["cloud"] = answer.elapsed_s
-        outcome.cloud_rows = rows
-        for index in rows:
-            outcome.items[index].tier = CLOUD
-            if reason is not None:
-                outcome.items[index].reason = reason
-
-    @staticmethod
-    def _explain(
-        outcome: _Outcome,
-        scores: npt.NDArray[np.float32],
-        escalate: list[int],
-        blocked: Reason | None,
-        wanted: list[int],
-    ) -> str:
-        text = (
-            f"escalation score {float(scores.max()):.3f} vs threshold {outcome.threshold:.3f} "
-            f"(policy {outcome.policy_version})"
-        )
-        if escalate:
-            return f"{text}: escalating {len(escalate)} of {len(scores)} item(s)"
-        if blocked is not None and (wanted or blocked in CALLER_EXCLUDED_CLOUD):
-            return f"{text}: the cloud may not serve ({decision_pb2.DecisionReason.Name(blocked)})"
-        return f"{text}: edge answer kept"
-
-    # -- response ----------------------------------------------------------------------
-
-    def _finish(
-        self,
-        outcome: _Outcome,
-        started: float,
-        span: trace.Span,
+        routed: _Routed,
+        facts: _Facts,
+        settled: Settlement,
         *,
-        partial: bool = False,
+        final: bool,
+        queued: bool = False,
     ) -> router_service_pb2.InferResponse:
-        """The response for what happened so far (``partial``: before the cloud answered)."""
-        items = outcome.items
-        if partial:
-            items = [_Item(EDGE, item.reason, item.score) for item in items]
-        cloud_rows = {} if partial else outcome.cloud_rows
-        served = {item.tier for item in items}
-        served_by = served.pop() if len(served) == 1 else routing_pb2.TIER_EDGE_AND_CLOUD
-        reason = next((item.reason for item in items if item.tier == CLOUD), items[0].reason)
-        batch = len(items)
-        settings = self._settings
-        edge_ran = outcome.edge is not None
-        cloud_ran = outcome.cloud is not None and not partial
-        timings = decision_pb2.StageTimings(total=_duration(self._clock() - started))
-        for stage, seconds in outcome.timings.items():
-            if stage == "cloud" and partial:
-                continue
-            getattr(timings, stage).CopyFrom(_duration(seconds))
-        span_context = trace.get_current_span().get_span_context()
-        decision = decision_pb2.Decision(
-            served_by=served_by,
-            reason=reason,
-            explanation=outcome.explanation,
-            escalation_score=max(item.score for item in items),
-            threshold=outcome.threshold,
-            policy_version=outcome.policy_version,
-            degraded=outcome.degraded and not partial,
-            data_left_site=outcome.data_left_site and not partial,
+        """The response for ``settled``; not ``final`` for the edge-first answer."""
+        timings = dict(facts.timings)
+        if not final:
+            timings.pop("cloud", None)
+        if queued and settled.owed:
+            settled = dataclasses.replace(
+                settled, explanation=f"{settled.explanation}; queued for reconciliation"
+            )
+        return build_response(
+            request_id=routed.request_id,
+            settlement=settled,
+            edge=facts.edge,
+            cloud=facts.cloud if final and settled.answered_by is not None else None,
+            threshold=routed.classifier.threshold,
+            policy_version=routed.classifier.version,
+            prices=self._prices,
             timings=timings,
-            cost=decision_pb2.Cost(
-                currency_code=settings.currency_code,
-                edge_micros=settings.edge_price_micros * batch if edge_ran else 0,
-                cloud_micros=0
-                if partial
-                else settings.cloud_price_micros * outcome.cloud_items_sent,
-                all_cloud_micros=settings.cloud_price_micros * batch,
-            ),
-            trace_id=trace.format_trace_id(span_context.trace_id) if span_context.is_valid else "",
-            queued_for_reconciliation=outcome.queued and not partial,
-        )
-        if outcome.edge is not None:
-            decision.edge_model.CopyFrom(outcome.edge.model)
-        if cloud_ran and outcome.cloud is not None:
-            decision.cloud_model.CopyFrom(outcome.cloud.model)
-        outputs, classifications = self._merge(outcome, cloud_rows)
-        if not partial:
-            _annotate(span, decision)
-            if self._metrics is not None:
-                self._metrics.record(decision, [item.tier for item in items])
-        return router_service_pb2.InferResponse(
-            request_id=outcome.request_id,
-            outputs=outputs,
-            predictions=[
-                router_service_pb2.Prediction(
-                    classification=classification,
-                    served_by=item.tier,
-                    reason=item.reason,
-                    escalation_score=item.score,
-                )
-                for item, classification in zip(items, classifications, strict=True)
-            ],
-            decision=decision,
+            total_s=self._clock() - routed.started,
+            queued=queued,
         )
 
-    @staticmethod
-    def _merge(
-        outcome: _Outcome, cloud_rows: dict[int, int]
-    ) -> tuple[list[tensor_pb2.Tensor], list[model_pb2.Classification]]:
-        """Edge answers with the cloud's rows put in place of the escalated items."""
-        if outcome.edge is None:
-            assert outcome.cloud is not None
-            return list(outcome.cloud.outputs), list(outcome.cloud.classifications)
-        classifications = list(outcome.edge.classifications)
-        if not cloud_rows or outcome.cloud is None:
-            return list(outcome.edge.outputs), classifications
-        cloud_outputs = {tensor.name: tensor for tensor in outcome.cloud.outputs}
-        items, rows = list(cloud_rows), list(cloud_rows.values())
-        merged = []
-        for tensor in outcome.edge.outputs:
-            array = _tensor_array(tensor).copy()
-            if tensor.name in cloud_outputs:
-                array[items] = _tensor_array(cloud_outputs[tensor.name])[rows]
-            merged.append(encode_tensor(tensor.name, array))
-        for index, row in cloud_rows.items():
-            classifications[index] = outcome.cloud.classifications[row]
-        return merged, classifications
+
+def _probabilities(pair: PairSpec, edge: TierAnswer) -> npt.NDArray[np.float32]:
+    scores = tensor_array(edge.outputs[0]).astype(np.float32)
+    return scores if pair.outputs_probabilities else softmax(scores)
 
 
-def _tensor_array(tensor: tensor_pb2.Tensor) -> npt.NDArray[np.generic]:
-    dtype = DATATYPE_TO_NUMPY[tensor.datatype]
-    return np.frombuffer(tensor.raw_contents, dtype=dtype).reshape(list(tensor.shape))
+def _why(error: TierUnavailableError) -> str:
+    return error.detail or (error.code.name if error.code is not None else "unavailable")
 
 
-def _annotate(span: trace.Span, decision: decision_pb2.Decision) -> None:
-    span.set_attribute("hybridmesh.served_by", routing_pb2.Tier.Name(decision.served_by))
-    span.set_attribute("hybridmesh.reason", decision_pb2.DecisionReason.Name(decision.reason))
-    span.set_attribute("hybridmesh.escalation_score", decision.escalation_score)
-    span.set_attribute("hybridmesh.threshold", decision.threshold)
-    span.set_attribute("hybridmesh.policy_version", decision.policy_version)
-    span.set_attribute("hybridmesh.degraded", decision.degraded)
-    span.set_attribute("hybridmesh.data_left_site", decision.data_left_site)
-    span.set_attribute("hybridmesh.queued_for_reconciliation", decision.queued_for_reconciliation)
-    span.set_attribute("hybridmesh.edge_model_version", decision.edge_model.version)
-    span.set_attribute("hybridmesh.cloud_model_version", decision.cloud_model.version)
-    span.set_attribute(
-        "hybridmesh.cost_micros", decision.cost.edge_micros + decision.cost.cloud_micros
-    )
+def _result_of(error: TierUnavailableError) -> AttemptResult:
+    return AttemptResult.FAILED if error.sent else AttemptResult.REFUSED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,24 +33,49 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         request: router_service_pb2.InferStreamRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[router_service_pb2.InferStreamResponse]:
-        sequence = 0
-        previous: list[int] = []
-        async for response, final in self._router.stages(
-            request.request, context.time_remaining(), progressive=True
-        ):
-            top1 = [p.classification.top_k[0].class_index for p in response.predictions]
-            # A later answer replaces the earlier one only if the cloud answered;
-            # after a cloud failure the last message repeats the edge answer, degraded.
-            supersedes = sequence > 0 and response.decision.served_by != routing_pb2.TIER_EDGE
-            yield router_service_pb2.InferStreamResponse(
-                response=response,
-                sequence=sequence,
-                supersedes_previous=supersedes,
-                final=final,
-                agrees_with_previous=supersedes and top1 == previous,
+        """The edge answer first (when an escalation follows), then the final answer.
+
+        The routing runs in its own task so its span is entered and left in one
+        context (a span held current across a ``yield`` cannot be detached when the
+        stream is cancelled); leaving the stream cancels the task and every call in it.
+        """
+        answers: asyncio.Queue[router_service_pb2.InferResponse] = asyncio.Queue()
+        routing = asyncio.create_task(
+            self._router.infer(
+                request.request, context.time_remaining(), on_edge_answer=answers.put_nowait
             )
-            previous = top1
-            sequence += 1
+        )
+        try:
+            previous: list[int] = []
+            sequence = 0
+            while True:
+                next_answer = asyncio.ensure_future(answers.get())
+                await asyncio.wait({next_answer, routing}, return_when=asyncio.FIRST_COMPLETED)
+                if next_answer.done():
+                    response, final = next_answer.result(), False
+                else:
+                    next_answer.cancel()
+                    response, final = await routing, True
+                top1 = [p.classification.top_k[0].class_index for p in response.predictions]
+                # A later answer replaces the earlier one only if the cloud answered;
+                # after a cloud failure the last message repeats the edge answer, degraded.
+                supersedes = sequence > 0 and response.decision.served_by != routing_pb2.TIER_EDGE
+                yield router_service_pb2.InferStreamResponse(
+                    response=response,
+                    sequence=sequence,
+                    supersedes_previous=supersedes,
+                    final=final,
+                    agrees_with_previous=supersedes and top1 == previous,
+                )
+                if final:
+                    return
+                previous = top1
+                sequence += 1
+        finally:
+            if not routing.done():  # the caller left: cancel every call in flight
+                routing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await routing
 
     async def WatchCorrections(  # noqa: N802 (gRPC method name)
         self,

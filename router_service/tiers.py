@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -21,27 +20,10 @@ from router_service.anonymisers import Anonymised, anonymiser, strip_attributes
 from router_service.audit import TransferAudit
 from router_service.breaker import CallOutcome, CircuitBreaker, outcome_of
 from router_service.latency import RollingLatency
+from router_service.tier_api import TierAnswer, TierHealth, TierUnavailableError
 from services.errors import FailedPreconditionError
 
 ResponseT = TypeVar("ResponseT")
-
-
-class TierUnavailableError(Exception):
-    """A tier could not answer: breaker open, or the call failed."""
-
-    def __init__(self, tier: str, code: grpc.StatusCode | None, detail: str) -> None:
-        super().__init__(f"{tier}: {detail}")
-        self.tier = tier
-        self.code = code
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class TierAnswer:
-    model: model_pb2.ModelRef
-    outputs: Sequence[tensor_pb2.Tensor]
-    classifications: Sequence[model_pb2.Classification]
-    elapsed_s: float
 
 
 async def _guarded(
@@ -72,6 +54,7 @@ class EdgeTier:
         self._stub = stub
         self.breaker = breaker
         self.latency = RollingLatency()
+        self.health = TierHealth()
 
     async def infer(
         self,
@@ -110,6 +93,7 @@ class CloudTier:
         self._stub = stub
         self.breaker = breaker
         self.latency = RollingLatency()
+        self.health = TierHealth()
         self._audit = audit
         self._metadata = (("authorization", f"Bearer {site_token}"),) if site_token else ()
 

@@ -6,11 +6,13 @@ call without one instead of letting it hang on a dead link.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from services.config import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -74,6 +76,59 @@ class DeadlineRequiredInterceptor(
         return await continuation(client_call_details, request_iterator)
 
 
+class CancelOnLeaveInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+):
+    """Makes a caller's cancellation reach the wire for unary-response calls.
+
+    An interceptor that awaits the call's status (OpenTelemetry's aio client interceptor
+    does, opentelemetry-python-contrib#3271) swallows the task's cancellation: the
+    awaiting coroutine is cancelled but the RPC runs on to completion. Placed last (next
+    to the wire), this awaits the real call itself, so a cancellation cancels it (the
+    workaround given in that issue), and ends the client span left open by it.
+    """
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        return await _cancel_with_caller(call, client_call_details)
+
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: AsyncIterable[Any] | Iterable[Any],
+    ) -> Any:
+        call = await continuation(client_call_details, request_iterator)
+        return await _cancel_with_caller(call, client_call_details)
+
+
+async def _cancel_with_caller(call: Any, details: grpc.aio.ClientCallDetails) -> Any:
+    try:
+        await call
+    except grpc.aio.AioRpcError:
+        pass  # the call object carries the status to the interceptors above
+    except asyncio.CancelledError:
+        call.cancel()
+        # The tracing interceptor above leaves its client span open when cancelled.
+        span = trace.get_current_span()
+        raw: object = details.method
+        method = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if (
+            getattr(span, "kind", None) is trace.SpanKind.CLIENT
+            and getattr(span, "name", None) == method
+        ):
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+            span.end()
+        raise
+    return call
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Options for every client channel."""
     return [
@@ -102,10 +157,12 @@ class ChannelFactory:
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        # The deadline check runs first, so a refused call never opens a span.
+        # The deadline check runs first, so a refused call never opens a span; the
+        # cancellation guard runs last, next to the wire.
         self._interceptors: list[Any] = [
             DeadlineRequiredInterceptor(),
             *interceptors,
+            CancelOnLeaveInterceptor(),
         ]
         self._max_message_bytes = max_message_bytes
 

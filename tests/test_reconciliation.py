@@ -17,7 +17,7 @@ from hybridmesh.common.v1 import decision_pb2, model_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.anonymisers import face_blur
 from router_service.audit import content_sha256
-from router_service.tiers import TierUnavailableError
+from router_service.tier_api import TierUnavailableError
 from services.errors import FailedPreconditionError, field_violations
 from services.tensors import encode_tensor
 from tests.mesh_fixtures import (
