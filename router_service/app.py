@@ -18,7 +18,7 @@ from registry.client import RegistryClient
 from registry.signing import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
-from router_service.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.metrics import RouterMetrics
@@ -92,7 +92,7 @@ class RouterNode:
         )
         cloud = CloudTier(
             cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
-            CircuitBreaker("cloud", BreakerConfig(slow_call_s=0.5), on_state_change=on_change),
+            CircuitBreaker("cloud", settings.breaker_cloud.config(), on_state_change=on_change),
             settings.cloud_site_token,
             TransferAudit(self._audit_stream, settings.cloud_target),
         )
@@ -108,7 +108,8 @@ class RouterNode:
             cloud,
             {pair.name: PairRoute(pair.cloud_model, pair.anonymiser) for pair in pairs},
             cloud_ready=lambda: (
-                self.tier_up["cloud"] and cloud.breaker.state is not BreakerState.OPEN
+                # Replays are refused while half-open (the probes are live traffic's).
+                self.tier_up["cloud"] and cloud.breaker.state is BreakerState.CLOSED
             ),
             tracer=tracer,
             meter=meter,
@@ -118,7 +119,7 @@ class RouterNode:
             pairs=pairs,
             edge=EdgeTier(
                 edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel),
-                CircuitBreaker("edge", BreakerConfig(slow_call_s=0.1), on_state_change=on_change),
+                CircuitBreaker("edge", settings.breaker_edge.config(), on_state_change=on_change),
             ),
             cloud=cloud,
             classifier=EscalationClassifier(latest_policy(settings.policy_root)),
