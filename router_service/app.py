@@ -108,8 +108,7 @@ class RouterNode:
             cloud,
             {pair.name: PairRoute(pair.cloud_model, pair.anonymiser) for pair in pairs},
             cloud_ready=lambda: (
-                # Replays are refused while half-open (the probes are live traffic's).
-                self.tier_up["cloud"] and cloud.breaker.state is BreakerState.CLOSED
+                self.tier_up["cloud"] and cloud.breaker.state is not BreakerState.OPEN
             ),
             tracer=tracer,
             meter=meter,

@@ -133,6 +133,7 @@ class CloudTier:
         anonymiser: str,
         purpose: str = "escalation",
         reconciliation: bool = False,
+        background: bool = False,
     ) -> TierAnswer:
         if privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
             # A bug upstream, never a fallback: the request fails rather than leaks.
@@ -173,8 +174,7 @@ class CloudTier:
             )
             return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
 
-        # Outbox replays are background work: they never take live traffic's probes.
-        response, elapsed = await _guarded("cloud", self.breaker, send, background=reconciliation)
+        response, elapsed = await _guarded("cloud", self.breaker, send, background=background)
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
 
