@@ -18,7 +18,7 @@ from registry.client import RegistryClient
 from registry.signing import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
-from router_service.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.metrics import RouterMetrics
@@ -94,7 +94,7 @@ class RouterNode:
         )
         cloud = CloudTier(
             cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
-            CircuitBreaker("cloud", BreakerConfig(slow_call_s=0.5), on_state_change=on_change),
+            CircuitBreaker("cloud", settings.breaker_cloud.config(), on_state_change=on_change),
             settings.cloud_site_token,
             TransferAudit(self._audit_stream, settings.cloud_target),
         )
@@ -120,7 +120,7 @@ class RouterNode:
             pairs=pairs,
             edge=EdgeTier(
                 edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel),
-                CircuitBreaker("edge", BreakerConfig(slow_call_s=0.1), on_state_change=on_change),
+                CircuitBreaker("edge", settings.breaker_edge.config(), on_state_change=on_change),
             ),
             cloud=cloud,
             classifier=EscalationClassifier(latest_policy(settings.policy_root)),

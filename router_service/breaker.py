@@ -1,14 +1,21 @@
 """Circuit breaker per downstream target: pure logic with an injectable clock.
 
 Semantics follow resilience4j's time-based breaker (window, minimum calls, failure and
-slow-call rate thresholds, half-open probes) with two additions:
+slow-call rate thresholds, half-open probes) with these additions:
 
 - the open period starts at ``open_base_s`` and doubles on each consecutive re-open
   (up to ``open_max_s``), so a target that keeps failing is probed less and less;
 - ``consecutive_failures_to_open`` trips the breaker on a run of failures even while
   the window still holds older successes. With a 10 s window at a steady rate the
   rate rule alone needs ~5 s of total failure to reach 50 %; a dead cloud should be
-  cut off within about a second (Envoy's consecutive_5xx outlier detection does the same).
+  cut off within about a second (Envoy's consecutive_5xx outlier detection does the same);
+- epochs: every state transition starts a new epoch, and a call's outcome counts only
+  in the epoch that admitted it (its ``Permit``). A call started while CLOSED that
+  returns after the breaker opened and half-opened says nothing about the half-open
+  target: it neither closes nor re-opens the breaker, frees no probe slot and does not
+  enter a later window. Only probes admitted in HALF_OPEN decide a half-open breaker;
+- background work (outbox replays) is refused while HALF_OPEN, so it never takes the
+  probe slots live traffic needs to find out whether the target is back.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ def outcome_of(code: grpc.StatusCode) -> CallOutcome:
 
 @dataclass(frozen=True)
 class BreakerConfig:
+    """Thresholds of one breaker; invalid values raise ValueError at construction."""
+
     window_s: float = 10.0
     minimum_calls: int = 20
     failure_rate_to_open: float = 0.5
@@ -66,6 +75,50 @@ class BreakerConfig:
     open_max_s: float = 60.0
     half_open_probes: int = 3
     consecutive_failures_to_open: int = 5
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be > 0, got {value}"
+            for name, value in (
+                ("window_s", self.window_s),
+                ("slow_call_s", self.slow_call_s),
+                ("open_base_s", self.open_base_s),
+                ("open_max_s", self.open_max_s),
+            )
+            if not value > 0
+        ]
+        problems += [
+            f"{name} must be in (0, 1], got {value}"
+            for name, value in (
+                ("failure_rate_to_open", self.failure_rate_to_open),
+                ("slow_call_rate_to_open", self.slow_call_rate_to_open),
+            )
+            if not 0 < value <= 1
+        ]
+        problems += [
+            f"{name} must be >= 1, got {value}"
+            for name, value in (
+                ("minimum_calls", self.minimum_calls),
+                ("half_open_probes", self.half_open_probes),
+                ("consecutive_failures_to_open", self.consecutive_failures_to_open),
+            )
+            if value < 1
+        ]
+        if self.open_max_s < self.open_base_s:
+            problems.append(
+                f"open_max_s ({self.open_max_s}) must be >= open_base_s ({self.open_base_s})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Leave to make one call, from ``CircuitBreaker.try_acquire``; hand it back with the
+    call's outcome to ``CircuitBreaker.record`` exactly once."""
+
+    epoch: int
+    probe: bool  # admitted in HALF_OPEN
 
 
 @dataclass(frozen=True)
@@ -81,9 +134,10 @@ StateListener = Callable[[str, BreakerState, BreakerState], None]
 class CircuitBreaker:
     """Decides whether a call to one target may go ahead, from the outcomes of past calls.
 
-    Use: ``if breaker.allow_request(): ... breaker.record(outcome, duration_s)``.
-    Every allowed request must be recorded exactly once (IGNORED included), so
-    half-open probe slots are returned.
+    Use: ``permit = breaker.try_acquire()``; if not None, make the call, then
+    ``breaker.record(permit, outcome, duration_s)`` exactly once (IGNORED included, so
+    a half-open probe slot is returned). Outcomes whose permit comes from an earlier
+    epoch (state) are ignored.
     """
 
     def __init__(
@@ -98,6 +152,7 @@ class CircuitBreaker:
         self._clock = clock
         self._on_state_change = on_state_change
         self._state = BreakerState.CLOSED
+        self._epoch = 0
         self._calls: deque[_Call] = deque()
         self._failures = 0
         self._slow = 0
@@ -109,9 +164,19 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self._clock() >= self._opened_at + self.open_for_s:
-            self._transition(BreakerState.HALF_OPEN)
+        self._end_open_period_if_due()
         return self._state
+
+    @property
+    def epoch(self) -> int:
+        """Starts at 0; every state transition adds one."""
+        self._end_open_period_if_due()
+        return self._epoch
+
+    @property
+    def probes_in_flight(self) -> int:
+        """Half-open probes admitted in this epoch and not yet recorded."""
+        return self._probes_in_flight if self.state is BreakerState.HALF_OPEN else 0
 
     @property
     def open_for_s(self) -> float:
@@ -124,15 +189,21 @@ class CircuitBreaker:
             return 0.0
         return max(self._opened_at + self.open_for_s - self._clock(), 0.0)
 
-    def allow_request(self) -> bool:
+    def try_acquire(self, *, background: bool = False) -> Permit | None:
+        """A permit for one call, or None when the breaker refuses it: OPEN; HALF_OPEN
+        with all probe slots taken; or HALF_OPEN and ``background`` (work nobody waits
+        for must not use up the probes that decide whether live traffic may go)."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return True
-        probes_left = self._probes_in_flight < self.config.half_open_probes
-        if state is BreakerState.HALF_OPEN and probes_left:
+            return Permit(self._epoch, probe=False)
+        if (
+            state is BreakerState.HALF_OPEN
+            and not background
+            and self._probes_in_flight < self.config.half_open_probes
+        ):
             self._probes_in_flight += 1
-            return True
-        return False
+            return Permit(self._epoch, probe=True)
+        return None
 
     def health_restored(self) -> None:
         """The target's own health check turned SERVING again: an open breaker moves to
@@ -142,13 +213,16 @@ class CircuitBreaker:
         if self._state is BreakerState.OPEN:
             self._transition(BreakerState.HALF_OPEN)
 
-    def record(self, outcome: CallOutcome, duration_s: float = 0.0) -> None:
-        """Record the outcome of a call that allow_request() let through."""
-        if self._state is BreakerState.HALF_OPEN:
+    def record(self, permit: Permit, outcome: CallOutcome, duration_s: float = 0.0) -> None:
+        """Record the outcome of a call made with ``permit``. A permit from an earlier
+        epoch (the breaker changed state since the call was admitted) is ignored."""
+        if permit.epoch != self.epoch:
+            return  # a straggler: admitted in a state that no longer holds
+        if permit.probe:
             self._record_probe(outcome, duration_s)
             return
-        if self._state is BreakerState.OPEN or outcome is CallOutcome.IGNORED:
-            return  # a straggler from before the breaker opened, or a caller error
+        if outcome is CallOutcome.IGNORED:
+            return  # a caller error says nothing about the target
         now = self._clock()
         call = _Call(
             at=now,
@@ -174,6 +248,10 @@ class CircuitBreaker:
         if self._probe_successes >= self.config.half_open_probes:
             self._consecutive_opens = 0
             self._transition(BreakerState.CLOSED)
+
+    def _end_open_period_if_due(self) -> None:
+        if self._state is BreakerState.OPEN and self._clock() >= self._opened_at + self.open_for_s:
+            self._transition(BreakerState.HALF_OPEN)
 
     def _should_open(self) -> bool:
         if self._consecutive_failures >= self.config.consecutive_failures_to_open:
@@ -201,7 +279,9 @@ class CircuitBreaker:
     def _transition(self, new: BreakerState) -> None:
         old = self._state
         self._state = new
-        # Every state starts with a clean slate: no stale window, no stale probes.
+        # A new epoch: permits handed out before this point no longer count, and the
+        # state starts with a clean slate (no stale window, no stale probes).
+        self._epoch += 1
         self._calls.clear()
         self._failures = self._slow = self._consecutive_failures = 0
         self._probes_in_flight = self._probe_successes = 0

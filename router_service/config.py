@@ -1,18 +1,65 @@
-"""Router settings (env prefix HYBRIDMESH_ROUTER_)."""
+"""Router settings (env prefix HYBRIDMESH_ROUTER_; nested fields with ``__``, e.g.
+``HYBRIDMESH_ROUTER_BREAKER_CLOUD__SLOW_CALL_S=0.3``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from router_service.breaker import BreakerConfig
 from services.config import ServiceSettings
 
 
+class BreakerSettings(BaseModel):
+    """One target's circuit breaker (router_service.breaker); the defaults are the
+    resilience spec. Rates are in (0, 1], durations > 0, open_max_s >= open_base_s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The time window the failure and slow-call rates are taken over.
+    window_s: float = Field(default=10.0, gt=0)
+    # Calls the window must hold before a rate can open the breaker.
+    minimum_calls: int = Field(default=20, ge=1)
+    failure_rate_to_open: float = Field(default=0.5, gt=0, le=1)
+    slow_call_rate_to_open: float = Field(default=0.8, gt=0, le=1)
+    # A call slower than this is slow (the target's latency SLO).
+    slow_call_s: float = Field(default=0.5, gt=0)
+    # First open period; doubles on each consecutive re-open up to open_max_s.
+    open_base_s: float = Field(default=5.0, gt=0)
+    open_max_s: float = Field(default=60.0, gt=0)
+    # Live calls let through at once while half-open; this many successes close it.
+    half_open_probes: int = Field(default=3, ge=1)
+    # A run of this many failures opens it whatever the window holds.
+    consecutive_failures_to_open: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BreakerSettings:
+        self.config()  # BreakerConfig checks across fields (open_max_s >= open_base_s)
+        return self
+
+    def config(self) -> BreakerConfig:
+        return BreakerConfig(**self.model_dump())
+
+
+class EdgeBreakerSettings(BreakerSettings):
+    # The edge answers in milliseconds on the site's LAN.
+    slow_call_s: float = Field(default=0.1, gt=0)
+
+
+class CloudBreakerSettings(BreakerSettings):
+    slow_call_s: float = Field(default=0.5, gt=0)
+
+
 class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="HYBRIDMESH_ROUTER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="HYBRIDMESH_ROUTER_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
 
     service_name: str = "router"
     port: int = Field(default=50051, ge=0, le=65535)
@@ -29,6 +76,10 @@ class RouterSettings(ServiceSettings):
     policy_root: Path = Path("models/policies/fashion-mnist")
     # Used when the call carries no gRPC deadline and the hints no budget.
     default_budget_s: float = Field(default=1.0, gt=0)
+    # Circuit breaker per tier: HYBRIDMESH_ROUTER_BREAKER_EDGE__<FIELD>,
+    # HYBRIDMESH_ROUTER_BREAKER_CLOUD__<FIELD> (fields and defaults: BreakerSettings).
+    breaker_edge: EdgeBreakerSettings = EdgeBreakerSettings()
+    breaker_cloud: CloudBreakerSettings = CloudBreakerSettings()
     # Kept back from every budget for the router's own work and the reply.
     budget_margin_s: float = Field(default=0.02, ge=0)
     # Call the cloud beside the edge (hedge) when the remaining budget is below this, or

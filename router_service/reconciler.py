@@ -21,6 +21,7 @@ import numpy as np
 from opentelemetry import metrics, trace
 
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
+from router_service.breaker import BreakerState
 from router_service.config import RouterSettings
 from router_service.corrections import CorrectionFeed
 from router_service.outbox import Outbox, OutboxItem, Priority, ReconciledItem
@@ -188,6 +189,15 @@ class Reconciler:
         failure (the cloud is likely down again). Returns how many items were handled
         (reconciled, or deferred for a reason that is not the cloud's)."""
         items = await asyncio.to_thread(self.outbox.due, self._settings.drain_batch)
+        breaker = self._cloud.breaker
+        if items and breaker.state is BreakerState.HALF_OPEN:
+            # Replays are background work, refused by a half-open breaker: its probes are
+            # live traffic's. On a quiet site no live call probes, so one replay at a
+            # time goes as a probe, only while no other probe is in flight; otherwise
+            # the outbox would wait for live traffic to close the breaker.
+            if breaker.probes_in_flight:
+                return 0
+            return int(await self._reconcile(items[0], probe=True))
         slots = asyncio.Semaphore(self._settings.drain_concurrency)
         cloud_failed = False
 
@@ -205,7 +215,7 @@ class Reconciler:
 
         return sum(await asyncio.gather(*(one(item) for item in items)))
 
-    async def _reconcile(self, item: OutboxItem) -> bool:
+    async def _reconcile(self, item: OutboxItem, *, probe: bool = False) -> bool:
         route = self._pairs.get(item.pair)
         tensor = tensor_pb2.Tensor.FromString(item.inputs)
         with self._tracer.start_as_current_span("router.reconcile") as span:
@@ -228,6 +238,7 @@ class Reconciler:
                     anonymiser="" if public else route.anonymiser,
                     purpose="reconciliation",
                     reconciliation=True,
+                    background=not probe,
                 )
             except TierUnavailableError as error:
                 span.set_attribute("hybridmesh.data_left_site", error.code is not None)

@@ -27,23 +27,31 @@ ResponseT = TypeVar("ResponseT")
 
 
 async def _guarded(
-    tier: str, breaker: CircuitBreaker, send: Callable[[], Awaitable[ResponseT]]
+    tier: str,
+    breaker: CircuitBreaker,
+    send: Callable[[], Awaitable[ResponseT]],
+    *,
+    background: bool = False,
 ) -> tuple[ResponseT, float]:
-    """One call through the tier's breaker; every allowed call is recorded exactly once."""
-    if not breaker.allow_request():
-        raise TierUnavailableError(tier, None, f"{tier} circuit breaker is open")
+    """One call through the tier's breaker; every permitted call is recorded exactly once,
+    with its permit. ``background`` work (outbox replays) is refused while half-open."""
+    permit = breaker.try_acquire(background=background)
+    if permit is None:
+        raise TierUnavailableError(
+            tier, None, f"{tier} circuit breaker is {breaker.state.value.replace('_', '-')}"
+        )
     started = time.perf_counter()
     try:
         response = await send()
     except grpc.aio.AioRpcError as error:
-        breaker.record(outcome_of(error.code()), time.perf_counter() - started)
+        breaker.record(permit, outcome_of(error.code()), time.perf_counter() - started)
         raise TierUnavailableError(tier, error.code(), error.details() or "") from error
     except asyncio.CancelledError:
         # Our caller gave up (hedge lost, client went away): says nothing about the tier.
-        breaker.record(CallOutcome.IGNORED)
+        breaker.record(permit, CallOutcome.IGNORED)
         raise
     elapsed = time.perf_counter() - started
-    breaker.record(CallOutcome.SUCCESS, elapsed)
+    breaker.record(permit, CallOutcome.SUCCESS, elapsed)
     return response, elapsed
 
 
@@ -109,6 +117,7 @@ class CloudTier:
         anonymiser: str,
         purpose: str = "escalation",
         reconciliation: bool = False,
+        background: bool = False,
     ) -> TierAnswer:
         if privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
             # A bug upstream, never a fallback: the request fails rather than leaks.
@@ -149,7 +158,7 @@ class CloudTier:
             )
             return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
 
-        response, elapsed = await _guarded("cloud", self.breaker, send)
+        response, elapsed = await _guarded("cloud", self.breaker, send, background=background)
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
 

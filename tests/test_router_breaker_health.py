@@ -4,7 +4,7 @@ open period, while the probes still decide."""
 from __future__ import annotations
 
 from router_service.breaker import BreakerConfig, BreakerState, CallOutcome, CircuitBreaker
-from tests.test_router_breaker import FakeClock
+from tests.test_router_breaker import FakeClock, call_once
 
 
 def state_of(breaker: CircuitBreaker) -> BreakerState:
@@ -20,12 +20,10 @@ def opened(clock: FakeClock, opens: int) -> CircuitBreaker:
     for index in range(opens):
         if index:
             clock.advance(breaker.open_for_s)
-            assert breaker.allow_request()  # a half-open probe
-            breaker.record(CallOutcome.FAILURE)
+            assert call_once(breaker, CallOutcome.FAILURE)  # a half-open probe
         else:
             for _ in range(2):
-                assert breaker.allow_request()
-                breaker.record(CallOutcome.FAILURE)
+                assert call_once(breaker, CallOutcome.FAILURE)
     assert state_of(breaker) is BreakerState.OPEN
     return breaker
 
@@ -37,8 +35,7 @@ def test_health_restored_half_opens_an_open_breaker_at_once() -> None:
     breaker.health_restored()
     assert state_of(breaker) is BreakerState.HALF_OPEN
     for _ in range(breaker.config.half_open_probes):
-        assert breaker.allow_request()
-        breaker.record(CallOutcome.SUCCESS, 0.01)
+        assert call_once(breaker, CallOutcome.SUCCESS, 0.01)
     assert state_of(breaker) is BreakerState.CLOSED
 
 
@@ -46,8 +43,7 @@ def test_a_failed_probe_after_health_restored_reopens_for_longer() -> None:
     clock = FakeClock()
     breaker = opened(clock, opens=2)
     breaker.health_restored()
-    assert breaker.allow_request()
-    breaker.record(CallOutcome.FAILURE)
+    assert call_once(breaker, CallOutcome.FAILURE)
     assert state_of(breaker) is BreakerState.OPEN
     assert breaker.remaining_open_s() == 20.0
 
@@ -60,7 +56,7 @@ def test_health_restored_leaves_closed_and_half_open_breakers_alone() -> None:
     breaker = opened(clock, opens=1)
     clock.advance(breaker.open_for_s)
     assert state_of(breaker) is BreakerState.HALF_OPEN
-    assert breaker.allow_request()
+    assert breaker.try_acquire() is not None
     breaker.health_restored()  # does not hand out a second set of probe slots
-    allowed = sum(breaker.allow_request() for _ in range(10))
+    allowed = sum(breaker.try_acquire() is not None for _ in range(10))
     assert allowed == breaker.config.half_open_probes - 1

@@ -44,8 +44,9 @@ async def test_an_open_cloud_breaker_half_opens_when_the_cloud_is_healthy_again(
     try:
         await wait_until(lambda: router.tier_up["cloud"])
         for _ in range(breaker.config.consecutive_failures_to_open):
-            assert breaker.allow_request()
-            breaker.record(CallOutcome.FAILURE)
+            permit = breaker.try_acquire()
+            assert permit is not None
+            breaker.record(permit, CallOutcome.FAILURE)
         assert state_of(breaker) is BreakerState.OPEN
         assert breaker.remaining_open_s() > 4.0
         await cloud.set_serving(CLOUD_SERVICE_NAME, False)
