@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 import grpc
 
@@ -161,6 +162,8 @@ class CircuitBreaker:
         self._consecutive_opens = 0
         self._probes_in_flight = 0
         self._probe_successes = 0
+        # Permits handed out by the deprecated allow_request(), oldest first.
+        self._unclaimed: deque[Permit] = deque()
 
     @property
     def state(self) -> BreakerState:
@@ -213,9 +216,41 @@ class CircuitBreaker:
         if self._state is BreakerState.OPEN:
             self._transition(BreakerState.HALF_OPEN)
 
-    def record(self, permit: Permit, outcome: CallOutcome, duration_s: float = 0.0) -> None:
+    def allow_request(self) -> bool:
+        """Deprecated: ``try_acquire`` for callers that cannot carry a permit. The permit
+        is kept in admission order and ``record(outcome, duration_s)`` without one
+        settles the oldest outstanding permit (calls assumed to finish in the order
+        they started), so even these callers' late outcomes count only in their epoch."""
+        permit = self.try_acquire()
+        if permit is not None:
+            self._unclaimed.append(permit)
+        return permit is not None
+
+    @overload
+    def record(self, permit: Permit, outcome: CallOutcome, duration_s: float = 0.0) -> None: ...
+
+    @overload
+    def record(self, permit: CallOutcome, outcome: float = 0.0) -> None: ...
+
+    def record(
+        self,
+        permit: Permit | CallOutcome,
+        outcome: CallOutcome | float = 0.0,
+        duration_s: float = 0.0,
+    ) -> None:
         """Record the outcome of a call made with ``permit``. A permit from an earlier
-        epoch (the breaker changed state since the call was admitted) is ignored."""
+        epoch (the breaker changed state since the call was admitted) is ignored.
+        ``record(outcome, duration_s)``: the deprecated form, after ``allow_request``."""
+        if isinstance(permit, CallOutcome):
+            if not self._unclaimed:
+                return  # nothing was admitted through allow_request
+            assert not isinstance(outcome, CallOutcome)
+            self._record(self._unclaimed.popleft(), permit, outcome)
+            return
+        assert isinstance(outcome, CallOutcome)
+        self._record(permit, outcome, duration_s)
+
+    def _record(self, permit: Permit, outcome: CallOutcome, duration_s: float) -> None:
         if permit.epoch != self.epoch:
             return  # a straggler: admitted in a state that no longer holds
         if permit.probe:

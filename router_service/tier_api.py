@@ -91,4 +91,5 @@ class CloudTierApi(Protocol):
         anonymiser: str,
         purpose: str = "escalation",
         reconciliation: bool = False,
+        background: bool = False,
     ) -> TierAnswer: ...

@@ -18,7 +18,8 @@ from router_service.breaker import (
     outcome_of,
 )
 from router_service.config import CloudBreakerSettings, EdgeBreakerSettings, RouterSettings
-from router_service.tiers import TierUnavailableError, _guarded
+from router_service.tier_api import TierUnavailableError
+from router_service.tiers import _guarded
 
 
 class FakeClock:
@@ -458,3 +459,24 @@ def test_invalid_breaker_thresholds_are_refused(overrides: dict[str, float]) -> 
 def test_a_rate_of_one_and_a_cap_equal_to_the_base_are_valid() -> None:
     settings = EdgeBreakerSettings(failure_rate_to_open=1.0, open_base_s=5.0, open_max_s=5.0)
     assert settings.config().failure_rate_to_open == 1.0
+
+
+def test_the_deprecated_permitless_api_still_counts_outcomes_only_in_their_epoch() -> None:
+    """allow_request()/record(outcome) (no permit): outcomes settle the oldest admission,
+    so calls admitted while CLOSED and finished after a re-open change nothing."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("cloud", BreakerConfig(), clock=clock)
+    stale = [breaker.allow_request() for _ in range(3)]
+    assert all(stale)
+    for _ in range(5):
+        assert breaker.allow_request()
+        breaker.record(CallOutcome.FAILURE, 0.01)
+    assert breaker.state is BreakerState.OPEN
+    breaker.health_restored()
+    for _ in stale:
+        breaker.record(CallOutcome.SUCCESS, 0.4)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert sum(breaker.allow_request() for _ in range(10)) == 3  # only the probes
+    for _ in range(3):
+        breaker.record(CallOutcome.SUCCESS, 0.01)
+    assert breaker.state is BreakerState.CLOSED
