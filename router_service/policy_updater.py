@@ -7,7 +7,7 @@ loaded (``EscalationClassifier`` checks the classifier's own sha256 against poli
 and checked against the serving policy: same pair, same features, a threshold in (0, 1)
 and finite scores on a probe batch. Then ``install`` swaps it in. A version that fails is
 refused and never retried. Whether a policy is *better* is decided before it is published
-(``router_service.retrain`` compares it with the serving one on held-out data).
+(``training.retrain`` compares it with the serving one on held-out data).
 """
 
 from __future__ import annotations
