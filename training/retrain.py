@@ -30,7 +30,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from hybridmesh.common.v1 import tensor_pb2
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, load_private_key
 from registry.store import RegistryStore
 from router_service.escalation import EscalationClassifier, latest_policy
