@@ -78,7 +78,7 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "(a fixed 40 ms), not a real network. Raw results: `results/bench/*.json`.",
         "",
         "Reproduce: `make bench` (or `.venv/bin/python -m bench --out results/bench`). Each part "
-        "runs alone too: `python -m router_service.train_policy`, `python -m bench.mesh_bench`, "
+        "runs alone too: `python -m training.train_policy`, `python -m bench.mesh_bench`, "
         "`python -m bench.fault_bench`.",
         "",
         "## Goals",
@@ -134,7 +134,7 @@ def main() -> None:
     shutil.rmtree(out / "policies", ignore_errors=True)
     run(
         [
-            python, "-m", "router_service.train_policy",
+            python, "-m", "training.train_policy",
             "--policies", str(out / "policies"),
             "--report", str(out / "router-evaluation"),
         ]

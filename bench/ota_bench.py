@@ -27,7 +27,7 @@ from edge_node.canary import GoldenSet
 from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import generate_key
 from registry.store import RegistryStore
 from workload.fashion_mnist import GOLDEN_SIZE, golden_split

@@ -77,7 +77,7 @@ class EdgeAdminServicer(edge_admin_pb2_grpc.EdgeAdminServiceServicer):
                     model=model.name,
                     serving_version=model.version,
                     installed_versions=versions(updater.store / model.name),
-                    refused_versions=sorted(updater.refused.get(model.name, ())),
+                    refused_versions=updater.refused.of(model.name),
                 )
                 for model in models.all()
             ],

@@ -15,9 +15,8 @@ from edge_node.local_models import LocalModels
 from edge_node.servicer import EdgeServicer
 from edge_node.updater import MODEL_KIND, EdgeUpdater, UpdateReport, UpdaterSettings
 from hybridmesh.edge.v1 import edge_admin_pb2_grpc, edge_service_pb2_grpc
-from registry.client import RegistryClient
-from registry.signing import load_trusted_keys
-from registry.sites import SiteServes
+from ota.registry_client import RegistryClient, SiteServes
+from ota.signatures import load_trusted_keys
 from services.channels import ChannelFactory, mtls_credentials
 from services.errors import UnavailableError
 from services.logging import get_logger
@@ -150,7 +149,7 @@ class EdgeNode:
                 MODEL_KIND,
                 model.name,
                 int(model.version),
-                tuple(sorted(self.updater.refused.get(model.name, ()))),
+                self.updater.refused.of(model.name),
             )
             for model in self.models.all()
         ]

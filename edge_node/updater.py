@@ -6,7 +6,9 @@ manifest and every file's sha256, installs it into the edge's model store, canar
 the golden set against the serving version, and switches atomically (``LocalModels.swap``:
 in-flight requests finish on the old session). A version that fails any step is refused:
 recorded (``refused.json``), reported, and never retried, so it cannot block the next
-one. The newest ``keep_versions`` versions stay installed for rollback.
+one. The newest ``keep_versions`` versions stay installed for rollback. Fetching,
+verifying and the refused versions are the OTA client library's (``ota.updates``), shared
+with the router's policy updater.
 
 Downgrades (a rollback, by the operator or by promotion of an older version) move the
 newer versions out of the store into ``<staging>/retired``, so a restart of the edge
@@ -16,7 +18,6 @@ node, which loads the newest installed version, comes back on the version that s
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -29,14 +30,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_node.canary import CanaryMargins, CanaryVerdict, GoldenSet, judge
 from edge_node.local_models import LoadedModel, LocalModels
-from registry.artifacts import ArtifactError, ArtifactRef
-from registry.download import ArtifactSource, fetch_verified
-from registry.signing import SignatureError
+from ota.artifacts import ArtifactRef
+from ota.fetch import ArtifactSource
+from ota.refused import RefusedVersions
+from ota.updates import SiteUpdates, VerificationError
 from services.logging import get_logger
 from workload.model_store import ModelStoreError, load_verified, versions
 
 MODEL_KIND = "model"
-REFUSED_FILE = "refused.json"
 _log = get_logger("edge_node.updater")
 
 
@@ -70,30 +71,28 @@ class EdgeUpdater:
         golden: GoldenSet,
         on_report: Callable[[UpdateReport], None] | None = None,
     ) -> None:
-        self._source = source
+        self._updates = SiteUpdates(source, MODEL_KIND, settings.staging, trusted)
         self._models = models
         self._settings = settings
-        self._trusted = trusted
         self._golden = golden
         self._on_report = on_report
         self._lock = asyncio.Lock()  # one update or rollback at a time
-        settings.staging.mkdir(parents=True, exist_ok=True)
-        self.refused: dict[str, set[int]] = self._load_refused()
 
     @property
     def store(self) -> Path:
         return self._settings.store
 
+    @property
+    def refused(self) -> RefusedVersions:
+        return self._updates.refused
+
     async def poll_once(self) -> list[UpdateReport]:
         """Bring every served model to its promoted version (unless that was refused)."""
         reports = []
         for model in self._models.all():
-            promoted = await self._source.promoted(MODEL_KIND, model.name)
-            if promoted is None or str(promoted) == model.version:
-                continue
-            if promoted in self.refused.get(model.name, set()):
-                continue
-            reports.append(await self.apply(model.name, promoted))
+            wanted = await self._updates.wanted(model.name, model.version)
+            if wanted is not None:
+                reports.append(await self.apply(model.name, wanted))
         return reports
 
     async def apply(self, name: str, version: int) -> UpdateReport:
@@ -108,7 +107,7 @@ class EdgeUpdater:
             earlier = [v for v in self._installed(name) if v < int(current.version)]
             if not earlier:
                 raise ModelStoreError(f"{name}: no earlier installed version to roll back to")
-            self._refuse(name, int(current.version))
+            self._updates.refuse(ArtifactRef(MODEL_KIND, name, int(current.version)))
             report = await self._apply(name, earlier[-1], canary=False, announce=False)
             return self._report(
                 UpdateReport(
@@ -126,18 +125,11 @@ class EdgeUpdater:
     ) -> UpdateReport:
         ref = ArtifactRef(MODEL_KIND, name, version)
         current = self._models.resolve_name(name)
-        timings: dict[str, float] = {}
         target = self._settings.store / name / str(version)
-        if not target.is_dir():
-            try:
-                fetched = await fetch_verified(
-                    self._source, ref, self._settings.staging / "downloads", self._trusted
-                )
-            except (SignatureError, ArtifactError) as error:
-                return self._refused(ref, f"verification failed: {error}", current, timings)
-            timings["download"] = fetched.download_s
-            timings["verify"] = fetched.verify_s
-            await asyncio.to_thread(shutil.move, fetched.directory, target)
+        try:
+            timings = await self._updates.install(ref, target)
+        except VerificationError as error:
+            return self._refused(ref, str(error), current, {})
         started = time.perf_counter()
         try:
             candidate = await asyncio.to_thread(self._load, target)
@@ -200,23 +192,12 @@ class EdgeUpdater:
         timings: dict[str, float],
         verdict: CanaryVerdict | None = None,
     ) -> UpdateReport:
-        self._refuse(ref.name, ref.version)
+        self._updates.refuse(ref)
         return self._report(
             UpdateReport(
                 ref.name, ref.version, "refused", reason, current.version, timings, verdict
             )
         )
-
-    def _refuse(self, name: str, version: int) -> None:
-        self.refused.setdefault(name, set()).add(version)
-        path = self._settings.staging / REFUSED_FILE
-        path.write_text(json.dumps({n: sorted(v) for n, v in self.refused.items()}) + "\n")
-
-    def _load_refused(self) -> dict[str, set[int]]:
-        path = self._settings.staging / REFUSED_FILE
-        if not path.exists():
-            return {}
-        return {name: set(found) for name, found in json.loads(path.read_text()).items()}
 
     def _report(self, report: UpdateReport) -> UpdateReport:
         log = _log.info if report.outcome != "refused" else _log.warning

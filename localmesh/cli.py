@@ -4,7 +4,7 @@
   hybridmesh down                                                  stop a detached mesh
   hybridmesh status                                                health of each part
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
-  hybridmesh router retrain --outbox FILE [...]   retrain the router policy (router_service.retrain)
+  hybridmesh router retrain --outbox FILE [...]   retrain the router policy (training.retrain)
   hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli)
 
 ``up --detach`` writes ``<state-dir>/state.json``: {"endpoints": {...}, "pids": {...},
@@ -157,7 +157,7 @@ def main() -> None:
     # Operator commands live with their packages; the hybridmesh CLI forwards to them.
     argv = sys.argv[1:]
     if argv[:2] == ["router", "retrain"]:
-        from router_service.retrain import main as retrain
+        from training.retrain import main as retrain
 
         sys.exit(retrain(argv[2:]))
     if argv[:1] == ["registry"]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_node.canary import GOLDEN_FILE, GoldenSet
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key, load_private_key
 from registry.store import RegistryStore
 from router_service.escalation import latest_policy

@@ -27,8 +27,8 @@ import grpc
 from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
-from registry.artifacts import KINDS, ArtifactRef
-from registry.servicer import KIND_NAMES, KIND_VALUES
+from ota.artifacts import KINDS, ArtifactRef
+from ota.registry_client import KIND_NAMES, KIND_VALUES
 from registry.signing import PRIVATE_KEY_FILE, generate_key, load_private_key
 from registry.store import RegistryStore
 

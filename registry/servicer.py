@@ -13,8 +13,9 @@ from google.protobuf import timestamp_pb2
 
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
-from registry.artifacts import NAME, ArtifactError, ArtifactRef
-from registry.sites import SiteBook, SiteReport, SiteServes
+from ota.artifacts import NAME, ArtifactError, ArtifactRef
+from ota.registry_client import KIND_NAMES, KIND_VALUES, SiteServes, to_wire
+from registry.sites import SiteBook, SiteReport
 from registry.store import NotFoundError, RegistryError, RegistryStore
 from services.errors import (
     FailedPreconditionError,
@@ -24,8 +25,6 @@ from services.errors import (
     NotFoundError as NotFoundStatus,
 )
 
-KIND_NAMES = {pb.ARTIFACT_KIND_MODEL: "model", pb.ARTIFACT_KIND_ROUTER_POLICY: "router-policy"}
-KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
 SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_CHUNK_BYTES = 1 << 20
 
@@ -42,10 +41,6 @@ def artifact_ref(message: pb.ArtifactRef, field: str, *, version_zero_ok: bool) 
     if message.version < 0 or (message.version == 0 and not version_zero_ok):
         raise InvalidArgumentError("must be a positive version", field=f"{field}.version")
     return ArtifactRef(kind, message.name, message.version)
-
-
-def to_wire(ref: ArtifactRef) -> pb.ArtifactRef:
-    return pb.ArtifactRef(kind=KIND_VALUES[ref.kind], name=ref.name, version=ref.version)
 
 
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):

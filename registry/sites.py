@@ -7,15 +7,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ota.registry_client import SiteServes
+
 SITES_FILE = "sites.json"
-
-
-@dataclass(frozen=True)
-class SiteServes:
-    kind: str
-    name: str
-    version: int
-    refused_versions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,16 @@ temporary directory and renames it into place, so a reader never sees half a ver
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.artifacts import (
+from ota.artifacts import (
     ARTIFACT_MANIFEST,
     ARTIFACT_SIGNATURE,
     ArtifactError,
@@ -154,3 +156,25 @@ class RegistryStore:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"promoted": history}) + "\n")
         os.replace(temporary, path)  # atomic: a reader sees the old or the new history
+
+
+class StoreSource:
+    """A RegistryStore read in process (the registry service uses the same calls)."""
+
+    def __init__(self, store: RegistryStore) -> None:
+        self._store = store
+
+    async def promoted(self, kind: str, name: str) -> int | None:
+        return await asyncio.to_thread(self._store.promoted, kind, name)
+
+    async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
+        return await asyncio.to_thread(self._store.manifest, ref)
+
+    async def stream_file(
+        self, ref: ArtifactRef, path: str, offset: int, chunk_bytes: int
+    ) -> AsyncIterator[bytes]:
+        while chunk := await asyncio.to_thread(
+            self._store.read_chunk, ref, path, offset, chunk_bytes
+        ):
+            yield chunk
+            offset += len(chunk)

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
-from registry.client import RegistryClient
-from registry.signing import load_trusted_keys
+from ota.registry_client import RegistryClient
+from ota.signatures import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
 from router_service.breaker import BreakerState, CircuitBreaker

@@ -6,8 +6,10 @@ edge model (signed manifest, every file's sha256), installed under the pair's po
 loaded (``EscalationClassifier`` checks the classifier's own sha256 against policy.json)
 and checked against the serving policy: same pair, same features, a threshold in (0, 1)
 and finite scores on a probe batch. Then ``install`` swaps it in. A version that fails is
-refused and never retried. Whether a policy is *better* is decided before it is published
-(``router_service.retrain`` compares it with the serving one on held-out data).
+refused and never retried, not even after a restart: fetching, verifying and the refused
+versions (``<staging>/refused.json``) are the OTA client library's (``ota.updates``), as
+for the edge node's models. Whether a policy is *better* is decided before it is published
+(``training.retrain`` compares it with the serving one on held-out data).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from registry.artifacts import ArtifactError, ArtifactRef
-from registry.download import ArtifactSource, fetch_verified
-from registry.signing import SignatureError
+from ota.artifacts import ArtifactRef
+from ota.fetch import ArtifactSource
+from ota.refused import RefusedVersions
+from ota.updates import SiteUpdates, VerificationError
 from router_service.escalation import EscalationClassifier, PolicyArtifactError
 from services.logging import get_logger
 
@@ -54,35 +57,28 @@ class PolicyUpdater:
         current: Callable[[], EscalationClassifier],
         install: Callable[[EscalationClassifier], None],
     ) -> None:
-        self._source = source
+        self._updates = SiteUpdates(source, POLICY_KIND, staging, trusted)
         self._pair = pair
         self._root = policy_root
-        self._staging = staging
-        self._trusted = trusted
         self._current = current
         self._install = install
-        self.refused: set[int] = set()
+
+    @property
+    def refused(self) -> RefusedVersions:
+        return self._updates.refused
 
     async def poll_once(self) -> PolicyUpdate | None:
-        promoted = await self._source.promoted(POLICY_KIND, self._pair)
-        if promoted is None or str(promoted) == self._current().version:
-            return None
-        if promoted in self.refused:
-            return None
-        return await self.apply(promoted)
+        wanted = await self._updates.wanted(self._pair, self._current().version)
+        return None if wanted is None else await self.apply(wanted)
 
     async def apply(self, version: int) -> PolicyUpdate:
         ref = ArtifactRef(POLICY_KIND, self._pair, version)
         serving = self._current()
-        timings: dict[str, float] = {}
         target = self._root / str(version)
-        if not target.is_dir():
-            try:
-                fetched = await fetch_verified(self._source, ref, self._staging, self._trusted)
-            except (SignatureError, ArtifactError) as error:
-                return self._refuse(ref, f"verification failed: {error}", serving)
-            timings["download"], timings["verify"] = fetched.download_s, fetched.verify_s
-            await asyncio.to_thread(shutil.move, fetched.directory, target)
+        try:
+            timings = await self._updates.install(ref, target)
+        except VerificationError as error:
+            return self._refuse(ref, str(error), serving)
         started = time.perf_counter()
         try:
             candidate = await asyncio.to_thread(EscalationClassifier, target)
@@ -101,7 +97,7 @@ class PolicyUpdater:
         return update
 
     def _refuse(self, ref: ArtifactRef, reason: str, serving: EscalationClassifier) -> PolicyUpdate:
-        self.refused.add(ref.version)
+        self._updates.refuse(ref)
         _log.warning("router policy refused", pair=ref.name, version=ref.version, reason=reason)
         return PolicyUpdate(ref.name, ref.version, "refused", reason, serving.version)
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from edge_node.canary import GoldenSet
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import PublisherKey, generate_key
 from registry.store import RegistryStore
 from workload.fashion_mnist import golden_split

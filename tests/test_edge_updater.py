@@ -12,9 +12,11 @@ import pytest
 
 from edge_node.local_models import LocalModels
 from edge_node.updater import EdgeUpdater, UpdateReport, UpdaterSettings
-from registry.artifacts import ArtifactRef
-from registry.download import StoreSource, fetch_verified
-from registry.signing import generate_key, load_trusted_keys
+from ota.artifacts import ArtifactRef
+from ota.fetch import fetch_verified
+from ota.signatures import load_trusted_keys
+from registry.signing import generate_key
+from registry.store import StoreSource
 from tests.ota_fixtures import EDGE_MODEL, Site, golden_set, make_site, worse_model_bytes
 from workload.model_store import versions
 

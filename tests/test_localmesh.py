@@ -25,7 +25,7 @@ from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from localmesh.otlp_receiver import OtlpReceiver
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, load_private_key
 from registry.store import RegistryStore
 from services.channels import ChannelFactory

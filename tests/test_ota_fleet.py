@@ -26,8 +26,8 @@ from hybridmesh.edge.v1 import (
 )
 from hybridmesh.registry.v1 import registry_service_pb2 as registry_pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
+from ota.artifacts import ArtifactRef
 from registry.app import RegistryNode
-from registry.artifacts import ArtifactRef
 from registry.config import RegistrySettings
 from registry.signing import PublisherKey, generate_key
 from services.telemetry import create_telemetry

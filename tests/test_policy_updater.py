@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from registry.artifacts import ArtifactRef
-from registry.download import StoreSource
-from registry.signing import generate_key, load_trusted_keys
-from registry.store import RegistryStore
+from ota.artifacts import ArtifactRef
+from ota.signatures import load_trusted_keys
+from registry.signing import generate_key
+from registry.store import RegistryStore, StoreSource
 from router_service.escalation import EscalationClassifier
 from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 
@@ -40,6 +40,7 @@ class PolicySite:
     updater: PolicyUpdater
     policy_root: Path
     publish: Callable[..., Path]
+    restart: Callable[[], PolicyUpdater]  # a new updater on the same disk: a router restart
 
 
 @pytest.fixture
@@ -49,15 +50,17 @@ def site(tmp_path: Path) -> PolicySite:
     policy_root = tmp_path / "policies" / PAIR
     shutil.copytree(COMMITTED, policy_root / "1")
     router = Router(EscalationClassifier(policy_root / "1"))
-    updater = PolicyUpdater(
-        StoreSource(store),
-        PAIR,
-        policy_root,
-        tmp_path / "staging",
-        load_trusted_keys([tmp_path / "operator" / "publisher.pub"]),
-        lambda: router.classifier,
-        router.install,
-    )
+
+    def new_updater() -> PolicyUpdater:
+        return PolicyUpdater(
+            StoreSource(store),
+            PAIR,
+            policy_root,
+            tmp_path / "staging",
+            load_trusted_keys([tmp_path / "operator" / "publisher.pub"]),
+            lambda: router.classifier,
+            router.install,
+        )
 
     def publish(version: int, **changes: Any) -> Path:
         source = tmp_path / "publisher" / str(version)
@@ -69,7 +72,7 @@ def site(tmp_path: Path) -> PolicySite:
         store.promote(POLICY_KIND, PAIR, version)
         return store.root / POLICY_KIND / PAIR / str(version)
 
-    return PolicySite(router, updater, policy_root, publish)
+    return PolicySite(router, new_updater(), policy_root, publish, new_updater)
 
 
 async def test_a_promoted_policy_is_verified_and_swapped_in(site: PolicySite) -> None:
@@ -112,3 +115,16 @@ async def test_a_tampered_policy_file_is_refused(site: PolicySite) -> None:
     assert update is not None and update.outcome == "refused"
     assert "verification failed" in update.reason
     assert site.router.classifier.version == "1"
+
+
+async def test_a_refused_policy_is_still_refused_after_a_restart(site: PolicySite) -> None:
+    site.publish(2, threshold=1.5)
+    update = await site.updater.poll_once()
+    assert update is not None and update.outcome == "refused"
+    restarted = site.restart()
+    assert restarted.refused.of(PAIR) == (2,)
+    assert await restarted.poll_once() is None, "a refused version is not fetched again"
+    assert site.router.classifier.version == "1"
+    site.publish(3)
+    update = await restarted.poll_once()
+    assert update is not None and (update.outcome, update.version) == ("switched", 3)

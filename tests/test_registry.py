@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.artifacts import (
+from ota.artifacts import (
     ARTIFACT_MANIFEST,
     ARTIFACT_SIGNATURE,
     ArtifactError,
@@ -20,14 +20,12 @@ from registry.artifacts import (
     parse_manifest,
     verify_files,
 )
+from ota.signatures import SignatureError, load_trusted_keys, verify
 from registry.signing import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
-    SignatureError,
     generate_key,
     load_private_key,
-    load_trusted_keys,
-    verify,
 )
 from registry.store import NotFoundError, RegistryError, RegistryStore
 

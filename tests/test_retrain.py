@@ -16,8 +16,8 @@ from registry.store import RegistryStore
 from router_service.escalation import EscalationClassifier
 from router_service.outbox import Outbox, OutboxItem, Priority, ReconciledItem
 from router_service.policy_updater import POLICY_KIND
-from router_service.retrain import main, reconciled_examples
 from services.tensors import encode_tensor
+from training.retrain import main, reconciled_examples
 from workload.fashion_mnist import load_split
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,14 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router_service.calibration import (
-    accuracy_curve,
-    operating_point,
-    random_curve,
-    share_needed,
-    threshold_for_cloud_share,
-    threshold_for_edge_error,
-)
 from router_service.escalation import (
     CLASSIFIER_FILE,
     POLICY_FILE,
@@ -25,6 +17,14 @@ from router_service.escalation import (
     latest_policy,
 )
 from router_service.features import SUMMARY_FEATURES, feature_names, router_features
+from training.calibration import (
+    accuracy_curve,
+    operating_point,
+    random_curve,
+    share_needed,
+    threshold_for_cloud_share,
+    threshold_for_edge_error,
+)
 
 POLICY_ROOT = Path(__file__).resolve().parent.parent / "models" / "policies" / "fashion-mnist"
 

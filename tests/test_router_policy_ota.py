@@ -16,8 +16,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from edge_node.app import EdgeNode
 from hybridmesh.router.v1 import router_service_pb2_grpc
+from ota.artifacts import ArtifactRef
 from registry.app import RegistryNode
-from registry.artifacts import ArtifactRef
 from registry.config import RegistrySettings
 from registry.signing import generate_key
 from router_service.app import RouterNode, pairs_from_catalog

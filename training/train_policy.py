@@ -1,6 +1,6 @@
 """Train, calibrate and evaluate the router's escalation policy.
 
-``python -m router_service.train_policy --target cloud-share=0.2`` runs the committed edge
+``python -m training.train_policy --target cloud-share=0.2`` runs the committed edge
 and cloud models over the router-train, calibration and test splits, fits the classifier
 on router-train, picks the threshold on calibration for the ONE operator target, writes a
 versioned policy artifact, and writes the evaluation report (test split only for
@@ -28,15 +28,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from router_service.calibration import (
-    OperatingPoint,
-    accuracy_curve,
-    operating_point,
-    random_curve,
-    share_needed,
-    threshold_for_cloud_share,
-    threshold_for_edge_error,
-)
 from router_service.escalation import (
     CLASSIFIER_FILE,
     POLICY_FILE,
@@ -45,6 +36,15 @@ from router_service.escalation import (
 )
 from router_service.features import SUMMARY_FEATURES, feature_names, router_features
 from services.classification import softmax
+from training.calibration import (
+    OperatingPoint,
+    accuracy_curve,
+    operating_point,
+    random_curve,
+    share_needed,
+    threshold_for_cloud_share,
+    threshold_for_edge_error,
+)
 from workload.fashion_mnist import load_split
 from workload.model_store import latest_versions
 
@@ -217,7 +217,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "model_selection": selection,
             },
             "models": {"edge": args.edge_model, "cloud": args.cloud_model},
-            "command": "python -m router_service.train_policy " + " ".join(sys.argv[1:]),
+            "command": "python -m training.train_policy " + " ".join(sys.argv[1:]),
         },
     )
 
@@ -437,7 +437,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{latency['features_us_median']:.1f} µs + classifier "
         f"{latency['classifier_us_median']:.1f} µs.",
         "",
-        "Regenerate: `.venv/bin/python -m router_service.train_policy --target "
+        "Regenerate: `.venv/bin/python -m training.train_policy --target "
         f"{policy['target']['kind']}={policy['target']['value']}`.",
     ]
     return "\n".join(lines)

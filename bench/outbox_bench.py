@@ -1,7 +1,7 @@
 """Measure the outbox: write cost per item, and the drain rate on the real local mesh.
 
-  python -m router_service.measure_outbox write [--items 2000] [--runs 5]
-  python -m router_service.measure_outbox drain [--items 200] [--runs 3] [--rate 1000]
+  python -m bench.outbox_bench write [--items 2000] [--runs 5]
+  python -m bench.outbox_bench drain [--items 200] [--runs 3] [--rate 1000]
 
 ``write``: ``Outbox.put`` of one fashion-mnist item (784-byte input), one transaction
 each, on a file in the current directory's filesystem, for synchronous FULL and NORMAL.

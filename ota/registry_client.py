@@ -1,20 +1,38 @@
-"""The registry as an edge site sees it: an ArtifactSource over gRPC, and site reports."""
+"""The registry as a site sees it: an ArtifactSource over gRPC, and site reports.
+
+Also the wire form of artifact refs, which the registry's servicer shares."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
-from registry.artifacts import ArtifactRef
-from registry.servicer import KIND_VALUES, to_wire
-from registry.sites import SiteServes
+from ota.artifacts import ArtifactRef
 
 CALL_TIMEOUT_S = 5.0
 # A whole file streams under one deadline: generous, as a WAN link may be slow.
 FILE_TIMEOUT_S = 300.0
+
+KIND_NAMES = {pb.ARTIFACT_KIND_MODEL: "model", pb.ARTIFACT_KIND_ROUTER_POLICY: "router-policy"}
+KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
+
+
+def to_wire(ref: ArtifactRef) -> pb.ArtifactRef:
+    return pb.ArtifactRef(kind=KIND_VALUES[ref.kind], name=ref.name, version=ref.version)
+
+
+@dataclass(frozen=True)
+class SiteServes:
+    """One artifact a site serves, and the versions of it the site refused."""
+
+    kind: str
+    name: str
+    version: int
+    refused_versions: tuple[int, ...] = ()
 
 
 class RegistryClient:

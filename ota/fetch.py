@@ -1,4 +1,5 @@
-"""Edge side of an update: fetch one artifact version in chunks, resumably, and verify it.
+"""A site's download of an update: fetch one artifact version in chunks, resumably, and
+verify it.
 
 The signature is checked before any file is fetched (an unsigned or foreign artifact
 costs one small request, not a download), and every file's sha256 after. A partial file
@@ -17,7 +18,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from registry.artifacts import (
+from ota.artifacts import (
     ARTIFACT_MANIFEST,
     ARTIFACT_SIGNATURE,
     ArtifactError,
@@ -27,15 +28,15 @@ from registry.artifacts import (
     sha256_of,
     verify_files,
 )
-from registry.signing import verify
-from registry.store import RegistryStore
+from ota.signatures import verify
 
 CHUNK_BYTES = 256 * 1024
 PART_SUFFIX = ".part"
 
 
 class ArtifactSource(Protocol):
-    """Where artifacts come from: the registry service, or its store in process."""
+    """Where artifacts come from: the registry service (``ota.registry_client``), or its
+    store read in process (``registry.store.StoreSource``)."""
 
     async def promoted(self, kind: str, name: str) -> int | None: ...
 
@@ -46,28 +47,6 @@ class ArtifactSource(Protocol):
     ) -> AsyncIterator[bytes]:
         """The file's bytes from ``offset`` to its end, in chunks."""
         ...
-
-
-class StoreSource:
-    """A RegistryStore read in process (the registry service uses the same calls)."""
-
-    def __init__(self, store: RegistryStore) -> None:
-        self._store = store
-
-    async def promoted(self, kind: str, name: str) -> int | None:
-        return await asyncio.to_thread(self._store.promoted, kind, name)
-
-    async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
-        return await asyncio.to_thread(self._store.manifest, ref)
-
-    async def stream_file(
-        self, ref: ArtifactRef, path: str, offset: int, chunk_bytes: int
-    ) -> AsyncIterator[bytes]:
-        while chunk := await asyncio.to_thread(
-            self._store.read_chunk, ref, path, offset, chunk_bytes
-        ):
-            yield chunk
-            offset += len(chunk)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The feedback loop: retrain the router's escalation policy with what reconciliation
 taught, and publish it through the signed registry only if it is better.
 
-``python -m router_service.retrain --outbox var/mesh/router/outbox.sqlite``
+``python -m training.retrain --outbox var/mesh/router/outbox.sqlite``
 ``  [--registry-root var/registry --keys ~/.hybridmesh/keys]``
 
 Data: the router-train split with its ground-truth label ("the cloud fixes the edge"),
@@ -30,22 +30,22 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from hybridmesh.common.v1 import tensor_pb2
-from registry.artifacts import ArtifactRef
+from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, load_private_key
 from registry.store import RegistryStore
-from router_service.calibration import operating_point, threshold_for_cloud_share
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.features import router_features
 from router_service.outbox import Outbox
 from router_service.policy_updater import POLICY_KIND
-from router_service.train_policy import (
+from services.classification import softmax
+from services.tensors import decode_tensor
+from training.calibration import operating_point, threshold_for_cloud_share
+from training.train_policy import (
     SplitOutputs,
     candidate_classifiers,
     split_outputs,
     write_policy,
 )
-from services.classification import softmax
-from services.tensors import decode_tensor
 from workload.model_store import latest_versions
 
 
