@@ -1,11 +1,15 @@
-"""deploy/k8s: every overlay builds with kustomize and validates offline (strict), and
-the manifests keep the properties operators rely on. No cluster runs here (no k3s):
-this checks the manifests, not a deployment."""
+"""deploy/k8s: every overlay, and every component on its own, builds with kustomize and
+validates offline (strict), and the manifests keep the properties operators rely on. No
+cluster runs here (no k3s): this checks the manifests, not a deployment."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,14 @@ from localmesh.envoy import ENVOY_BINARY
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = sorted(p for p in (REPO / "deploy/k8s/overlays").iterdir() if p.is_dir())
 OUR_SERVICES = {"router", "edge-node", "cloud-inference", "registry"}
+COMPONENTS = sorted(p for p in (REPO / "deploy/k8s/components").iterdir() if p.is_dir())
+# The bases each component is built over on its own (its patches' targets).
+COMPONENT_BASES = {
+    "cloud-mtls": ["router"],
+    "ota-updates": ["router", "edge-node"],
+    "tracing": ["router", "edge-node", "cloud-inference", "registry"],
+    "jaeger": [],
+}
 
 
 def build(overlay: Path) -> list[dict[str, Any]]:
@@ -38,6 +50,18 @@ def resources(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
 
 def _deployments(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in resources if r["kind"] == "Deployment"]
+
+
+def _container(resources: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (deployment,) = (d for d in _deployments(resources) if d["metadata"]["name"] == name)
+    container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, str | None]:
+    names = [e["name"] for e in container.get("env", [])]
+    assert len(names) == len(set(names)), f"duplicate env: {names}"
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
 def test_both_overlays_exist() -> None:
@@ -131,3 +155,124 @@ def test_the_cloud_ingress_config_is_valid_for_the_real_envoy(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "/hybridmesh.registry.v1.RegistryService/" in text
+
+
+def test_every_component_has_a_readme_and_is_built_here() -> None:
+    assert {p.name for p in COMPONENTS} == set(COMPONENT_BASES)
+    for component in COMPONENTS:
+        assert (component / "README.md").is_file(), component.name
+        kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+        assert kustomization["kind"] == "Component", component.name
+
+
+@pytest.mark.parametrize("component", COMPONENTS, ids=[p.name for p in COMPONENTS])
+def test_each_component_builds_on_its_own_and_validates(component: Path, tmp_path: Path) -> None:
+    """A component over just the bases it patches: it builds (a patch whose target is
+    missing fails the build), validates strictly, and every pod mounts only volumes it
+    declares, once each."""
+    relative = Path(os.path.relpath(REPO / "deploy/k8s", tmp_path))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [str(relative / "base" / base) for base in COMPONENT_BASES[component.name]],
+        "components": [str(relative / "components" / component.name)],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    resources = build(tmp_path)
+    assert resources
+    for resource in resources:
+        kubernetes_validate.validate(resource, "1.32", strict=True)
+    for deployment in _deployments(resources):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = [v["name"] for v in pod.get("volumes", [])]
+        assert len(volumes) == len(set(volumes)), volumes
+        for container in pod["containers"]:
+            mounts = [m["name"] for m in container.get("volumeMounts", [])]
+            assert len(mounts) == len(set(mounts)), mounts
+            assert set(mounts) <= set(volumes), deployment["metadata"]["name"]
+            _env(container)
+
+
+def _mounts(resources: list[dict[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    """The container's mount paths -> the pod volume mounted there."""
+    (deployment,) = (d for d in _deployments(resources) if d["metadata"]["name"] == name)
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in pod["containers"][0]["volumeMounts"]}
+
+
+def _volume_under(mounts: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
+    (volume,) = (v for mount, v in mounts.items() if Path(path).is_relative_to(mount))
+    return volume
+
+
+def test_edge_site_settings_point_at_mounted_volumes() -> None:
+    """The edge overlay's cloud and update settings: TLS directories and trusted keys
+    are the mounted secrets, download staging is on a persistent volume, both services
+    poll the same registry, and the edge node serves the catalog's edge models only."""
+    edge = build(REPO / "deploy/k8s/overlays/edge")
+    router, node = _env(_container(edge, "router")), _env(_container(edge, "edge-node"))
+    router_mounts, node_mounts = _mounts(edge, "router"), _mounts(edge, "edge-node")
+    assert router["HYBRIDMESH_ROUTER_CLOUD_TARGET"] == router["HYBRIDMESH_ROUTER_REGISTRY_TARGET"]
+    assert router["HYBRIDMESH_ROUTER_REGISTRY_TARGET"] == node["HYBRIDMESH_EDGE_REGISTRY_TARGET"]
+    for env, mounts, prefix in (
+        (router, router_mounts, "HYBRIDMESH_ROUTER_"),
+        (node, node_mounts, "HYBRIDMESH_EDGE_"),
+    ):
+        for setting in ("REGISTRY_TLS_DIR", "CLOUD_TLS_DIR"):
+            if prefix + setting in env:
+                tls = _volume_under(mounts, str(env[prefix + setting]))
+                assert tls["secret"]["secretName"] == "cloud-client-tls"
+        for key in json.loads(str(env[prefix + "TRUSTED_KEYS"])):
+            assert _volume_under(mounts, key)["secret"]["secretName"] == "operator-public-key"
+        staging = "POLICY_UPDATE_STAGING" if prefix == "HYBRIDMESH_ROUTER_" else "UPDATE_STAGING"
+        assert "persistentVolumeClaim" in _volume_under(mounts, str(env[prefix + staging]))
+    assert "persistentVolumeClaim" in _volume_under(
+        node_mounts, str(node["HYBRIDMESH_EDGE_MODEL_STORE"])
+    )
+    catalog = tomllib.loads((REPO / "models/catalog.toml").read_text())
+    edge_models = {pair["edge_model"] for pair in catalog["pairs"].values()}
+    assert set(json.loads(str(node["HYBRIDMESH_EDGE_SERVED_MODELS"]))) == edge_models
+    assert node["HYBRIDMESH_EDGE_SITE_ID"]
+
+
+def _secret_commands(text: str) -> set[str]:
+    """The ``kubectl ... create secret`` commands in a README or a YAML header, with
+    comment markers, line continuations and trailing comments removed."""
+    lines = [re.sub(r"^\s*#?\s*", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    commands = set()
+    for line in joined.splitlines():
+        if re.match(r"kubectl .*create secret ", line):
+            commands.add(" ".join(line.split(" #")[0].split()))
+    return commands
+
+
+def _referenced_secrets(resources: list[dict[str, Any]]) -> set[str]:
+    names = set()
+    for deployment in _deployments(resources):
+        pod = deployment["spec"]["template"]["spec"]
+        names |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if "secretKeyRef" in env.get("valueFrom", {}):
+                    names.add(env["valueFrom"]["secretKeyRef"]["name"])
+    return names
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_one_secret_recipe_in_readme_and_overlay_header(overlay: Path) -> None:
+    """The overlay's header and the README create the same secrets the same way, and
+    those are exactly the secrets the rendered overlay references."""
+    namespace = yaml.safe_load((overlay / "kustomization.yaml").read_text())["namespace"]
+    header = _secret_commands((overlay / "kustomization.yaml").read_text())
+    readme = {
+        command
+        for command in _secret_commands((REPO / "README.md").read_text())
+        if f" -n {namespace} " in command
+    }
+    assert header
+    assert header == readme
+    # "kubectl -n <namespace> create secret <type> <name> ...": the name.
+    created = {command.split(" create secret ")[1].split()[1] for command in header}
+    assert created == _referenced_secrets(build(overlay))
