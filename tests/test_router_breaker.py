@@ -475,8 +475,8 @@ def test_the_deprecated_permitless_api_still_counts_outcomes_only_in_their_epoch
     breaker.health_restored()
     for _ in stale:
         breaker.record(CallOutcome.SUCCESS, 0.4)
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.state.value == "half_open"  # (not narrowed: state changes)
     assert sum(breaker.allow_request() for _ in range(10)) == 3  # only the probes
     for _ in range(3):
         breaker.record(CallOutcome.SUCCESS, 0.01)
-    assert breaker.state is BreakerState.CLOSED
+    assert breaker.state.value == "closed"
