@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
+import pytest_asyncio
 
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
-from hybridmesh.common.v1 import model_pb2, tensor_pb2
+from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
+from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from router_service.app import RouterNode, pairs_from_catalog
 from services.classification import softmax, top_k
 from services.config import ServiceSettings
 from services.server import ServiceHost, ServiceRegistration
+from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from tests.mesh_fixtures import router_settings, wait_until
 
 EDGE_SERVICE = "hybridmesh.edge.v1.EdgeService"
 CLOUD_SERVICE = "hybridmesh.cloud.v1.CloudService"
@@ -41,11 +48,11 @@ LABELS = [f"class-{index}" for index in range(CLASSES)]
 
 
 def logits_for(kinds: list[int], label: int = 3) -> npt.NDArray[np.float32]:
-    """[n, 10] logits: CONFIDENT rows put all mass on ``label``, HARD rows are flat."""
+    """[n, 10] logits: CONFIDENT rows put all mass on ``label``, HARD rows are nearly flat
+    (``label`` still first, by a hair)."""
     rows = np.zeros((len(kinds), CLASSES), dtype=np.float32)
     for row, kind in zip(rows, kinds, strict=True):
-        if kind == CONFIDENT:
-            row[label] = 30.0
+        row[label] = 30.0 if kind == CONFIDENT else 0.2
     return rows
 
 
@@ -78,6 +85,8 @@ class Call:
     request_id: str
     items: int
     metadata: dict[str, str]
+    # An outbox replay (answered by the default step, never from the script).
+    reconciliation: bool = False
     outcome: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -106,12 +115,17 @@ class ScriptedTier:
         request_id: str,
         inputs: tensor_pb2.Tensor,
         context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        reconciliation: bool = False,
     ) -> tuple[tensor_pb2.Tensor, list[model_pb2.Classification]]:
         metadata = {key: str(value) for key, value in (context.invocation_metadata() or ())}
-        call = Call(request_id, int(inputs.shape[0]), metadata)
+        call = Call(request_id, int(inputs.shape[0]), metadata, reconciliation)
         self.calls.append(call)
-        self.call_started.set()
-        step = self.steps.popleft() if self.steps else self.default
+        if reconciliation:
+            step = answer()  # replays run in the background: never take a test's step
+        else:
+            self.call_started.set()
+            step = self.steps.popleft() if self.steps else self.default
         try:
             if step.kind == "hang":
                 await asyncio.Event().wait()
@@ -171,7 +185,9 @@ class ScriptedCloud(cloud_service_pb2_grpc.CloudServiceServicer):
         request: cloud_service_pb2.InferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> cloud_service_pb2.InferResponse:
-        output, classes = await self.tier.run(request.request_id, request.inputs[0], context)
+        output, classes = await self.tier.run(
+            request.request_id, request.inputs[0], context, reconciliation=request.reconciliation
+        )
         return cloud_service_pb2.InferResponse(
             request_id=request.request_id,
             model=model_pb2.ModelRef(name=self.tier.model, version="scripted-1"),
@@ -224,3 +240,63 @@ async def scripted_tiers() -> AsyncIterator[tuple[ScriptedServer, ScriptedServer
     finally:
         for host in hosts:
             await host.stop(0)
+
+
+@dataclass
+class ScriptedMesh:
+    edge: ScriptedServer
+    cloud: ScriptedServer
+    router: RouterNode
+    stub: router_service_pb2_grpc.RouterServiceAsyncStub
+    audit_log: Path
+
+    def audited(self, request_id: str) -> list[dict[str, object]]:
+        lines = self.audit_log.read_text().splitlines() if self.audit_log.exists() else []
+        records = [json.loads(line) for line in lines if line.strip()]
+        return [r for r in records if r.get("request_id") == request_id]
+
+
+@pytest_asyncio.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[ScriptedMesh]:
+    async with scripted_tiers() as (edge, cloud):
+        settings = router_settings(
+            edge.address,
+            cloud.address,
+            audit_log_path=tmp_path / "audit.jsonl",
+            outbox_path=tmp_path / "outbox.sqlite",
+        )
+        router = RouterNode(
+            settings,
+            create_telemetry("router", export_otlp=False),
+            pairs_from_catalog(settings.catalog),
+        )
+        await router.start()
+        await wait_until(lambda: router.tier_up["edge"] and router.tier_up["cloud"])
+        async with grpc.aio.insecure_channel(router.host.address) as channel:
+            yield ScriptedMesh(
+                edge,
+                cloud,
+                router,
+                router_service_pb2_grpc.RouterServiceStub(channel),
+                tmp_path / "audit.jsonl",
+            )
+        await router.stop(0)
+
+
+def request(
+    kinds: list[int],
+    mesh: ScriptedMesh,
+    *,
+    request_id: str,
+    privacy: int = routing_pb2.PRIVACY_CLASS_PUBLIC,
+    preference: int = routing_pb2.ROUTE_PREFERENCE_AUTO,
+) -> router_service_pb2.InferRequest:
+    """A batch whose edge answers are ``kinds`` (CONFIDENT / HARD per item)."""
+    mesh.edge.tier.kinds = kinds
+    images = np.zeros((len(kinds), 1, 28, 28), dtype=np.uint8)
+    return router_service_pb2.InferRequest(
+        request_id=request_id,
+        model="fashion-mnist",
+        inputs=[encode_tensor("image", images)],
+        hints=routing_pb2.RoutingHints(privacy_class=privacy, preference=preference),  # type: ignore[arg-type]
+    )
