@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
@@ -23,6 +22,7 @@ from services.errors import (
 from services.errors import (
     NotFoundError as NotFoundStatus,
 )
+from services.validation import check_timestamp, timestamp_at, unix_seconds
 
 KIND_NAMES = {pb.ARTIFACT_KIND_MODEL: "model", pb.ARTIFACT_KIND_ROUTER_POLICY: "router-policy"}
 KIND_VALUES = {name: value for value, name in KIND_NAMES.items()}
@@ -145,11 +145,11 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             served.append(
                 SiteServes(ref.kind, ref.name, ref.version, tuple(entry.refused_versions))
             )
-        reported_at = (
-            status.reported_at.ToNanoseconds() / 1e9
-            if status.HasField("reported_at")
-            else time.time()
-        )
+        if status.HasField("reported_at"):
+            check_timestamp(status.reported_at, "status.reported_at")
+            reported_at = unix_seconds(status.reported_at)
+        else:
+            reported_at = time.time()
         self._sites.record(SiteReport(status.site, tuple(served), reported_at))
         return pb.ReportSiteStatusResponse()
 
@@ -158,8 +158,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     ) -> pb.ListSitesResponse:
         sites = []
         for report in self._sites.reports():
-            stamp = timestamp_pb2.Timestamp()
-            stamp.FromNanoseconds(int(report.reported_at * 1e9))
+            stamp = timestamp_at(report.reported_at)
             served = [
                 pb.ServedVersion(
                     artifact=to_wire(ArtifactRef(s.kind, s.name, s.version)),
