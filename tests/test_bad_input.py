@@ -36,8 +36,10 @@ from localmesh.envoy import (
 from localmesh.launcher import free_port
 from registry.app import RegistryNode
 from registry.config import RegistrySettings
+from router_service.anonymisers import ANONYMISERS
 from router_service.policy import RequestConstraints
 from services.errors import ECHO_MAX_CHARS, ELLIPSIS, InvalidArgumentError, field_violations
+from services.privacy import ANONYMISER_NAMES
 from services.server import ServiceHost
 from services.telemetry import create_telemetry
 from services.validation import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
@@ -415,3 +417,7 @@ def test_unknown_tensor_datatype_names_never_raise() -> None:
     assert datatype_name(42) == "42"  # type: ignore[arg-type]
     assert model_pb2.ModelRef(name="x").name == "x"
     assert edge_service_pb2.InferRequest().top_k == 0
+
+
+def test_the_cloud_knows_the_anonymisers_the_edge_has() -> None:
+    assert set(ANONYMISERS) == ANONYMISER_NAMES
