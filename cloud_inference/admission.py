@@ -1,42 +1,15 @@
-"""Bounded calls to Triton: a fixed number in flight, a bounded wait queue, no wait past
-the caller's budget. Overload is answered at once (RESOURCE_EXHAUSTED with retry
-pushback) instead of growing a queue that only adds latency."""
+"""The cloud service's admission control is the shared kernel's (services.admission):
+bounded calls to Triton, a bounded wait queue, no wait past the caller's budget."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from services.admission import Admission as _SharedAdmission
 
-from services.errors import DeadlineExceededError, ResourceExhaustedError
+TRITON = "Triton"
 
 
-class Admission:
+class Admission(_SharedAdmission):
+    """Admission to Triton (the signature cloud_inference.app constructs)."""
+
     def __init__(self, max_in_flight: int, max_queued: int, retry_after_ms: int) -> None:
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._max_queued = max_queued
-        self._retry_after_ms = retry_after_ms
-        self.queued = 0
-
-    @asynccontextmanager
-    async def slot(self, wait_budget_s: float) -> AsyncIterator[None]:
-        """Hold one in-flight slot; wait for it at most ``wait_budget_s``."""
-        if self._slots.locked() and self.queued >= self._max_queued:
-            raise ResourceExhaustedError(
-                f"{self.queued} requests already wait for Triton",
-                retry_after_ms=self._retry_after_ms,
-            )
-        self.queued += 1
-        try:
-            async with asyncio.timeout(max(wait_budget_s, 0.0)):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise DeadlineExceededError(
-                "the deadline passed while waiting for a free slot to Triton"
-            ) from None
-        finally:
-            self.queued -= 1
-        try:
-            yield
-        finally:
-            self._slots.release()
+        super().__init__(max_in_flight, max_queued, retry_after_ms, resource=TRITON)

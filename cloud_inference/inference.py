@@ -24,15 +24,20 @@ from cloud_inference.labels import ModelFacts
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
+from services import attributes
 from services.classification import softmax, top_k
 from services.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    clip,
 )
+from services.privacy import ANONYMISER_NAMES
+from services.request_ids import check_request_id
 from services.telemetry import inject_trace_headers
-from services.tensors import DATATYPE_BY_KSERVE_NAME, decode_tensor, encode_tensor
+from services.tensors import DATATYPE_BY_KSERVE_NAME, InputSpec, decode_inputs, encode_tensor
+from services.validation import check_enum, enum_name
 
 TIMEOUT_MARGIN_S = 0.002  # left for our own reply after Triton answers
 
@@ -50,6 +55,7 @@ class ValidRequest:
 
 def check_privacy(request: cloud_service_pb2.InferRequest) -> None:
     """Defence in depth: the router never sends these, and the cloud never accepts them."""
+    check_enum(request.privacy_class, routing_pb2.PrivacyClass.DESCRIPTOR, "privacy_class")
     if request.privacy_class == routing_pb2.PRIVACY_CLASS_SENSITIVE:
         raise FailedPreconditionError(
             "SENSITIVE data must not leave the edge site", field="privacy_class"
@@ -58,6 +64,12 @@ def check_privacy(request: cloud_service_pb2.InferRequest) -> None:
     if request.privacy_class != routing_pb2.PRIVACY_CLASS_PUBLIC and not request.anonymiser:
         raise FailedPreconditionError(
             "INTERNAL (or unspecified) data is accepted only after an anonymiser ran",
+            field="anonymiser",
+        )
+    if request.anonymiser and request.anonymiser not in ANONYMISER_NAMES:
+        # An anonymiser the edge does not have cannot have run there.
+        raise InvalidArgumentError(
+            f"unknown anonymiser {clip(request.anonymiser)!r}; known: {sorted(ANONYMISER_NAMES)}",
             field="anonymiser",
         )
 
@@ -92,6 +104,7 @@ class CloudInference:
 
     def validate(self, request: cloud_service_pb2.InferRequest) -> ValidRequest:
         """Everything Triton would refuse, refused here first, naming the field."""
+        check_request_id(request.request_id)
         check_privacy(request)
         if request.top_k > self._settings.max_top_k:
             raise InvalidArgumentError(
@@ -102,49 +115,27 @@ class CloudInference:
         model = self._models.get(request.model.name)
         if model is None:
             raise NotFoundError(
-                f"no cloud model {request.model.name!r}; serving {self.model_names}",
+                f"no cloud model {clip(request.model.name)!r}; serving {self.model_names}",
                 field="model.name",
             )
         if request.model.version and request.model.version not in model.versions:
             raise NotFoundError(
-                f"{model.name} version {request.model.version!r} is not served "
+                f"{model.name} version {clip(request.model.version)!r} is not served "
                 f"(serving {list(model.versions)})",
                 field="model.version",
             )
-        payload = sum(len(t.raw_contents) for t in request.inputs)
-        if payload > self._settings.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"payload of {payload} bytes exceeds {self._settings.max_payload_bytes}",
-                field="inputs",
-            )
-        specs = {spec.name: spec for spec in model.inputs}
-        arrays: dict[str, npt.NDArray[np.generic]] = {}
-        datatypes: dict[str, str] = {}
-        for index, tensor in enumerate(request.inputs):
-            spec = specs.get(tensor.name)
-            if spec is None or tensor.name in arrays:
-                raise InvalidArgumentError(
-                    f"unexpected or repeated input {tensor.name!r}; {model.name} takes "
-                    f"{sorted(specs)}",
-                    field=f"inputs[{index}].name",
-                )
+        arrays = decode_inputs(
+            request.inputs,
+            {
+                spec.name: InputSpec(DATATYPE_BY_KSERVE_NAME[spec.datatype], spec.shape)
+                for spec in model.inputs
+            },
+            model=model.name,
             # Triton's metadata shape includes the batch dimension as -1.
-            arrays[tensor.name] = decode_tensor(
-                tensor,
-                f"inputs[{index}]",
-                expected_datatype=DATATYPE_BY_KSERVE_NAME[spec.datatype],
-                expected_shape=spec.shape,
-                max_batch_size=min(self._settings.max_batch_size, model.max_batch_size),
-            )
-            datatypes[tensor.name] = spec.datatype
-        missing = sorted(set(specs) - set(arrays))
-        if missing:
-            raise InvalidArgumentError(f"missing input(s) {missing}", field="inputs")
-        batches = {array.shape[0] for array in arrays.values()}
-        if len(batches) > 1:
-            raise InvalidArgumentError(
-                f"inputs disagree on the batch size: {sorted(batches)}", field="inputs"
-            )
+            max_batch_size=min(self._settings.max_batch_size, model.max_batch_size),
+            max_payload_bytes=self._settings.max_payload_bytes,
+        )
+        datatypes = {spec.name: spec.datatype for spec in model.inputs}
         return ValidRequest(model, arrays, datatypes)
 
     async def infer(
@@ -159,11 +150,12 @@ class CloudInference:
             return budget_s - (time.perf_counter() - started)
 
         with self._tracer.start_as_current_span("cloud.triton_infer") as span:
-            span.set_attribute("hybridmesh.request_id", request.request_id)
+            span.set_attribute(attributes.REQUEST_ID, request.request_id)
             # This span runs off site: whatever it holds left the edge.
-            span.set_attribute("hybridmesh.data_left_site", True)
+            span.set_attribute(attributes.DATA_LEFT_SITE, True)
             span.set_attribute(
-                "hybridmesh.privacy_class", routing_pb2.PrivacyClass.Name(request.privacy_class)
+                attributes.PRIVACY_CLASS,
+                enum_name(routing_pb2.PrivacyClass.DESCRIPTOR, request.privacy_class),
             )
             if self._intake is not None:
                 self._intake.record(request)
@@ -172,11 +164,11 @@ class CloudInference:
             payload = payload_sha256(request)
             if request.reconciliation:
                 answered = self._answers.get(request.request_id, payload)
-                span.set_attribute("hybridmesh.deduplicated", answered is not None)
+                span.set_attribute(attributes.DEDUPLICATED, answered is not None)
                 if answered is not None:
                     return answered
-            span.set_attribute("hybridmesh.model.name", model.name)
-            span.set_attribute("hybridmesh.batch_size", valid.batch_size)
+            span.set_attribute(attributes.MODEL_NAME, model.name)
+            span.set_attribute(attributes.BATCH_SIZE, valid.batch_size)
             async with self._admission.slot(remaining_s() - TIMEOUT_MARGIN_S):
                 timeout_s = remaining_s() - TIMEOUT_MARGIN_S
                 if timeout_s <= 0:
@@ -193,8 +185,8 @@ class CloudInference:
                     headers=inject_trace_headers(level1_flags=True),
                 )
                 triton_s = time.perf_counter() - called
-            span.set_attribute("hybridmesh.model.version", result.version)
-            span.set_attribute("hybridmesh.triton.latency_ms", round(triton_s * 1e3, 3))
+            span.set_attribute(attributes.MODEL_VERSION, result.version)
+            span.set_attribute(attributes.TRITON_LATENCY_MS, round(triton_s * 1e3, 3))
             output = model.outputs[0].name
             facts = self._facts.get(model.name, ModelFacts())
             probabilities = softmax(np.asarray(result.outputs[output], dtype=np.float32))

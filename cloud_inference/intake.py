@@ -9,6 +9,7 @@ from typing import TextIO
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import routing_pb2
 from services.logging import stream_logger
+from services.validation import enum_name
 
 
 class IntakeLog:
@@ -19,7 +20,7 @@ class IntakeLog:
         self._log.info(
             "infer received",
             request_id=request.request_id,
-            privacy_class=routing_pb2.PrivacyClass.Name(request.privacy_class),
+            privacy_class=enum_name(routing_pb2.PrivacyClass.DESCRIPTOR, request.privacy_class),
             anonymiser=request.anonymiser,
             reconciliation=request.reconciliation,
             model=request.model.name,

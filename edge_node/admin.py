@@ -12,7 +12,12 @@ from edge_node.local_models import LocalModels
 from edge_node.updater import EdgeUpdater, UpdateReport
 from hybridmesh.edge.v1 import edge_admin_pb2 as pb
 from hybridmesh.edge.v1 import edge_admin_pb2_grpc
-from services.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from services.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+    clip,
+)
 from workload.model_store import ModelStoreError, versions
 
 RECENT_EVENTS = 50
@@ -96,7 +101,7 @@ class EdgeAdminServicer(edge_admin_pb2_grpc.EdgeAdminServiceServicer):
     ) -> pb.RollbackResponse:
         updater, models = self._ready()
         if request.model not in {m.name for m in models.all()}:
-            raise InvalidArgumentError(f"{request.model!r} is not served here", field="model")
+            raise InvalidArgumentError(f"{clip(request.model)!r} is not served here", field="model")
         try:
             report = await updater.rollback(request.model)
         except ModelStoreError as error:

@@ -7,7 +7,6 @@ nothing about sockets, so it is tested with the real model and no server.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 
@@ -20,11 +19,15 @@ from edge_node.config import EdgeSettings
 from edge_node.local_models import LoadedModel, LocalModels
 from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2
+from services import attributes
+from services.admission import Admission
 from services.classification import softmax, top_k
-from services.errors import InvalidArgumentError, ResourceExhaustedError
-from services.tensors import decode_tensor, encode_tensor
+from services.errors import InvalidArgumentError
+from services.request_ids import check_request_id
+from services.tensors import InputSpec, decode_inputs, encode_tensor
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
+# gRFC A6 pushback when every compute slot is busy and the wait queue is full.
+RETRY_AFTER_MS = 50
 
 
 @dataclass(frozen=True)
@@ -51,84 +54,47 @@ class EdgeInference:
             max_top_k=settings.max_top_k,
             max_payload_bytes=settings.max_payload_bytes,
         )
-        self._slots = asyncio.Semaphore(settings.compute_slots)
-        self._max_queued = settings.max_queued_requests
+        self._admission = Admission(
+            settings.compute_slots,
+            settings.max_queued_requests,
+            RETRY_AFTER_MS,
+            resource="the model",
+        )
         self._inline_max_us = settings.inline_compute_max_us
-        self._queued = 0
 
     def _validate(
         self, request: edge_service_pb2.InferRequest
     ) -> tuple[LoadedModel, dict[str, npt.NDArray[np.generic]]]:
-        if not REQUEST_ID_PATTERN.match(request.request_id):
-            raise InvalidArgumentError(
-                "at most 128 characters of [A-Za-z0-9._:-]", field="request_id"
-            )
+        check_request_id(request.request_id)
         if request.top_k > self._limits.max_top_k:
             raise InvalidArgumentError(
                 f"{request.top_k} exceeds the limit of {self._limits.max_top_k}", field="top_k"
             )
         model = self._models.resolve(request.model)
-        payload = sum(len(tensor.raw_contents) for tensor in request.inputs)
-        if payload > self._limits.max_payload_bytes:
-            raise InvalidArgumentError(
-                f"payload of {payload} bytes exceeds the limit of {self._limits.max_payload_bytes}",
-                field="inputs",
-            )
-        expected = {spec.name: spec for spec in model.inputs}
-        arrays: dict[str, npt.NDArray[np.generic]] = {}
-        for index, tensor in enumerate(request.inputs):
-            field = f"inputs[{index}]"
-            spec = expected.get(tensor.name)
-            if spec is None:
-                raise InvalidArgumentError(
-                    f"unknown input {tensor.name!r}; {model.name} takes {sorted(expected)}",
-                    field=f"{field}.name",
-                )
-            if tensor.name in arrays:
-                raise InvalidArgumentError(
-                    f"input {tensor.name!r} given twice", field=f"{field}.name"
-                )
-            arrays[tensor.name] = decode_tensor(
-                tensor,
-                field,
-                expected_datatype=spec.datatype,
-                expected_shape=spec.shape,
-                max_batch_size=min(self._limits.max_batch_size, model.max_batch_size),
-            )
-        missing = sorted(set(expected) - set(arrays))
-        if missing:
-            raise InvalidArgumentError(f"missing input(s) {missing}", field="inputs")
-        batch_sizes = {array.shape[0] for array in arrays.values()}
-        if len(batch_sizes) > 1:
-            raise InvalidArgumentError(
-                f"inputs disagree on the batch size: {sorted(batch_sizes)}", field="inputs"
-            )
+        arrays = decode_inputs(
+            request.inputs,
+            {spec.name: InputSpec(spec.datatype, spec.shape) for spec in model.inputs},
+            model=model.name,
+            max_batch_size=min(self._limits.max_batch_size, model.max_batch_size),
+            max_payload_bytes=self._limits.max_payload_bytes,
+        )
         return model, arrays
 
     async def infer(self, request: edge_service_pb2.InferRequest) -> edge_service_pb2.InferResponse:
         with self._tracer.start_as_current_span("edge.infer") as span:
             # The edge node sends nothing anywhere: its spans say so for the audit trail.
-            span.set_attribute("hybridmesh.data_left_site", False)
+            span.set_attribute(attributes.DATA_LEFT_SITE, False)
             model, arrays = self._validate(request)
             batch = next(iter(arrays.values())).shape[0]
-            span.set_attribute("hybridmesh.model.name", model.name)
-            span.set_attribute("hybridmesh.model.version", model.version)
-            span.set_attribute("hybridmesh.batch_size", batch)
+            span.set_attribute(attributes.MODEL_NAME, model.name)
+            span.set_attribute(attributes.MODEL_VERSION, model.version)
+            span.set_attribute(attributes.BATCH_SIZE, batch)
             if request.request_id:
-                span.set_attribute("hybridmesh.request_id", request.request_id)
+                span.set_attribute(attributes.REQUEST_ID, request.request_id)
 
-            if self._slots.locked() and self._queued >= self._max_queued:
-                raise ResourceExhaustedError(
-                    f"{self._queued} requests already wait for a compute slot",
-                    retry_after_ms=50,
-                )
             queued_at = time.perf_counter()
-            self._queued += 1
-            try:
-                await self._slots.acquire()
-            finally:
-                self._queued -= 1
-            try:
+            # No wait budget: the caller's deadline cancels a request that waits too long.
+            async with self._admission.slot():
                 started = time.perf_counter()
                 if model.compute_us <= self._inline_max_us:
                     outputs = model.run(arrays)
@@ -136,13 +102,11 @@ class EdgeInference:
                     # to_thread, not run_in_executor: the span and log context follow it.
                     outputs = await asyncio.to_thread(model.run, arrays)
                 finished = time.perf_counter()
-            finally:
-                self._slots.release()
 
             scores = outputs[model.classification_output]
             probabilities = scores if model.outputs_probabilities else softmax(scores)
-            span.set_attribute("hybridmesh.edge.compute_ms", (finished - started) * 1e3)
-            span.set_attribute("hybridmesh.edge.queue_ms", (started - queued_at) * 1e3)
+            span.set_attribute(attributes.EDGE_COMPUTE_MS, (finished - started) * 1e3)
+            span.set_attribute(attributes.EDGE_QUEUE_MS, (started - queued_at) * 1e3)
             return edge_service_pb2.InferResponse(
                 request_id=request.request_id,
                 model=model_pb2.ModelRef(name=model.name, version=model.version),

@@ -11,7 +11,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from hybridmesh.common.v1 import model_pb2, tensor_pb2
-from services.errors import InvalidArgumentError, NotFoundError
+from services.errors import InvalidArgumentError, NotFoundError, clip
 from services.tensors import DATATYPE_BY_KSERVE_NAME, DataTypeValue
 from workload.model_store import ModelManifest, ModelStoreError, latest_versions, load_verified
 
@@ -105,12 +105,13 @@ class LocalModels:
         model = self._by_name.get(ref.name)
         if model is None:
             raise NotFoundError(
-                f"no model {ref.name!r} on this edge node; it has {sorted(self._by_name)}",
+                f"no model {clip(ref.name)!r} on this edge node; it has {sorted(self._by_name)}",
                 field="model.name",
             )
         if ref.version and ref.version != model.version:
             raise NotFoundError(
-                f"{ref.name} version {ref.version!r} is not served; serving {model.version}",
+                f"{model.name} version {clip(ref.version)!r} is not served; "
+                f"serving {model.version}",
                 field="model.version",
             )
         return model

@@ -30,6 +30,18 @@ HCM_TYPE = f"{_API}.filters.network.http_connection_manager.v3.HttpConnectionMan
 TLS_TYPE = f"{_API}.transport_sockets.tls.v3.DownstreamTlsContext"
 
 
+# The cloud service's own gRPC services: the only paths the ingress routes. Any other
+# path matches no route, and Envoy answers a gRPC request without a route itself, with
+# grpc-status 12 UNIMPLEMENTED (its local reply maps HTTP 404 so), the status the cloud
+# service gives an unknown method.
+CLOUD_SERVICES = ("hybridmesh.cloud.v1.CloudService", "grpc.health.v1.Health")
+
+
+def service_routes(services: tuple[str, ...], route: dict[str, Any]) -> list[dict[str, Any]]:
+    """One route per gRPC service (``/<package.Service>/``), all to the same ``route``."""
+    return [{"match": {"prefix": f"/{service}/"}, "route": route} for service in services]
+
+
 @dataclass(frozen=True)
 class EnvoyPorts:
     ingress: int
@@ -77,17 +89,20 @@ def envoy_config(
     wan_delay_ms: int,
     otlp_grpc: tuple[str, int] | None,
     access_log: Path | None = None,
+    services: tuple[str, ...] = CLOUD_SERVICES,
 ) -> dict[str, Any]:
     """The bootstrap, as a dict (Envoy reads it as JSON). ``access_log``: a JSON line per
     request at the cloud ingress, with the request id and privacy class the router sends
-    as headers (what crossed the WAN, seen from outside the router)."""
+    as headers (what crossed the WAN, seen from outside the router). Only ``services``
+    are routed to the cloud service; anything else gets UNIMPLEMENTED from Envoy."""
     http_filters: list[dict[str, Any]] = [
         {
             "name": "envoy.filters.http.fault",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
                 "delay": {
-                    "fixed_delay": f"{wan_delay_ms / 1000:.3f}s",
+                    # Envoy refuses a 0 s delay; "no WAN delay" is 0 % of requests delayed.
+                    "fixed_delay": f"{max(wan_delay_ms, 1) / 1000:.3f}s",
                     "percentage": {
                         "numerator": 100 if wan_delay_ms else 0,
                         "denominator": "HUNDRED",
@@ -116,17 +131,15 @@ def envoy_config(
                 {
                     "name": "cloud",
                     "domains": ["*"],
-                    "routes": [
+                    "routes": service_routes(
+                        services,
                         {
-                            "match": {"prefix": "/"},
-                            "route": {
-                                "cluster": "cloud_inference",
-                                # The caller's grpc-timeout bounds the request; no retries.
-                                "timeout": "0s",
-                                "max_stream_duration": {"grpc_timeout_header_max": "30s"},
-                            },
-                        }
-                    ],
+                            "cluster": "cloud_inference",
+                            # The caller's grpc-timeout bounds the request; no retries.
+                            "timeout": "0s",
+                            "max_stream_duration": {"grpc_timeout_header_max": "30s"},
+                        },
+                    ),
                 }
             ],
         },

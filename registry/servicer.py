@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
@@ -24,6 +23,7 @@ from services.errors import (
 from services.errors import (
     NotFoundError as NotFoundStatus,
 )
+from services.validation import check_timestamp, timestamp_at, unix_seconds
 
 SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_CHUNK_BYTES = 1 << 20
@@ -140,11 +140,11 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             served.append(
                 SiteServes(ref.kind, ref.name, ref.version, tuple(entry.refused_versions))
             )
-        reported_at = (
-            status.reported_at.ToNanoseconds() / 1e9
-            if status.HasField("reported_at")
-            else time.time()
-        )
+        if status.HasField("reported_at"):
+            check_timestamp(status.reported_at, "status.reported_at")
+            reported_at = unix_seconds(status.reported_at)
+        else:
+            reported_at = time.time()
         self._sites.record(SiteReport(status.site, tuple(served), reported_at))
         return pb.ReportSiteStatusResponse()
 
@@ -153,8 +153,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     ) -> pb.ListSitesResponse:
         sites = []
         for report in self._sites.reports():
-            stamp = timestamp_pb2.Timestamp()
-            stamp.FromNanoseconds(int(report.reported_at * 1e9))
+            stamp = timestamp_at(report.reported_at)
             served = [
                 pb.ServedVersion(
                     artifact=to_wire(ArtifactRef(s.kind, s.name, s.version)),

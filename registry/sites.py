@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from registry.artifacts import KINDS
+from services.logging import get_logger
+from services.validation import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
 
 from ota.registry_client import SiteServes
 
 SITES_FILE = "sites.json"
+
+_log = get_logger("registry.sites")
 
 
 @dataclass(frozen=True)
@@ -26,12 +34,30 @@ class SiteBook:
         self._path = root / SITES_FILE
         self._reports: dict[str, SiteReport] = {}
         if self._path.exists():
-            for raw in json.loads(self._path.read_text()):
-                served = tuple(
-                    SiteServes(s["kind"], s["name"], s["version"], tuple(s["refused_versions"]))
-                    for s in raw["served"]
+            self._load()
+
+    def _load(self) -> None:
+        """Every valid record; a bad one is logged and skipped, so one record (or a
+        damaged file) cannot break every listing."""
+        try:
+            records = json.loads(self._path.read_text())
+        except (OSError, ValueError) as error:
+            _log.error(
+                "site book unreadable; starting empty", path=str(self._path), error=str(error)
+            )
+            return
+        if not isinstance(records, list):
+            _log.error("site book is not a list; starting empty", path=str(self._path))
+            return
+        for index, raw in enumerate(records):
+            try:
+                report = _parse_report(raw)
+            except (KeyError, TypeError, ValueError) as error:
+                _log.error(
+                    "site record skipped", path=str(self._path), index=index, error=str(error)
                 )
-                self._reports[raw["site"]] = SiteReport(raw["site"], served, raw["reported_at"])
+                continue
+            self._reports[report.site] = report
 
     def record(self, report: SiteReport) -> None:
         self._reports[report.site] = report
@@ -51,3 +77,28 @@ class SiteBook:
                 key = (served.kind, served.name, served.version)
                 mix[key] = mix.get(key, 0) + 1
         return mix
+
+
+def _parse_report(raw: Any) -> SiteReport:
+    """One stored record, checked as strictly as a report arriving over the wire."""
+    site = raw["site"]
+    if not isinstance(site, str) or not site:
+        raise ValueError(f"site {site!r} is not a site id")
+    reported_at = raw["reported_at"]
+    if (
+        isinstance(reported_at, bool)
+        or not isinstance(reported_at, int | float)
+        or not math.isfinite(reported_at)
+        or not TIMESTAMP_MIN_SECONDS <= reported_at <= TIMESTAMP_MAX_SECONDS + 1
+    ):
+        raise ValueError(f"reported_at {reported_at!r} is not a time in years 1..9999")
+    served = []
+    for entry in raw["served"]:
+        kind, name, version = entry["kind"], entry["name"], entry["version"]
+        refused = tuple(entry["refused_versions"])
+        if kind not in KINDS or not isinstance(name, str):
+            raise ValueError(f"served entry {entry!r} has no known kind and a name")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (version, *refused)):
+            raise ValueError(f"served entry {entry!r} has a version that is not an integer")
+        served.append(SiteServes(kind, name, version, refused))
+    return SiteReport(site, tuple(served), float(reported_at))

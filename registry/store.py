@@ -28,9 +28,12 @@ from ota.artifacts import (
     parse_manifest,
 )
 from registry.signing import PublisherKey, sign
+from services.logging import get_logger
 
 CHANNEL_FILE = "channel.json"
 MAX_CHUNK_BYTES = 1 << 20
+
+_log = get_logger("registry.store")
 
 
 class RegistryError(Exception):
@@ -89,15 +92,20 @@ class RegistryStore:
         return tuple(sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()))
 
     def summaries(self) -> list[ArtifactSummary]:
+        """Every artifact; one whose promotion history is damaged is logged and skipped,
+        so it cannot break the listing of the others."""
         found = []
         for kind_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for name_dir in sorted(p for p in kind_dir.iterdir() if p.is_dir()):
                 kind, name = kind_dir.name, name_dir.name
-                found.append(
-                    ArtifactSummary(
-                        kind, name, self.versions(kind, name), self.promoted(kind, name)
+                try:
+                    promoted = self.promoted(kind, name)
+                except ArtifactError as error:
+                    _log.error(
+                        "artifact skipped in the listing", kind=kind, name=name, error=str(error)
                     )
-                )
+                    continue
+                found.append(ArtifactSummary(kind, name, self.versions(kind, name), promoted))
         return found
 
     def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
@@ -147,9 +155,12 @@ class RegistryStore:
         if not path.exists():
             return []
         try:
-            return [int(v) for v in json.loads(path.read_text())["promoted"]]
+            history = [int(v) for v in json.loads(path.read_text())["promoted"]]
         except (ValueError, KeyError, TypeError) as error:
             raise ArtifactError(f"{path}: malformed ({error})") from None
+        if any(version <= 0 for version in history):
+            raise ArtifactError(f"{path}: malformed (versions must be positive)")
+        return history
 
     def _write_history(self, kind: str, name: str, history: list[int]) -> None:
         path = self._artifact_dir(kind, name) / CHANNEL_FILE

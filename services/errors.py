@@ -1,6 +1,6 @@
 """Typed service errors and their mapping to gRPC status with google.rpc details.
 
-Domain code raises these; ``ErrorMappingInterceptor`` (services.server) turns them into
+Domain code raises these; ``ErrorMappingInterceptor`` (services.interceptors) turns them into
 the right status code, a message that names the field, and a ``google.rpc.BadRequest``
 detail that clients in any language can read field by field.
 """
@@ -14,6 +14,24 @@ from grpc_status import rpc_status
 
 RETRY_PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"  # gRFC A6 server pushback
 
+# A caller's string echoed into a message is cut to this many characters.
+ECHO_MAX_CHARS = 128
+# Every status message is cut to this, whatever it echoes: the message travels twice in
+# the trailers (grpc-message, percent-encoded, and grpc-status-details-bin), and trailers
+# over the peer's limit (16 KiB by default) reach the caller as RESOURCE_EXHAUSTED
+# "Stream removed" instead of the status meant for it.
+MAX_MESSAGE_CHARS = 1024
+ELLIPSIS = "…"
+
+
+def clip(text: str, limit: int = ECHO_MAX_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when it was longer.
+
+    Use it for every caller string a message or detail echoes (model, tensor, pair and
+    file names...): ``f"no model {clip(name)!r}"``.
+    """
+    return text if len(text) <= limit else text[:limit] + ELLIPSIS
+
 
 class ServiceError(Exception):
     """An error with a gRPC status; ``field`` names the offending request field."""
@@ -21,6 +39,7 @@ class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         self.message = f"{field}: {message}" if field else message
         self.field = field
         self.reason = message

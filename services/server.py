@@ -7,18 +7,17 @@ router stop sending new work, then the server drains in-flight RPCs for the grac
 from __future__ import annotations
 
 import asyncio
-import inspect
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.config import ServiceSettings
-from services.errors import ServiceError
+from services.interceptors import ErrorMappingInterceptor
 from services.logging import get_logger
 from services.telemetry import Telemetry
 
@@ -28,11 +27,6 @@ OVERALL_HEALTH = ""  # grpc.health.v1: the empty service name is the server as a
 LIVENESS_HEALTH = "liveness"
 
 _log = get_logger("services.server")
-
-if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; the runtime class is not.
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 @dataclass(frozen=True)
@@ -44,86 +38,6 @@ class ServiceRegistration:
     # Services that must load something first (models, a Triton connection) start
     # NOT_SERVING and flip themselves through ServiceHost.set_serving.
     serving_at_start: bool = True
-
-
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except ServiceError as error:
-            await _abort(context, error)
-        except Exception as error:
-            await _abort_internal(context, error)
-
-    return wrapper
-
-
-def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    if not inspect.isasyncgenfunction(behavior):
-        # Streaming handlers that write through context.write() are plain coroutines.
-        return _wrap_unary(behavior)
-
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except ServiceError as error:
-            await _abort(context, error)
-        except Exception as error:
-            await _abort_internal(context, error)
-
-    return wrapper
-
-
-async def _abort_internal(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
-    # A bug must not leak internals to callers (gRPC's default UNKNOWN carries the
-    # exception text); the stack trace goes to the log, which carries the trace id.
-    _log.exception("unhandled error in handler", error_type=type(error).__name__)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
-    status = error.to_status()
-    # The rich status (google.rpc.Status with details) travels in trailing metadata.
-    await context.abort(
-        status.code,
-        status.details,
-        trailing_metadata=(*status.trailing_metadata, *error.trailing_metadata()),
-    )
-
-
-class ErrorMappingInterceptor(_ServerInterceptor):
-    """Turns a ServiceError raised by a handler into its status, message and details.
-
-    Keeps servicers thin: domain code raises ``InvalidArgumentError("...", field="inputs")``
-    and never touches the context.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:

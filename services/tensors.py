@@ -7,14 +7,16 @@ decodes what arrives over the WAN, and the router re-encodes for the next hop.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from hybridmesh.common.v1 import tensor_pb2
-from services.errors import InvalidArgumentError
+from services.errors import InvalidArgumentError, clip
+from services.validation import check_enum, enum_name
 
 DataTypeValue: TypeAlias = tensor_pb2.DataType.ValueType
 
@@ -46,7 +48,67 @@ DATATYPE_BY_KSERVE_NAME: dict[str, DataTypeValue] = {name: dt for dt, name in KS
 
 
 def datatype_name(datatype: DataTypeValue) -> str:
-    return KSERVE_NAMES.get(datatype, tensor_pb2.DataType.Name(datatype))
+    """KServe name, else the contract's name, else the number (never raises)."""
+    return KSERVE_NAMES.get(datatype) or enum_name(tensor_pb2.DataType.DESCRIPTOR, datatype)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input a model takes: -1 in ``shape`` is a dynamic dimension."""
+
+    datatype: DataTypeValue
+    shape: Sequence[int]
+
+
+def decode_inputs(
+    inputs: Sequence[tensor_pb2.Tensor],
+    specs: Mapping[str, InputSpec],
+    *,
+    model: str,
+    max_batch_size: int,
+    max_payload_bytes: int,
+    field: str = "inputs",
+) -> dict[str, npt.NDArray[np.generic]]:
+    """Validate a request's input tensors against a model's inputs and decode them.
+
+    The one path every tier takes for what a caller sends: payload bound, each tensor
+    named once and known, datatype/shape/bytes per ``decode_tensor``, nothing missing,
+    one batch size. Every error names the field.
+    """
+    payload = sum(len(tensor.raw_contents) for tensor in inputs)
+    if payload > max_payload_bytes:
+        raise InvalidArgumentError(
+            f"payload of {payload} bytes exceeds the limit of {max_payload_bytes}", field=field
+        )
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    for index, tensor in enumerate(inputs):
+        where = f"{field}[{index}]"
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgumentError(
+                f"unknown input {clip(tensor.name)!r}; {model} takes {sorted(specs)}",
+                field=f"{where}.name",
+            )
+        if tensor.name in arrays:
+            raise InvalidArgumentError(
+                f"input {clip(tensor.name)!r} given twice", field=f"{where}.name"
+            )
+        arrays[tensor.name] = decode_tensor(
+            tensor,
+            where,
+            expected_datatype=spec.datatype,
+            expected_shape=spec.shape,
+            max_batch_size=max_batch_size,
+        )
+    missing = sorted(set(specs) - set(arrays))
+    if missing:
+        raise InvalidArgumentError(f"missing input(s) {missing}", field=field)
+    batch_sizes = {array.shape[0] for array in arrays.values()}
+    if len(batch_sizes) > 1:
+        raise InvalidArgumentError(
+            f"inputs disagree on the batch size: {sorted(batch_sizes)}", field=field
+        )
+    return arrays
 
 
 def decode_tensor(
@@ -61,6 +123,7 @@ def decode_tensor(
 
     Every check names the field so the caller knows exactly what to fix.
     """
+    check_enum(tensor.datatype, tensor_pb2.DataType.DESCRIPTOR, f"{field}.datatype")
     if tensor.datatype != expected_datatype:
         raise InvalidArgumentError(
             f"expected datatype {datatype_name(expected_datatype)}, "
