@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.artifacts import KINDS
+from ota.artifacts import KINDS
+from ota.registry_client import SiteServes
 from services.logging import get_logger
 from services.validation import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
-
-from ota.registry_client import SiteServes
 
 SITES_FILE = "sites.json"
 

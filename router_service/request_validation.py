@@ -6,7 +6,6 @@ FAILED_PRECONDITION), mapped to gRPC statuses by the kernel's interceptor.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,10 +14,9 @@ import numpy.typing as npt
 
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.policy import RequestConstraints
-from services.errors import InvalidArgumentError, NotFoundError
+from services.errors import InvalidArgumentError, NotFoundError, clip
+from services.request_ids import check_request_id
 from services.tensors import DataTypeValue, decode_tensor
-
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{0,128}$")
 
 
 @dataclass(frozen=True)
@@ -46,14 +44,13 @@ def validate_request(
 ) -> tuple[PairSpec, npt.NDArray[np.generic], RequestConstraints]:
     """The request's pair, its input as an [n, ...] array of the pair's dtype, and its
     constraints (hints with UNSPECIFIED resolved)."""
-    if not REQUEST_ID_PATTERN.match(request.request_id):
-        raise InvalidArgumentError("at most 128 characters of [A-Za-z0-9._:-]", field="request_id")
+    check_request_id(request.request_id)
     if not request.model:
         raise InvalidArgumentError("required: a model pair name", field="model")
     pair = pairs.get(request.model)
     if pair is None:
         raise NotFoundError(
-            f"no model pair {request.model[:128]!r}; known: {sorted(pairs)}", field="model"
+            f"no model pair {clip(request.model)!r}; known: {sorted(pairs)}", field="model"
         )
     if request.top_k > max_top_k:
         raise InvalidArgumentError(
@@ -66,7 +63,7 @@ def validate_request(
         )
     if request.inputs[0].name != pair.input_name:
         raise InvalidArgumentError(
-            f"expected input {pair.input_name!r}, got {request.inputs[0].name[:128]!r}",
+            f"expected input {pair.input_name!r}, got {clip(request.inputs[0].name)!r}",
             field="inputs[0].name",
         )
     inputs = decode_tensor(

@@ -16,6 +16,7 @@ from hybridmesh.common.v1 import decision_pb2, model_pb2, routing_pb2, tensor_pb
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.decision import Settlement
 from router_service.tier_api import TierAnswer
+from services import attributes
 from services.tensors import DATATYPE_TO_NUMPY, encode_tensor
 
 
@@ -132,16 +133,16 @@ def annotate(span: trace.Span, decision: decision_pb2.Decision) -> None:
     """The decision as ``hybridmesh.*`` attributes of the ``router.decide`` span."""
     span.set_attributes(
         {
-            "hybridmesh.served_by": routing_pb2.Tier.Name(decision.served_by),
-            "hybridmesh.reason": decision_pb2.DecisionReason.Name(decision.reason),
-            "hybridmesh.escalation_score": decision.escalation_score,
-            "hybridmesh.threshold": decision.threshold,
-            "hybridmesh.policy_version": decision.policy_version,
-            "hybridmesh.degraded": decision.degraded,
-            "hybridmesh.data_left_site": decision.data_left_site,
-            "hybridmesh.queued_for_reconciliation": decision.queued_for_reconciliation,
-            "hybridmesh.edge_model_version": decision.edge_model.version,
-            "hybridmesh.cloud_model_version": decision.cloud_model.version,
-            "hybridmesh.cost_micros": decision.cost.edge_micros + decision.cost.cloud_micros,
+            attributes.SERVED_BY: routing_pb2.Tier.Name(decision.served_by),
+            attributes.REASON: decision_pb2.DecisionReason.Name(decision.reason),
+            attributes.ESCALATION_SCORE: decision.escalation_score,
+            attributes.THRESHOLD: decision.threshold,
+            attributes.POLICY_VERSION: decision.policy_version,
+            attributes.DEGRADED: decision.degraded,
+            attributes.DATA_LEFT_SITE: decision.data_left_site,
+            attributes.QUEUED_FOR_RECONCILIATION: decision.queued_for_reconciliation,
+            attributes.EDGE_MODEL_VERSION: decision.edge_model.version,
+            attributes.CLOUD_MODEL_VERSION: decision.cloud_model.version,
+            attributes.COST_MICROS: decision.cost.edge_micros + decision.cost.cloud_micros,
         }
     )

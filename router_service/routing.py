@@ -55,9 +55,11 @@ from router_service.reconciler import Reconciler, sampled
 from router_service.request_validation import PairSpec, validate_request
 from router_service.response import Prices, annotate, build_response, tensor_array
 from router_service.tier_api import CloudTierApi, EdgeTierApi, TierAnswer, TierUnavailableError
+from services import attributes
 from services.classification import softmax
 from services.errors import DeadlineExceededError, UnavailableError
 from services.tensors import encode_tensor
+from services.validation import check_duration
 
 __all__ = ["PairSpec", "Router"]
 
@@ -171,7 +173,7 @@ class Router:
                 # The caller left: every call in flight is cancelled with this task, and
                 # nothing is billed, queued or counted for it.
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
-                span.set_attribute("hybridmesh.cancelled", True)
+                span.set_attribute(attributes.CANCELLED, True)
                 raise
             finally:
                 if facts.hedge is not None and not facts.hedge.done():
@@ -504,11 +506,11 @@ class Router:
         )
         span.set_attributes(
             {
-                "hybridmesh.request_id": routed.request_id,
-                "hybridmesh.pair": pair.name,
-                "hybridmesh.batch_size": batch,
+                attributes.REQUEST_ID: routed.request_id,
+                attributes.PAIR: pair.name,
+                attributes.BATCH_SIZE: batch,
                 # Until something is sent: a request that fails still says nothing left.
-                "hybridmesh.data_left_site": False,
+                attributes.DATA_LEFT_SITE: False,
             }
         )
         return routed
@@ -520,7 +522,10 @@ class Router:
         if time_remaining_s is not None:
             budget = time_remaining_s
         elif request.hints.HasField("budget"):
-            budget = request.hints.budget.ToTimedelta().total_seconds()
+            # A day at most: a budget is a request's lifetime, not a schedule.
+            budget = check_duration(
+                request.hints.budget, "hints.budget", min_seconds=0.0, max_seconds=86_400.0
+            )
         else:
             budget = self._settings.default_budget_s
         budget -= self._settings.budget_margin_s
@@ -562,7 +567,8 @@ class Router:
             request_id=routed.request_id,
             settlement=settled,
             edge=facts.edge,
-            cloud=facts.cloud if final and settled.answered_by is not None else None,
+            # The cloud model is named when its answer is in the response.
+            cloud=facts.cloud if final and any(i.cloud_row >= 0 for i in settled.items) else None,
             threshold=routed.classifier.threshold,
             policy_version=routed.classifier.version,
             prices=self._prices,

@@ -14,6 +14,8 @@ PAIR = "hybridmesh.pair"
 BATCH_SIZE = "hybridmesh.batch_size"
 PRIVACY_CLASS = "hybridmesh.privacy_class"
 DATA_LEFT_SITE = "hybridmesh.data_left_site"
+# The caller left (cancelled or its deadline passed) while the request was routed.
+CANCELLED = "hybridmesh.cancelled"
 ATTEMPT = "hybridmesh.attempt"
 
 # The model that ran
