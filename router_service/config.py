@@ -91,6 +91,8 @@ class RouterSettings(ServiceSettings):
     # fallback, so a hung tier costs the cap, not the caller's deadline.
     attempt_floor_s: float = Field(default=0.1, gt=0)
     attempt_p99_multiple: float = Field(default=4.0, ge=1)
+    # The cap of a tier with no latency history yet (its first 20 calls).
+    attempt_cap_default_s: float = Field(default=0.25, gt=0)
     fallback_reserve_default_s: float = Field(default=0.25, ge=0)
     max_batch_size: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=10, ge=1)

@@ -139,6 +139,7 @@ class Router:
         self._budget = AttemptBudget(
             floor_s=settings.attempt_floor_s,
             p99_multiple=settings.attempt_p99_multiple,
+            default_cap_s=settings.attempt_cap_default_s,
             default_reserve_s=settings.fallback_reserve_default_s,
             reserve_margin_s=settings.outbox_write_reserve_s,
         )
@@ -200,12 +201,8 @@ class Router:
     ) -> None:
         everything = tuple(range(routed.batch))
         if routed.verdict.cloud_first:
-            timeout = self._budget.timeout(
-                self._remaining(routed),
-                self.cloud.latency.quantile(0.99),
-                self.edge.latency.p95,
-                fallback_possible=True,
-            )
+            # Asked for: no cap from the cloud's history, only the edge's reserve kept.
+            timeout = self._budget.leaving_reserve(self._remaining(routed), self.edge.latency.p95)
             if await self._call_cloud(routed, facts, Purpose.CLOUD_ONLY, everything, timeout):
                 return
         else:
@@ -250,6 +247,7 @@ class Router:
                 timeout_s=remaining,
             )
         )
+        racing: asyncio.Task[TierAnswer] | None = None
         try:
             if cloud_can_take_over and facts.hedge is None:
                 cap = self._budget.timeout(
@@ -261,7 +259,10 @@ class Router:
                 await asyncio.wait({edge_call}, timeout=cap)
                 if not edge_call.done():
                     self._start_hedge(routed, facts, f"edge slower than its {cap * 1e3:.0f} ms cap")
-            if not await self._first_answer(edge_call, facts.hedge):
+                    racing = facts.hedge
+            # A hedge for a tight deadline waits for the edge (a confident edge answer
+            # wins); one started past the edge's cap races it.
+            if not await self._first_answer(edge_call, racing):
                 facts.edge_failure = EdgeFailure("edge slower than the cloud, which answered")
                 return False
             facts.edge = edge_call.result()
