@@ -28,10 +28,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_inference.auth import token_sha256
-from cloud_inference.triton_launcher import TritonServer
 from localmesh import ota
 from localmesh.certs import ensure_certificates
 from localmesh.envoy import EnvoyPorts, WanControl, envoy_command, envoy_config, write_config
+from localmesh.triton import TritonServer
 from services.logging import get_logger
 from workload.triton_repository import cloud_models, write_repository
 

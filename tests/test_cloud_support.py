@@ -21,9 +21,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cloud_inference.app import CloudNode
 from cloud_inference.auth import token_sha256
 from cloud_inference.config import CloudSettings
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2
+from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
 from tests.triton_fixtures import STORE

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_grpc
 
-from cloud_inference.triton_launcher import (
+from localmesh.triton import (
     TRITON_HOME,
     TritonServer,
     TritonStartError,
@@ -117,7 +117,7 @@ async def test_the_cli_serves_until_sigterm_then_leaves_nothing(tmp_path: Path) 
         cli = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "cloud_inference.triton_launcher",
+            "localmesh.triton",
             "--model-repository",
             str(repository),
             "--run-dir",

@@ -10,7 +10,7 @@ models add this venv's site-packages themselves (workload/triton_python/model.py
 
 Triton and its python-backend stub processes run in their own process group, so a stop
 (or a kill in a fault test) leaves no orphan.
-Usage: ``python -m cloud_inference.triton_launcher --model-repository DIR``.
+Usage: ``python -m localmesh.triton --model-repository DIR``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import tritonclient.grpc.aio as triton_grpc
 
 from services.logging import configure_logging, get_logger
 
-_log = get_logger("cloud_inference.triton_launcher")
+_log = get_logger("localmesh.triton")
 TRITON_HOME = Path(pytriton.__file__).parent / "tritonserver"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
