@@ -76,10 +76,16 @@ class MeshState:
     # The router's outbox (SQLite), read by `hybridmesh status`; audit and access logs.
     outbox: str = ""
     audit_logs: dict[str, str] = field(default_factory=dict)
+    # The process that started the parts and supervises them (restarts a dead Triton);
+    # `hybridmesh down` stops the mesh through it.
+    supervisor_pid: int = 0
 
     def write(self) -> Path:
+        """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
         path = Path(self.state_dir) / STATE_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial.replace(path)
         return path
 
     @classmethod
@@ -187,6 +193,7 @@ class LocalMesh:
             wan_delay_ms=self.options.wan_delay_ms,
             outbox=str(self.outbox_path),
             audit_logs=self.audit_logs,
+            supervisor_pid=os.getpid(),
         )
         state.write()
         self.state = state
@@ -450,9 +457,21 @@ def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
 
 
 async def down_from_state(state_dir: Path, grace_s: float = 10.0) -> list[str]:
-    """Stop a detached mesh by the process ids in its state file."""
+    """Stop a detached mesh: through its supervising process (which stops every part in
+    order, and must not restart Triton meanwhile), then by the process ids left."""
     state = MeshState.read(state_dir)
     stopped = []
+    supervisor = state.supervisor_pid
+    if supervisor and supervisor != os.getpid() and _alive(supervisor, None):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s * len(PARTS)
+        while time.monotonic() < deadline and _alive(supervisor, None):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if _alive(supervisor, None):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGKILL)
+        stopped.append("supervisor")
     for name in reversed(PARTS):
         pid = state.pids.get(name)
         if pid is not None and _alive(pid, None):

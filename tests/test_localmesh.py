@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -227,17 +228,28 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
     )
     state = json.loads((tmp_path / "state.json").read_text())
     assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton", "registry"}
-    pids = list(state["pids"].values())
+    pids = [*state["pids"].values(), state["supervisor_pid"]]
     try:
-        status = subprocess.run(
-            [*command, "status"],
-            check=False,
-            cwd=REPO,
-            env=environment,
-            timeout=60,
-            capture_output=True,
-            text=True,
-        )
+        # The background supervisor restarts a killed Triton; state.json and status follow.
+        old_triton = state["pids"]["triton"]
+        os.killpg(old_triton, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            status = subprocess.run(
+                [*command, "status"],
+                check=False,
+                cwd=REPO,
+                env=environment,
+                timeout=60,
+                capture_output=True,
+                text=True,
+            )
+            new_triton = json.loads((tmp_path / "state.json").read_text())["pids"]["triton"]
+            if status.returncode == 0 and new_triton != old_triton:
+                break
+            assert time.monotonic() < deadline, f"Triton not back: {status.stdout}"
+        pids.append(new_triton)
+        assert f"pid {new_triton}" in status.stdout and "supervisor" in status.stdout
         assert status.returncode == 0, status.stdout
         assert status.stdout.count("SERVING") == 4 and "NOT SERVING" not in status.stdout
         assert "outbox   0 queued" in status.stdout, status.stdout
