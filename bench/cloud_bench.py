@@ -24,9 +24,9 @@ import tritonclient.grpc.aio as triton_grpc
 
 from bench.load import ServerProcess, latency, median, throughput
 from cloud_inference.auth import token_sha256
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2
+from localmesh.triton import TritonServer
 from services.tensors import encode_tensor
 from workload.fashion_mnist import load_split
 from workload.triton_repository import write_repository

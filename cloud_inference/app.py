@@ -12,10 +12,11 @@ from cloud_inference.dedupe import AnswerCache
 from cloud_inference.inference import CloudInference
 from cloud_inference.intake import IntakeLog
 from cloud_inference.labels import ModelFacts, facts_from_repository, facts_from_store
+from cloud_inference.model_health import ModelHealth, ModelHealthConfig
 from cloud_inference.servicer import CloudServicer
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
-from services.errors import ServiceError, UnavailableError
+from services.errors import InternalError, ServiceError, UnavailableError
 from services.logging import get_logger, open_log_file
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
@@ -40,9 +41,19 @@ class CloudNode:
         self.settings = settings
         self._telemetry = telemetry
         self._model_names = list(models)
-        self.triton = TritonClient(settings.triton_url, settings.retry_after_ms)
+        self.model_health = ModelHealth(
+            self._model_names,
+            ModelHealthConfig(settings.model_internal_threshold, settings.model_probe_interval_s),
+        )
+        self.triton = TritonClient(
+            settings.triton_url, settings.retry_after_ms, observer=self._observe_infer
+        )
         self._inference: CloudInference | None = None
+        self._models: dict[str, TritonModel] = {}
         self._triton_ready = False
+        self._published: dict[str, bool] = {}
+        self._publish_lock = asyncio.Lock()
+        self._publishing: set[asyncio.Task[None]] = set()
         # Kept across Triton restarts, like the admission limit.
         self._answers = AnswerCache(settings.answer_cache_size)
         self._intake_stream = (
@@ -87,6 +98,7 @@ class CloudNode:
 
     async def start(self) -> int:
         port = await self.host.start()
+        await self._publish_health()
         self._watch = asyncio.create_task(self._watch_triton())
         return port
 
@@ -112,6 +124,7 @@ class CloudNode:
         while True:
             try:
                 await self._check_triton()
+                await self._probe_unhealthy_models()
             except Exception:
                 # A bug here must not freeze health at its last value.
                 _log.exception("triton readiness check failed")
@@ -133,6 +146,7 @@ class CloudNode:
                 ready = False
             else:
                 facts = await asyncio.to_thread(model_facts, self.settings, models)
+                self._models = {m.name: m for m in models}
                 self._inference = CloudInference(
                     self.settings,
                     self.triton,
@@ -153,5 +167,47 @@ class CloudNode:
     async def _publish(self, ready: bool) -> None:
         if ready != self._triton_ready:
             self._triton_ready = ready
-            await self.host.set_serving(CLOUD_SERVICE_NAME, ready)
             _log.info("triton readiness", ready=ready, triton=self.settings.triton_url)
+        await self._publish_health()
+
+    def _observe_infer(self, model: str, error: ServiceError | None) -> None:
+        """Every Triton inference's outcome (model_health.py decides what it means)."""
+        if self.model_health.record(model, isinstance(error, InternalError)):
+            _log.warning(
+                "model unhealthy: NOT_SERVING until a probe succeeds",
+                model=model,
+                consecutive_internal=self.model_health.config.internal_threshold,
+                error=str(error),
+            )
+            task = asyncio.get_running_loop().create_task(self._publish_health())
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _probe_unhealthy_models(self) -> None:
+        if not self._triton_ready:
+            return  # Triton's own readiness decides first; probes need its metadata
+        for name in self.model_health.due_probes():
+            model = self._models.get(name)
+            if model is None:
+                continue
+            error = await self.triton.probe(model, self.settings.health_check_timeout_s)
+            if self.model_health.probe_result(name, error is None):
+                _log.info("model healthy again: probe answered", model=name)
+                await self._publish_health()
+            elif error is not None:
+                _log.info("model probe failed", model=name, error=str(error))
+
+    async def _publish_health(self) -> None:
+        """Health entries: ``<service>/<model>`` per model (Triton ready and the model
+        healthy), the service (all of them), and so the server's "" (the router's)."""
+        async with self._publish_lock:
+            wanted = {
+                f"{CLOUD_SERVICE_NAME}/{name}": self._triton_ready
+                and self.model_health.healthy(name)
+                for name in self._model_names
+            }
+            wanted[CLOUD_SERVICE_NAME] = self._triton_ready and self.model_health.all_healthy
+            for name, serving in wanted.items():
+                if self._published.get(name) != serving:
+                    self._published[name] = serving
+                    await self.host.set_serving(name, serving)

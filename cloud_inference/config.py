@@ -44,6 +44,12 @@ class CloudSettings(ServiceSettings):
     # timeout of each check.
     health_poll_s: float = Field(default=0.5, gt=0)
     health_check_timeout_s: float = Field(default=1.0, gt=0)
+    # A model that answers INTERNAL this many times in a row is NOT_SERVING (its own
+    # health entry "<service>/<model>", the service's and the server's "") until a probe
+    # (a one-item inference of zeros, at most one per model_probe_interval_s) succeeds.
+    # Triton keeps such a model READY (e.g. after its python stub died): docs/cloud.md.
+    model_internal_threshold: int = Field(default=3, ge=1)
+    model_probe_interval_s: float = Field(default=1.0, gt=0)
     # Answers kept by request id, so an outbox replay is answered without Triton.
     answer_cache_size: int = Field(default=10_000, ge=0)
     # A JSON line per Infer call that arrived (before validation); unset: off.

@@ -6,13 +6,13 @@ returns is converted here so the rest of the service stays typed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from services.errors import (
     DeadlineExceededError,
@@ -104,13 +104,55 @@ class TritonResult:
     outputs: dict[str, npt.NDArray[np.generic]]
 
 
+# Told the outcome of every inference call that ended (model, None on success); a
+# cancelled call has no outcome.
+InferObserver = Callable[[str, ServiceError | None], None]
+
+
+def probe_inputs(model: TritonModel) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, str]]:
+    """The smallest valid request for ``model``: one item of zeros per input."""
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    datatypes: dict[str, str] = {}
+    for tensor in model.inputs:
+        shape = [1 if dim < 0 else dim for dim in tensor.shape]
+        if tensor.datatype == "BYTES":
+            arrays[tensor.name] = np.full(shape, b"", dtype=np.object_)
+        else:
+            arrays[tensor.name] = np.zeros(shape, dtype=triton_to_np_dtype(tensor.datatype))
+        datatypes[tensor.name] = tensor.datatype
+    return arrays, datatypes
+
+
 class TritonClient:
     """Typed calls to one Triton; every call takes a timeout, every failure is mapped."""
 
-    def __init__(self, url: str, retry_after_ms: int = DEFAULT_RETRY_AFTER_MS) -> None:
+    def __init__(
+        self,
+        url: str,
+        retry_after_ms: int = DEFAULT_RETRY_AFTER_MS,
+        observer: InferObserver | None = None,
+    ) -> None:
         self.url = url
         self._retry_after_ms = retry_after_ms
+        self._observer = observer
         self._client = triton_grpc.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+
+    async def probe(self, model: TritonModel, timeout_s: float) -> ServiceError | None:
+        """A tiny inference on ``model`` (zeros); None if Triton answered it. Not observed."""
+        arrays, datatypes = probe_inputs(model)
+        try:
+            await self.infer(
+                model.name,
+                arrays,
+                datatypes,
+                request_id="hybridmesh-health-probe",
+                timeout_s=timeout_s,
+                headers={},
+                observe=False,
+            )
+        except ServiceError as error:
+            return error
+        return None
 
     async def close(self) -> None:
         await self._client.close()
@@ -163,8 +205,11 @@ class TritonClient:
         timeout_s: float,
         headers: Mapping[str, str],
         version: str = "",
+        observe: bool = True,
     ) -> TritonResult:
-        """Run ``model`` (``version``: "" = the one Triton serves). Raises a ServiceError."""
+        """Run ``model`` (``version``: "" = the one Triton serves). Raises a ServiceError.
+
+        The outcome goes to the observer unless ``observe`` is false (health probes)."""
         triton_inputs = []
         for name, array in inputs.items():
             tensor = triton_grpc.InferInput(name, list(array.shape), datatypes[name])
@@ -184,7 +229,12 @@ class TritonClient:
                 headers=dict(headers),
             )
         except InferenceServerException as error:
-            raise map_triton_error(error, model, self._retry_after_ms) from error
+            failure = map_triton_error(error, model, self._retry_after_ms)
+            if observe and self._observer is not None:
+                self._observer(model, failure)
+            raise failure from error
+        if observe and self._observer is not None:
+            self._observer(model, None)
         response = result.get_response()
         outputs = {output.name: result.as_numpy(output.name) for output in response.outputs}
         return TritonResult(str(response.model_version), outputs)

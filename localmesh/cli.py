@@ -7,8 +7,11 @@
   hybridmesh router retrain --outbox FILE [...]   retrain the router policy (training.retrain)
   hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli)
 
-``up --detach`` writes ``<state-dir>/state.json``: {"endpoints": {...}, "pids": {...},
-"logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...}.
+``up --detach`` runs the mesh under a background ``hybridmesh up`` (its output in
+``<state-dir>/logs/mesh.log``) that keeps supervising it — a dead Triton is restarted — and
+returns once every part is healthy. ``<state-dir>/state.json``: {"endpoints": {...},
+"pids": {...}, "logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...,
+"supervisor_pid": N}.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -56,11 +61,7 @@ async def up(args: argparse.Namespace, console: Console) -> int:
         return 1
     mesh = LocalMesh(_options(args))
     state = await mesh.up()
-    for name, endpoint in state.endpoints.items():
-        console.print(f"  {name:12} {endpoint}")
-    console.print(f"state: {Path(state.state_dir) / STATE_FILE}")
-    if args.detach:
-        return 0
+    _print_endpoints(state, console)
     console.print("mesh up; Ctrl-C stops it")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,6 +70,51 @@ async def up(args: argparse.Namespace, console: Console) -> int:
     await stop.wait()
     await mesh.down()
     (args.state_dir / STATE_FILE).unlink(missing_ok=True)
+    return 0
+
+
+def _print_endpoints(state: MeshState, console: Console) -> None:
+    for name, endpoint in state.endpoints.items():
+        console.print(f"  {name:12} {endpoint}")
+    console.print(f"state: {Path(state.state_dir) / STATE_FILE}")
+
+
+# The parts start one after another, each given up to a minute.
+DETACHED_START_TIMEOUT_S = 420.0
+
+
+def up_detached(args: argparse.Namespace, console: Console) -> int:
+    """Start ``hybridmesh up`` in the background (own session, output to a log) and return
+    once it has written the state file, i.e. every part is healthy."""
+    state_file = args.state_dir / STATE_FILE
+    if state_file.exists():
+        console.print(f"a mesh is already up ({state_file}); `hybridmesh down` first")
+        return 1
+    log = args.state_dir / "logs" / "mesh.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "localmesh.cli", "--state-dir", str(args.state_dir), "up"]
+    command += ["--wan-delay-ms", str(args.wan_delay_ms)]
+    command += ["--random-ports"] if args.random_ports else []
+    with log.open("ab") as stream:
+        supervisor = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + DETACHED_START_TIMEOUT_S
+    while not state_file.exists():
+        if supervisor.poll() is not None or time.monotonic() > deadline:
+            if supervisor.poll() is None:
+                supervisor.terminate()  # it stops what it started
+                supervisor.wait()
+            tail = log.read_text(errors="replace").splitlines()[-20:]
+            console.print(f"the mesh did not come up; {log}:\n" + "\n".join(tail))
+            return 1
+        time.sleep(0.1)
+    _print_endpoints(MeshState.read(args.state_dir), console)
+    console.print(f"mesh up in the background (supervisor pid {supervisor.pid}, log {log})")
     return 0
 
 
@@ -91,6 +137,11 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         healthy &= alive
         label = "running" if alive else "DOWN"
         console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+    if state.supervisor_pid:
+        alive = _alive(state.supervisor_pid)
+        healthy &= alive
+        label = "running (restarts a dead Triton)" if alive else "DOWN (nothing restarts Triton)"
+        console.print(f"  {'supervisor':8} {'':22} {label}  pid {state.supervisor_pid}")
     _print_outbox(state, console)
     return 0 if healthy else 1
 
@@ -187,6 +238,8 @@ def main() -> None:
         stopped = asyncio.run(down_from_state(args.state_dir))
         console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
         sys.exit(0)
+    if args.command == "up" and args.detach:
+        sys.exit(up_detached(args, console))
     command = {"up": up, "status": status, "demo": demo}[args.command]
     sys.exit(asyncio.run(command(args, console)))
 

@@ -4,6 +4,9 @@ find the endpoints and process ids.
 
 Order: Triton -> cloud_inference -> Envoy (cloud ingress, mTLS, emulated WAN) ->
 edge_node -> router. The router reaches the cloud only through Envoy.
+
+While the mesh's process runs, a dead Triton is restarted (``localmesh.triton.supervise``:
+bounded, logged with its exit code); the state file follows its new pid.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_inference.auth import token_sha256
-from cloud_inference.triton_launcher import TritonServer
 from localmesh import ota
 from localmesh.certs import ensure_certificates
 from localmesh.envoy import EnvoyPorts, WanControl, envoy_command, envoy_config, write_config
+from localmesh.triton import RestartBudget, RestartPolicy, TritonServer, supervise
 from services.logging import get_logger
 from workload.triton_repository import cloud_models, write_repository
 
@@ -73,10 +76,16 @@ class MeshState:
     # The router's outbox (SQLite), read by `hybridmesh status`; audit and access logs.
     outbox: str = ""
     audit_logs: dict[str, str] = field(default_factory=dict)
+    # The process that started the parts and supervises them (restarts a dead Triton);
+    # `hybridmesh down` stops the mesh through it.
+    supervisor_pid: int = 0
 
     def write(self) -> Path:
+        """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
         path = Path(self.state_dir) / STATE_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial.replace(path)
         return path
 
     @classmethod
@@ -100,6 +109,11 @@ class MeshOptions:
     cloud_intake_log: bool = True
     # Extra HYBRIDMESH_ROUTER_* settings (e.g. a faster drain in tests).
     router_environment: dict[str, str] = field(default_factory=dict)
+    # Restart a dead Triton within these bounds; None: leave it dead.
+    triton_restarts: RestartPolicy | None = field(default_factory=RestartPolicy)
+    # Start the parts in order up to this one only (e.g. "cloud": Triton and the cloud
+    # service), for tests of one end of the mesh.
+    last_part: str = "router"
 
 
 class LocalMesh:
@@ -124,6 +138,7 @@ class LocalMesh:
         }
         self.outbox_path = self.state_dir / "router" / "outbox.sqlite"
         self.state: MeshState | None = None
+        self._triton_supervisor: asyncio.Task[None] | None = None
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -178,10 +193,26 @@ class LocalMesh:
             wan_delay_ms=self.options.wan_delay_ms,
             outbox=str(self.outbox_path),
             audit_logs=self.audit_logs,
+            supervisor_pid=os.getpid(),
         )
         state.write()
         self.state = state
+        if self.triton is not None and self.options.triton_restarts is not None:
+            self._triton_supervisor = asyncio.create_task(
+                supervise(
+                    self.triton,
+                    self._triton_restarted,
+                    RestartBudget(self.options.triton_restarts),
+                )
+            )
         return state
+
+    def _triton_restarted(self, pid: int) -> None:
+        assert self.triton is not None and self.triton.process is not None
+        self.processes["triton"] = self.triton.process
+        if self.state is not None:
+            self.state.pids["triton"] = pid
+            self.state.write()
 
     async def _start_all(self) -> None:
         root = self.options.repository_root.resolve()
@@ -213,6 +244,8 @@ class LocalMesh:
         assert self.triton._process is not None
         self.processes["triton"] = self.triton._process
         await self.triton.wait_ready()
+        if self.options.last_part == "triton":
+            return
 
         self._spawn(
             "cloud",
@@ -231,6 +264,8 @@ class LocalMesh:
             ),
         )
         await self._wait_ready("cloud")
+        if self.options.last_part == "cloud":
+            return
 
         config = envoy_config(
             EnvoyPorts(self.ports["envoy"], self.ports["envoy_admin"]),
@@ -365,6 +400,10 @@ class LocalMesh:
 
     async def down(self, grace_s: float = 10.0) -> None:
         """Stop every part, router first, Triton last; SIGKILL what outlives ``grace_s``."""
+        if self._triton_supervisor is not None:
+            self._triton_supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._triton_supervisor
         for name in reversed(PARTS):
             process = self.processes.pop(name, None)
             if process is not None:
@@ -418,9 +457,21 @@ def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
 
 
 async def down_from_state(state_dir: Path, grace_s: float = 10.0) -> list[str]:
-    """Stop a detached mesh by the process ids in its state file."""
+    """Stop a detached mesh: through its supervising process (which stops every part in
+    order, and must not restart Triton meanwhile), then by the process ids left."""
     state = MeshState.read(state_dir)
     stopped = []
+    supervisor = state.supervisor_pid
+    if supervisor and supervisor != os.getpid() and _alive(supervisor, None):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s * len(PARTS)
+        while time.monotonic() < deadline and _alive(supervisor, None):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if _alive(supervisor, None):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGKILL)
+        stopped.append("supervisor")
     for name in reversed(PARTS):
         pid = state.pids.get(name)
         if pid is not None and _alive(pid, None):

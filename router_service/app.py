@@ -142,6 +142,8 @@ class RouterNode:
             ],
             interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
         )
+        # Draining ends the endless WatchCorrections streams at once (corrections.py).
+        self.host.on_draining(self.reconciler.feed.close)
         self._tasks: list[asyncio.Task[None]] = []
         self.tier_up = {"edge": False, "cloud": False}
         self._registry_channel: grpc.aio.Channel | None = None

@@ -2,6 +2,9 @@
 
 On SIGTERM (or SIGINT) health flips to NOT_SERVING first, so load balancers and the
 router stop sending new work, then the server drains in-flight RPCs for the grace period.
+Draining starts before that: ``ServiceHost.draining`` is set and the ``on_draining``
+callbacks run, so endless server streams (e.g. the router's WatchCorrections) end at once
+with UNAVAILABLE "server shutting down" instead of holding the process for the whole grace.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class ServiceHost:
         self._port: int | None = None
         self._serving: dict[str, bool] = {}
         self._stopped = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._drain_callbacks: list[Callable[[], None]] = []
         self._stop_task: asyncio.Task[None] | None = None
 
     @property
@@ -86,6 +91,16 @@ class ServiceHost:
     @property
     def address(self) -> str:
         return f"{self._settings.host}:{self.port}"
+
+    @property
+    def draining(self) -> asyncio.Event:
+        """Set when a graceful stop begins, before in-flight RPCs are drained: what an
+        endless stream waits on to end itself."""
+        return self._draining
+
+    def on_draining(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (synchronously, in registration order) when draining starts."""
+        self._drain_callbacks.append(callback)
 
     async def start(self) -> int:
         """Bind, start and publish health; returns the bound port."""
@@ -139,6 +154,13 @@ class ServiceHost:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._draining.set()
+        for callback in self._drain_callbacks:
+            try:
+                callback()
+            except Exception:
+                # One broken hook must not keep the server from stopping.
+                _log.exception("draining callback failed", service=self._settings.service_name)
         await self._health.enter_graceful_shutdown()
         if self._settings.shutdown_drain_delay_seconds > 0:
             # Keep accepting RPCs while pollers (k8s probes, routers) see NOT_SERVING.

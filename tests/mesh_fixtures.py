@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cloud_inference.app import CloudNode
 from cloud_inference.auth import token_sha256
 from cloud_inference.config import CloudSettings
-from cloud_inference.triton_launcher import TritonServer
 from edge_node.app import EdgeNode
 from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from localmesh.triton import TritonServer
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.config import RouterSettings
 from router_service.escalation import EscalationClassifier, latest_policy

@@ -16,11 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from cloud_inference.triton_launcher import TritonServer
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeSettings
 from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
+from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
 from workload.catalog import load_catalog

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.common.v1 import routing_pb2
+from localmesh.triton import TritonServer
 from services.errors import ELLIPSIS, field_violations
 from services.privacy import ANONYMISER_NAMES
 from tests.test_cloud_support import (

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloud_inference.triton_launcher import TritonServer, free_port
 from hybridmesh.cloud.v1 import cloud_service_pb2
+from localmesh.triton import TritonServer, free_port
 from tests.test_cloud_support import (
     AUTH,
     CLOUD_MODEL,

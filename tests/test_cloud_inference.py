@@ -17,9 +17,9 @@ import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_inference.triton_client import TritonClient
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
+from localmesh.triton import TritonServer
 from services.errors import (
     RETRY_PUSHBACK_METADATA_KEY,
     DeadlineExceededError,

@@ -21,9 +21,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cloud_inference.app import CloudNode
 from cloud_inference.auth import token_sha256
 from cloud_inference.config import CloudSettings
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2
+from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
 from tests.triton_fixtures import STORE
@@ -45,6 +45,7 @@ IMAGES = load_split("test").images
 # turns into empty tensors).
 TOY_MODEL_PY = """
 import json
+import os
 import time
 
 import triton_python_backend_utils as pb_utils  # noqa: I001 (first: it fixes sys.path)
@@ -59,8 +60,11 @@ class TritonPythonModel:
             raise RuntimeError(value("initialize_error"))
         time.sleep(float(value("initialize_delay_s") or 0))
         self.delay_s = float(value("execute_delay_s") or 0)
+        self.fail_while_exists = value("fail_while_exists")
 
     def execute(self, requests):
+        if self.fail_while_exists and os.path.exists(self.fail_while_exists):
+            raise RuntimeError("failing on purpose: " + self.fail_while_exists)
         time.sleep(self.delay_s)
         responses = []
         for request in requests:
@@ -78,6 +82,7 @@ def write_toy_model(
     execute_delay_s: float = 0.0,
     initialize_delay_s: float = 0.0,
     initialize_error: str = "",
+    fail_while_exists: Path | None = None,
     max_batch_size: int = 1,
     scheduling: str = "dynamic_batching { max_queue_delay_microseconds: 0 }",
 ) -> None:
@@ -88,6 +93,7 @@ def write_toy_model(
         "execute_delay_s": execute_delay_s,
         "initialize_delay_s": initialize_delay_s,
         "initialize_error": initialize_error,
+        "fail_while_exists": fail_while_exists or "",
     }
     (repository / name / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Span, format_span_id, format_trace_id
 
 from cloud_inference.triton_client import TritonClient
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
+from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry, inject_trace_headers
 from tests.otlp_http_receiver import OtlpHttpReceiver, otlp_http
 from tests.test_cloud_support import (

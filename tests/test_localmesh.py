@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -215,41 +216,40 @@ def _exists(path: str) -> bool:
 
 
 def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "localmesh.cli", "--state-dir", str(tmp_path)]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    subprocess.run(
-        [*command, "up", "--detach", "--random-ports"],
-        cwd=REPO,
-        env=environment,
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton", "registry"}
-    pids = list(state["pids"].values())
-    try:
-        status = subprocess.run(
-            [*command, "status"],
-            check=False,
+
+    def hybridmesh(*arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "localmesh.cli", "--state-dir", str(tmp_path), *arguments],
             cwd=REPO,
             env=environment,
-            timeout=60,
+            check=check,
+            timeout=120,
             capture_output=True,
             text=True,
         )
-        assert status.returncode == 0, status.stdout
+
+    hybridmesh("up", "--detach", "--random-ports")
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton", "registry"}
+    pids = [*state["pids"].values(), state["supervisor_pid"]]
+    try:
+        # The background supervisor restarts a killed Triton; state.json and status follow.
+        old_triton = state["pids"]["triton"]
+        os.killpg(old_triton, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            status = hybridmesh("status", check=False)
+            new_triton = json.loads((tmp_path / "state.json").read_text())["pids"]["triton"]
+            if status.returncode == 0 and new_triton != old_triton:
+                break
+            assert time.monotonic() < deadline, f"Triton not back: {status.stdout}"
+        pids.append(new_triton)
+        assert f"pid {new_triton}" in status.stdout and "supervisor" in status.stdout
         assert status.stdout.count("SERVING") == 4 and "NOT SERVING" not in status.stdout
         assert "outbox   0 queued" in status.stdout, status.stdout
     finally:
-        subprocess.run(
-            [*command, "down"],
-            cwd=REPO,
-            env=environment,
-            check=True,
-            timeout=60,
-            capture_output=True,
-        )
+        hybridmesh("down")
     time.sleep(0.2)
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "no orphan left"
     assert not (tmp_path / "state.json").exists()

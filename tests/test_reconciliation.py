@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import decision_pb2, model_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2
+from localmesh.triton import TritonServer
 from router_service.anonymisers import face_blur
 from router_service.audit import content_sha256
 from router_service.tier_api import TierUnavailableError

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from cloud_inference.triton_launcher import TritonServer
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2
+from localmesh.triton import TritonServer
 from services.errors import field_violations
 from services.tensors import encode_tensor
 from tests.mesh_fixtures import (

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from cloud_inference.triton_launcher import TritonServer
+from localmesh.triton import TritonServer
 from tests.triton_fixtures import STORE, TRITON_MODELS, triton
 from workload.fashion_mnist import LABELS, load_split
 from workload.model_store import ModelManifest, TensorEntry, latest_versions, write_version

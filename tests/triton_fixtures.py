@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from cloud_inference.triton_launcher import TritonServer
+from localmesh.triton import TritonServer
 from workload.triton_repository import write_repository
 
 REPO = Path(__file__).resolve().parent.parent

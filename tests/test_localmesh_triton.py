@@ -9,18 +9,23 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_grpc
 
-from cloud_inference.triton_launcher import (
+from localmesh.launcher import LocalMesh, MeshOptions, MeshState, grpc_serving
+from localmesh.triton import (
     TRITON_HOME,
+    RestartBudget,
+    RestartPolicy,
     TritonServer,
     TritonStartError,
     free_port,
 )
+from services.logging import get_logger
 from tests.test_cloud_support import (
     CLOUD_MODEL,
     SLOW_MODEL,
@@ -33,6 +38,7 @@ from tests.triton_fixtures import REPO, STORE
 from workload.triton_repository import write_repository
 
 pytestmark = pytest.mark.slow
+_log = get_logger("tests.localmesh_triton")
 
 
 def small_repository(path: Path) -> Path:
@@ -117,7 +123,7 @@ async def test_the_cli_serves_until_sigterm_then_leaves_nothing(tmp_path: Path) 
         cli = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "cloud_inference.triton_launcher",
+            "localmesh.triton",
             "--model-repository",
             str(repository),
             "--run-dir",
@@ -154,3 +160,80 @@ async def test_the_cli_serves_until_sigterm_then_leaves_nothing(tmp_path: Path) 
         if cli.returncode is None:
             os.killpg(cli.pid, signal.SIGKILL)
             await cli.wait()
+
+
+# -- supervision: a dead Triton is restarted, within bounds ---------------------------
+
+
+def test_restart_budget_backs_off_and_runs_out() -> None:
+    now = [0.0]
+    budget = RestartBudget(
+        RestartPolicy(max_restarts=3, window_s=60.0, backoff_s=0.5, max_backoff_s=1.5),
+        clock=lambda: now[0],
+    )
+    assert [budget.next_delay() for _ in range(3)] == [0.5, 1.0, 1.5]  # capped
+    assert budget.next_delay() is None  # three in the window: spent
+    now[0] = 61.0  # the window has moved past them
+    assert budget.next_delay() == 0.5
+
+
+async def not_serving(address: str) -> bool:
+    return not await grpc_serving(address)
+
+
+def triton_mesh(tmp_path: Path, last_part: str, max_restarts: int) -> LocalMesh:
+    """The first parts of the local mesh (Triton, and the cloud service if asked)."""
+    return LocalMesh(
+        MeshOptions(
+            state_dir=tmp_path / "mesh",
+            repository_root=REPO,
+            random_ports=True,
+            last_part=last_part,
+            triton_restarts=RestartPolicy(max_restarts, window_s=600.0, backoff_s=0.2),
+        )
+    )
+
+
+async def test_the_local_mesh_restarts_a_killed_triton(tmp_path: Path) -> None:
+    mesh = triton_mesh(tmp_path, "cloud", max_restarts=2)
+    state = await mesh.up()
+    try:
+        cloud = state.endpoints["cloud"]
+        old_pid = state.pids["triton"]
+        assert await grpc_serving(cloud)
+        os.killpg(old_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        await eventually(lambda: not_serving(cloud), timeout_s=10)
+        await eventually(
+            lambda: MeshState.read(mesh.state_dir).pids["triton"] != old_pid, timeout_s=10
+        )
+        new_pid = MeshState.read(mesh.state_dir).pids["triton"]
+        await eventually(lambda: grpc_serving(cloud), timeout_s=60)
+        _log.info("triton restarted", seconds=round(time.monotonic() - killed, 2))
+        assert alive([new_pid]) == [new_pid] and not alive([old_pid])
+        assert mesh.processes["triton"].pid == new_pid
+        assert process_group(old_pid) == {}  # its python stubs went with it
+    finally:
+        await mesh.down(grace_s=5.0)
+    assert not alive([new_pid])
+
+
+async def test_restarts_stop_when_the_budget_is_spent(tmp_path: Path) -> None:
+    """A Triton that keeps dying is not restarted forever."""
+    mesh = triton_mesh(tmp_path, "triton", max_restarts=1)
+    state = await mesh.up()
+    try:
+        first = state.pids["triton"]
+        os.killpg(first, signal.SIGKILL)
+        await eventually(lambda: MeshState.read(mesh.state_dir).pids["triton"] != first)
+        assert mesh.triton is not None
+        await mesh.triton.wait_ready()
+        second = MeshState.read(mesh.state_dir).pids["triton"]
+        os.killpg(second, signal.SIGKILL)
+        supervisor = mesh._triton_supervisor
+        assert supervisor is not None
+        await asyncio.wait_for(supervisor, timeout=10)  # it gives up, and says so
+        assert MeshState.read(mesh.state_dir).pids["triton"] == second
+        assert not alive([second])
+    finally:
+        await mesh.down(grace_s=5.0)

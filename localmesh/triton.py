@@ -9,8 +9,10 @@ through ``LD_LIBRARY_PATH``. The stub ignores PYTHONPATH: the local repository's
 models add this venv's site-packages themselves (workload/triton_python/model.py).
 
 Triton and its python-backend stub processes run in their own process group, so a stop
-(or a kill in a fault test) leaves no orphan.
-Usage: ``python -m cloud_inference.triton_launcher --model-repository DIR``.
+(or a kill in a fault test) leaves no orphan. ``supervise`` restarts a Triton that died, as
+a k8s pod's restart policy would: bounded (``RestartPolicy``: at most 5 restarts in 10
+minutes, backoff doubling from 0.5 s), each restart logged with the exit code.
+Usage: ``python -m localmesh.triton --model-repository DIR``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -34,7 +38,7 @@ import tritonclient.grpc.aio as triton_grpc
 
 from services.logging import configure_logging, get_logger
 
-_log = get_logger("cloud_inference.triton_launcher")
+_log = get_logger("localmesh.triton")
 TRITON_HOME = Path(pytriton.__file__).parent / "tritonserver"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -252,6 +256,85 @@ class TritonServer:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """At most ``max_restarts`` in any ``window_s``; the n-th restart in the window waits
+    ``backoff_s * 2**(n-1)`` (capped at ``max_backoff_s``) after the exit."""
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+
+class RestartBudget:
+    """Pure: how long to wait before the next restart, or None when the budget is spent."""
+
+    def __init__(
+        self, policy: RestartPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.policy = policy or RestartPolicy()
+        self._clock = clock
+        self._restarts: list[float] = []
+
+    def next_delay(self) -> float | None:
+        now = self._clock()
+        self._restarts = [t for t in self._restarts if now - t < self.policy.window_s]
+        if len(self._restarts) >= self.policy.max_restarts:
+            return None
+        delay = min(self.policy.max_backoff_s, self.policy.backoff_s * 2.0 ** len(self._restarts))
+        self._restarts.append(now)
+        return delay
+
+
+# How often the supervisor looks at the process (it is a child: poll() is a waitpid).
+SUPERVISE_POLL_S = 0.1
+
+
+async def supervise(
+    server: TritonServer,
+    on_restart: Callable[[int], None] = lambda pid: None,
+    budget: RestartBudget | None = None,
+) -> None:
+    """Restart ``server`` whenever its process exits, within ``budget``; returns when the
+    budget is spent. Cancel it before stopping the server on purpose."""
+    budget = budget or RestartBudget()
+    while True:
+        process = server.process
+        if process is None or process.poll() is None:
+            await asyncio.sleep(SUPERVISE_POLL_S)
+            continue
+        delay = budget.next_delay()
+        if delay is None:
+            _log.error(
+                "triton exited; restart budget spent, not restarting",
+                pid=process.pid,
+                exit_code=process.returncode,
+                max_restarts=budget.policy.max_restarts,
+                window_s=budget.policy.window_s,
+            )
+            return
+        _log.warning(
+            "triton exited; restarting",
+            pid=process.pid,
+            exit_code=process.returncode,
+            delay_s=delay,
+            errors=server.error_lines(3),
+        )
+        await server.stop(grace_s=0.0)  # clears what is left of its group (python stubs)
+        await asyncio.sleep(delay)
+        server.start_process()
+        assert server.pid is not None
+        on_restart(server.pid)
+        try:
+            await server.wait_ready()
+        except TritonStartError as error:
+            # Exited again (the next turn restarts it) or never ready: kill it, so the
+            # next turn counts it against the budget instead of waiting forever.
+            _log.error("restarted triton not ready", error=str(error)[:2000])
+            server.kill()
 
 
 async def _run(arguments: argparse.Namespace) -> None:
