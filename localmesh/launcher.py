@@ -331,7 +331,8 @@ class LocalMesh:
                     "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
                     "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
                     "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
-                    "HYBRIDMESH_ROUTER_POLICY_ROOT": str(site.policy_root),
+                    # One policy root per pair under it (the site's copies).
+                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policy_root.parent),
                     "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
                     "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,
                     "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),

@@ -20,7 +20,7 @@ from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
 from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.config import RouterSettings
-from router_service.escalation import EscalationClassifier, latest_policy
+from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics
 from router_service.outbox import Outbox
 from router_service.policy_updater import PolicyUpdater
@@ -123,7 +123,11 @@ class RouterNode:
                 CircuitBreaker("edge", settings.breaker_edge.config(), on_state_change=on_change),
             ),
             cloud=cloud,
-            classifier=EscalationClassifier(latest_policy(settings.policy_root)),
+            policies=load_pair_policies(
+                settings.policies_dir,
+                [pair.name for pair in pairs],
+                settings.default_max_softmax_threshold,
+            ),
             tracer=tracer,
             metrics=RouterMetrics(meter),
             reconciler=self.reconciler,
@@ -147,24 +151,37 @@ class RouterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self.tier_up = {"edge": False, "cloud": False}
         self._registry_channel: grpc.aio.Channel | None = None
-        self.policy_updater: PolicyUpdater | None = None
+        # One updater per pair: an update of one pair's policy never touches another's.
+        self.policy_updaters: dict[str, PolicyUpdater] = {}
         if settings.registry_target:
             self._registry_channel = factory.create(
                 settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
             )
-            self.policy_updater = PolicyUpdater(
-                RegistryClient(self._registry_channel),
-                self.router.classifier.metadata.pair,
-                settings.policy_root,
-                settings.policy_update_staging,
-                load_trusted_keys(list(settings.trusted_keys)),
-                current=lambda: self.router.classifier,
-                install=self._install_policy,
+            for pair in pairs:
+                self.policy_updaters[pair.name] = self._policy_updater(
+                    RegistryClient(self._registry_channel), pair.name
+                )
+        for pair_name, policy in self.router.policies.items():
+            _log.info(
+                "router policy", pair=pair_name, version=policy.version, kind=policy.metadata.kind
             )
 
-    def _install_policy(self, classifier: EscalationClassifier) -> None:
-        # One reference assignment: requests in flight keep the policy they started with.
-        self.router.classifier = classifier
+    def _policy_updater(self, registry: RegistryClient, pair: str) -> PolicyUpdater:
+        settings = self.settings
+
+        def install(policy: ScoringPolicy) -> None:
+            # One reference swap: requests in flight keep the policy they started with.
+            self.router.install_policy(pair, policy)
+
+        return PolicyUpdater(
+            registry,
+            pair,
+            settings.policies_dir / pair,
+            settings.policy_update_staging / pair,
+            load_trusted_keys(list(settings.trusted_keys)),
+            current=lambda: self.router.policies[pair],
+            install=install,
+        )
 
     async def start(self) -> int:
         port = await self.host.start()
@@ -172,8 +189,8 @@ class RouterNode:
             asyncio.create_task(self._watch_tiers()),
             asyncio.create_task(self.reconciler.run()),
         ]
-        if self.policy_updater is not None:
-            self._tasks.append(asyncio.create_task(self._poll_policies(self.policy_updater)))
+        for updater in self.policy_updaters.values():
+            self._tasks.append(asyncio.create_task(self._poll_policies(updater)))
         return port
 
     async def _poll_policies(self, updater: PolicyUpdater) -> None:

@@ -72,8 +72,12 @@ class RouterSettings(ServiceSettings):
     # TLS secret layout). Unset: plaintext (tests, or a trusted link).
     cloud_tls_dir: Path | None = None
     catalog: Path = Path("models/catalog.toml")
-    # A pair's policy root; the router loads its highest version.
-    policy_root: Path = Path("models/policies/fashion-mnist")
+    # One policy root per catalog pair: <policies_dir>/<pair>/<version>/; the router loads
+    # each pair's highest version. A pair with none is served by the explicit max-softmax
+    # default below (router_service/escalation.py), named "max-softmax-default".
+    policies_dir: Path = Path("models/policies")
+    # The default policy escalates an item when 1 - its top-1 probability reaches this.
+    default_max_softmax_threshold: float = Field(default=0.3, gt=0, lt=1)
     # Used when the call carries no gRPC deadline and the hints no budget.
     default_budget_s: float = Field(default=1.0, gt=0)
     # Circuit breaker per tier: HYBRIDMESH_ROUTER_BREAKER_EDGE__<FIELD>,
@@ -133,7 +137,7 @@ class RouterSettings(ServiceSettings):
     audit_log_path: Path | None = None
     # Over-the-air router policies (router_service.policy_updater); off unless a
     # registry is configured. Verified with trusted_keys, downloads under
-    # policy_update_staging, installed under policy_root.
+    # policy_update_staging/<pair>, installed under policies_dir/<pair>.
     registry_target: str = ""
     registry_tls_dir: Path | None = None
     trusted_keys: tuple[Path, ...] = ()

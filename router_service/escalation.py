@@ -1,8 +1,15 @@
-"""The learned escalation policy: a versioned artifact evaluated in process.
+"""Escalation policies, one per model pair: versioned artifacts evaluated in process.
 
-A policy directory holds ``policy.json`` (version, threshold, feature names, operator
-target, calibration report, sha256 of the classifier) and ``classifier.onnx`` whose
-first output is the escalation score in [0, 1] per item ([n] or [n, 2] probabilities).
+A policy directory (``<policies>/<pair>/<version>/``) holds ``policy.json`` (kind,
+version, threshold, feature names, operator target, calibration report) and, for a
+``learned`` policy, ``classifier.onnx`` (sha256 in policy.json) whose first output is the
+escalation score in [0, 1] per item ([n] or [n, 2] probabilities). A ``max-softmax``
+policy has no classifier: its score is 1 - the edge's top-1 probability (the confidence
+baseline every report shows; Jitkrittum et al., NeurIPS 2023).
+
+A pair with no policy at all is served by ``MaxSoftmaxPolicy.default`` (version
+``max-softmax-default``, threshold a router setting), named as such in every decision:
+never another pair's policy.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +27,8 @@ import onnxruntime as ort
 POLICY_FILE = "policy.json"
 CLASSIFIER_FILE = "classifier.onnx"
 POLICY_SCHEMA = "hybridmesh.router-policy/v1"
+LEARNED, MAX_SOFTMAX = "learned", "max-softmax"
+DEFAULT_POLICY_VERSION = "max-softmax-default"
 
 
 class PolicyArtifactError(Exception):
@@ -28,6 +37,7 @@ class PolicyArtifactError(Exception):
 
 @dataclass(frozen=True)
 class PolicyMetadata:
+    kind: str
     version: str
     threshold: float
     feature_names: tuple[str, ...]
@@ -45,11 +55,15 @@ def read_policy_metadata(directory: Path) -> PolicyMetadata:
     if raw.get("schema") != POLICY_SCHEMA:
         raise PolicyArtifactError(f"{directory}: schema is {raw.get('schema')!r}")
     try:
+        kind = str(raw.get("kind", LEARNED))
+        if kind not in (LEARNED, MAX_SOFTMAX):
+            raise PolicyArtifactError(f"{directory}: unknown policy kind {kind!r}")
         return PolicyMetadata(
+            kind=kind,
             version=str(raw["version"]),
             threshold=float(raw["threshold"]),
             feature_names=tuple(raw["feature_names"]),
-            classifier_sha256=str(raw["classifier_sha256"]),
+            classifier_sha256=str(raw.get("classifier_sha256", "")),
             target=dict(raw["target"]),
             calibration=dict(raw["calibration"]),
             pair=str(raw["pair"]),
@@ -68,11 +82,96 @@ def latest_policy(root: Path) -> Path:
     return max(versions, key=lambda p: int(p.name))
 
 
+class ScoringPolicy(Protocol):
+    """What the router needs from a pair's policy: ``score >= threshold`` means the
+    cloud is worth calling for that item."""
+
+    metadata: PolicyMetadata
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+
+class MaxSoftmaxPolicy:
+    """Score = 1 - top-1 probability (``features[:, 0]``, see ``features.py``)."""
+
+    def __init__(self, metadata: PolicyMetadata) -> None:
+        self.metadata = metadata
+
+    @classmethod
+    def default(cls, pair: str, threshold: float) -> MaxSoftmaxPolicy:
+        """The explicit policy of a pair that has none: escalate when the edge's top-1
+        probability is below 1 - ``threshold``."""
+        return cls(
+            PolicyMetadata(
+                kind=MAX_SOFTMAX,
+                version=DEFAULT_POLICY_VERSION,
+                threshold=threshold,
+                feature_names=(),
+                classifier_sha256="",
+                target={},
+                calibration={},
+                pair=pair,
+            )
+        )
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def threshold(self) -> float:
+        return self.metadata.threshold
+
+    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """[n] scores for [n, features] inputs whose first column is top-1 probability."""
+        scores: npt.NDArray[np.float32] = (1.0 - features[:, 0]).astype(np.float32)
+        return scores
+
+
+def load_policy(directory: Path) -> ScoringPolicy:
+    """The policy in ``directory``, of whichever kind its policy.json says."""
+    metadata = read_policy_metadata(directory)
+    if metadata.kind == MAX_SOFTMAX:
+        return MaxSoftmaxPolicy(metadata)
+    return EscalationClassifier(directory)
+
+
+def load_pair_policies(
+    policies_dir: Path, pairs: list[str], default_threshold: float
+) -> dict[str, ScoringPolicy]:
+    """Each pair's newest policy under ``policies_dir/<pair>/``; the explicit max-softmax
+    default for a pair with none. Raises PolicyArtifactError when a policy there was
+    made for another pair (a copy in the wrong place)."""
+    policies: dict[str, ScoringPolicy] = {}
+    for pair in pairs:
+        root = policies_dir / pair
+        try:
+            directory = latest_policy(root)
+        except PolicyArtifactError:
+            policies[pair] = MaxSoftmaxPolicy.default(pair, default_threshold)
+            continue
+        policy = load_policy(directory)
+        if policy.metadata.pair != pair:
+            raise PolicyArtifactError(
+                f"{directory}: policy is for pair {policy.metadata.pair!r}, not {pair!r}"
+            )
+        policies[pair] = policy
+    return policies
+
+
 class EscalationClassifier:
-    """Scores items; ``score >= threshold`` means the cloud is worth calling."""
+    """A learned policy: scores items with its ONNX classifier."""
 
     def __init__(self, directory: Path) -> None:
         self.metadata = read_policy_metadata(directory)
+        if self.metadata.kind != LEARNED:
+            raise PolicyArtifactError(f"{directory}: a {self.metadata.kind} policy, not learned")
         model_bytes = (directory / CLASSIFIER_FILE).read_bytes()
         digest = hashlib.sha256(model_bytes).hexdigest()
         if digest != self.metadata.classifier_sha256:

@@ -28,7 +28,12 @@ from ota.artifacts import ArtifactRef
 from ota.fetch import ArtifactSource
 from ota.refused import RefusedVersions
 from ota.updates import SiteUpdates, VerificationError
-from router_service.escalation import EscalationClassifier, PolicyArtifactError
+from router_service.escalation import (
+    DEFAULT_POLICY_VERSION,
+    PolicyArtifactError,
+    ScoringPolicy,
+    load_policy,
+)
 from services.logging import get_logger
 
 POLICY_KIND = "router-policy"
@@ -54,8 +59,8 @@ class PolicyUpdater:
         policy_root: Path,
         staging: Path,
         trusted: Mapping[str, Ed25519PublicKey],
-        current: Callable[[], EscalationClassifier],
-        install: Callable[[EscalationClassifier], None],
+        current: Callable[[], ScoringPolicy],
+        install: Callable[[ScoringPolicy], None],
     ) -> None:
         self._updates = SiteUpdates(source, POLICY_KIND, staging, trusted)
         self._pair = pair
@@ -81,7 +86,7 @@ class PolicyUpdater:
             return self._refuse(ref, str(error), serving)
         started = time.perf_counter()
         try:
-            candidate = await asyncio.to_thread(EscalationClassifier, target)
+            candidate = await asyncio.to_thread(load_policy, target)
             problem = check_compatible(serving, candidate)
         except (PolicyArtifactError, OSError, ValueError, RuntimeError) as error:
             problem = f"does not load: {error}"
@@ -96,22 +101,24 @@ class PolicyUpdater:
         )
         return update
 
-    def _refuse(self, ref: ArtifactRef, reason: str, serving: EscalationClassifier) -> PolicyUpdate:
+    def _refuse(self, ref: ArtifactRef, reason: str, serving: ScoringPolicy) -> PolicyUpdate:
         self._updates.refuse(ref)
         _log.warning("router policy refused", pair=ref.name, version=ref.version, reason=reason)
         return PolicyUpdate(ref.name, ref.version, "refused", reason, serving.version)
 
 
-def check_compatible(serving: EscalationClassifier, candidate: EscalationClassifier) -> str:
-    """Why ``candidate`` may not replace ``serving``, or "" when it may."""
+def check_compatible(serving: ScoringPolicy, candidate: ScoringPolicy) -> str:
+    """Why ``candidate`` may not replace ``serving``, or "" when it may. A pair served by
+    the max-softmax default has no features to compare against: any policy for the
+    pair whose scores check out may replace it."""
     new, old = candidate.metadata, serving.metadata
     if new.pair != old.pair:
         return f"policy is for pair {new.pair!r}, not {old.pair!r}"
-    if new.feature_names != old.feature_names:
+    if old.version != DEFAULT_POLICY_VERSION and new.feature_names != old.feature_names:
         return "feature names differ from the serving policy's"
     if not 0.0 < new.threshold < 1.0:
         return f"threshold {new.threshold} is outside (0, 1)"
-    probe = np.random.default_rng(0).random((PROBE_ITEMS, len(new.feature_names)))
+    probe = np.random.default_rng(0).random((PROBE_ITEMS, max(len(new.feature_names), 1)))
     scores = candidate.score(probe.astype(np.float32))
     if scores.shape != (PROBE_ITEMS,) or not np.all(np.isfinite(scores)):
         return "scores on a probe batch are not one finite number per item"

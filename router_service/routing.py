@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,7 +46,7 @@ from router_service.decision import (
     plan_escalation,
     settle,
 )
-from router_service.escalation import EscalationClassifier
+from router_service.escalation import ScoringPolicy
 from router_service.features import router_features
 from router_service.metrics import RouterMetrics
 from router_service.outbox import OutboxItem, Priority
@@ -78,9 +78,9 @@ class _Routed:
     verdict: PolicyVerdict
     started: float
     deadline: float
-    # The policy this request started with: an over-the-air swap mid-request does not
-    # mix one version's threshold with another's scores.
-    classifier: EscalationClassifier
+    # The pair's policy this request started with: an over-the-air swap mid-request
+    # does not mix one version's threshold with another's scores.
+    policy: ScoringPolicy
 
     @property
     def batch(self) -> int:
@@ -121,7 +121,7 @@ class Router:
         pairs: Sequence[PairSpec],
         edge: EdgeTierApi,
         cloud: CloudTierApi,
-        classifier: EscalationClassifier,
+        policies: Mapping[str, ScoringPolicy],
         tracer: trace.Tracer,
         metrics: RouterMetrics | None = None,
         reconciler: Reconciler | None = None,
@@ -132,7 +132,12 @@ class Router:
         self._pairs = {pair.name: pair for pair in pairs}
         self.edge = edge
         self.cloud = cloud
-        self.classifier = classifier
+        missing = sorted(set(self._pairs) - set(policies))
+        if missing:
+            raise ValueError(f"no policy for pair(s) {missing}")
+        # Replaced whole (install_policy), never mutated: a request keeps the mapping,
+        # and so the policy, it started with.
+        self.policies: Mapping[str, ScoringPolicy] = dict(policies)
         self._tracer = tracer
         self._metrics = metrics
         self._clock = clock
@@ -150,6 +155,12 @@ class Router:
     @property
     def pair_names(self) -> list[str]:
         return sorted(self._pairs)
+
+    def install_policy(self, pair: str, policy: ScoringPolicy) -> None:
+        """Swap one pair's policy (over-the-air update); the other pairs' stay as they are."""
+        if pair not in self._pairs or policy.metadata.pair != pair:
+            raise ValueError(f"policy for {policy.metadata.pair!r} cannot serve pair {pair!r}")
+        self.policies = {**self.policies, pair: policy}
 
     async def infer(
         self,
@@ -424,15 +435,15 @@ class Router:
         assert facts.edge is not None
         started = self._clock()
         probabilities = _probabilities(routed.pair, facts.edge)
-        scores = routed.classifier.score(router_features(probabilities, routed.inputs))
+        scores = routed.policy.score(router_features(probabilities, routed.inputs))
         facts.timings["classifier"] = self._clock() - started
         return plan_escalation(
             routed.verdict,
             routed.constraints,
             scores,
             probabilities.max(axis=1),
-            routed.classifier.threshold,
-            routed.classifier.version,
+            routed.policy.threshold,
+            routed.policy.version,
             cloud_already_failed=facts.attempted(Purpose.CLOUD_ONLY) is not None,
         )
 
@@ -503,7 +514,7 @@ class Router:
             verdict=verdict,
             started=started,
             deadline=deadline,
-            classifier=self.classifier,
+            policy=self.policies[pair.name],
         )
         span.set_attributes(
             {
@@ -570,8 +581,8 @@ class Router:
             edge=facts.edge,
             # The cloud model is named when its answer is in the response.
             cloud=facts.cloud if final and any(i.cloud_row >= 0 for i in settled.items) else None,
-            threshold=routed.classifier.threshold,
-            policy_version=routed.classifier.version,
+            threshold=routed.policy.threshold,
+            policy_version=routed.policy.version,
             prices=self._prices,
             timings=timings,
             total_s=self._clock() - routed.started,

@@ -73,7 +73,7 @@ def router_settings(edge: str, cloud: str, **overrides: object) -> RouterSetting
         "edge_target": edge,
         "cloud_target": cloud,
         "cloud_site_token": TOKEN,
-        "policy_root": POLICY_ROOT,
+        "policies_dir": POLICY_ROOT.parent,
         "catalog": REPO / "models" / "catalog.toml",
         "shutdown_grace_seconds": 0.0,
     }

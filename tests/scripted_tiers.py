@@ -256,14 +256,16 @@ class ScriptedMesh:
         return [r for r in records if r.get("request_id") == request_id]
 
 
-@pytest_asyncio.fixture
-async def scripted(tmp_path: Path) -> AsyncIterator[ScriptedMesh]:
+@contextlib.asynccontextmanager
+async def scripted_mesh(tmp_path: Path, **router_overrides: object) -> AsyncIterator[ScriptedMesh]:
+    """A real router (``RouterNode``) in front of a scripted edge and cloud."""
     async with scripted_tiers() as (edge, cloud):
         settings = router_settings(
             edge.address,
             cloud.address,
             audit_log_path=tmp_path / "audit.jsonl",
             outbox_path=tmp_path / "outbox.sqlite",
+            **router_overrides,
         )
         router = RouterNode(
             settings,
@@ -283,6 +285,12 @@ async def scripted(tmp_path: Path) -> AsyncIterator[ScriptedMesh]:
         await router.stop(0)
 
 
+@pytest_asyncio.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[ScriptedMesh]:
+    async with scripted_mesh(tmp_path) as mesh:
+        yield mesh
+
+
 def request(
     kinds: list[int],
     mesh: ScriptedMesh,
@@ -290,13 +298,14 @@ def request(
     request_id: str,
     privacy: int = routing_pb2.PRIVACY_CLASS_PUBLIC,
     preference: int = routing_pb2.ROUTE_PREFERENCE_AUTO,
+    pair: str = "fashion-mnist",
 ) -> router_service_pb2.InferRequest:
-    """A batch whose edge answers are ``kinds`` (CONFIDENT / HARD per item)."""
+    """A batch for ``pair`` whose edge answers are ``kinds`` (CONFIDENT / HARD per item)."""
     mesh.edge.tier.kinds = kinds
     images = np.zeros((len(kinds), 1, 28, 28), dtype=np.uint8)
     return router_service_pb2.InferRequest(
         request_id=request_id,
-        model="fashion-mnist",
+        model=pair,
         inputs=[encode_tensor("image", images)],
         hints=routing_pb2.RoutingHints(privacy_class=privacy, preference=preference),  # type: ignore[arg-type]
     )

@@ -16,7 +16,7 @@ from ota.artifacts import ArtifactRef
 from ota.signatures import load_trusted_keys
 from registry.signing import generate_key
 from registry.store import RegistryStore, StoreSource
-from router_service.escalation import EscalationClassifier
+from router_service.escalation import EscalationClassifier, ScoringPolicy
 from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,12 +25,13 @@ PAIR = "fashion-mnist"
 
 
 class Router:
-    """Stands in for the router's one classifier reference (the updater's only contact)."""
+    """Stands in for the router's reference to one pair's policy (the updater's only
+    contact)."""
 
-    def __init__(self, classifier: EscalationClassifier) -> None:
+    def __init__(self, classifier: ScoringPolicy) -> None:
         self.classifier = classifier
 
-    def install(self, classifier: EscalationClassifier) -> None:
+    def install(self, classifier: ScoringPolicy) -> None:
         self.classifier = classifier
 
 

@@ -57,7 +57,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
     settings = router_settings(
         edge.host.address,
         cloud.address,
-        policy_root=policy_root,
+        policies_dir=policy_root.parent,
         registry_target=registry.host.address,
         trusted_keys=(tmp_path / "operator" / "publisher.pub",),
         policy_update_staging=tmp_path / "staging",
@@ -81,7 +81,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
         (source / "policy.json").write_text(json.dumps({**metadata, "version": "2"}))
         registry.store.publish(source, ArtifactRef(POLICY_KIND, PAIR, 2), key)
         registry.store.promote(POLICY_KIND, PAIR, 2)
-        await wait_until(lambda: router.router.classifier.version == "2")
+        await wait_until(lambda: router.router.policies[PAIR].version == "2")
         after = await stub.Infer(request, timeout=5)
     finally:
         await channel.close(None)
