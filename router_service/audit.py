@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from hybridmesh.common.v1 import routing_pb2, tensor_pb2
+from services.errors import clip
 from services.logging import stream_logger
 
 
@@ -46,4 +47,14 @@ class TransferAudit:
             destination=self._destination,
             purpose=purpose,
             items=int(tensors[0].shape[0]) if tensors and tensors[0].shape else 0,
+        )
+
+    def record_not_sent(self, *, request_id: str, reason: str) -> None:
+        """The transfer audited for ``request_id`` never left: the cloud could not be
+        reached at all (name, connection or TLS failure), so no byte was sent."""
+        self._log.info(
+            "off-site transfer not sent",
+            request_id=request_id,
+            destination=self._destination,
+            reason=clip(reason),
         )

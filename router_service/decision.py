@@ -77,6 +77,11 @@ class AttemptResult(enum.Enum):
     CANCELLED = "cancelled"
     # Not sent: too little of the budget was left for the cloud to answer in time.
     NO_TIME = "no-time"
+    # Not sent: the cloud could not be reached at all (name, connection or TLS failure).
+    UNREACHABLE = "unreachable"
+
+
+NOT_SENT = frozenset({AttemptResult.REFUSED, AttemptResult.NO_TIME, AttemptResult.UNREACHABLE})
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class CloudAttempt:
 
     @property
     def sent(self) -> bool:
-        return self.result not in (AttemptResult.REFUSED, AttemptResult.NO_TIME)
+        return self.result not in NOT_SENT
 
 
 @dataclass(frozen=True)

@@ -600,4 +600,6 @@ def _why(error: TierUnavailableError) -> str:
 
 
 def _result_of(error: TierUnavailableError) -> AttemptResult:
-    return AttemptResult.FAILED if error.sent else AttemptResult.REFUSED
+    if error.refused:
+        return AttemptResult.REFUSED
+    return AttemptResult.FAILED if error.sent else AttemptResult.UNREACHABLE

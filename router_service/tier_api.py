@@ -29,19 +29,37 @@ class TierAnswer:
     elapsed_s: float
 
 
-class TierUnavailableError(Exception):
-    """A tier could not answer. ``code`` is None when nothing was sent (breaker open, or
-    the tier's health check reports it down); then no data left for that attempt."""
+# What gRPC says when a call failed before any connection carried it: the address did
+# not resolve, the connection was refused, or the TLS handshake failed (grpcio 1.81's
+# core messages; tests/test_router_unreachable_cloud.py pins them against real failures).
+NEVER_CONNECTED_MARKERS = ("failed to connect to all addresses", "errors resolving ")
 
-    def __init__(self, tier: str, code: grpc.StatusCode | None, detail: str) -> None:
+
+class TierUnavailableError(Exception):
+    """A tier could not answer. ``code`` is None when the router refused the call itself
+    (breaker open, or the tier's health check reports it down). ``sent`` is False when no
+    byte of the request left: refused, or the connection was never established."""
+
+    def __init__(
+        self, tier: str, code: grpc.StatusCode | None, detail: str, *, sent: bool | None = None
+    ) -> None:
         super().__init__(f"{tier}: {detail}")
         self.tier = tier
         self.code = code
         self.detail = detail
+        self.sent = code is not None if sent is None else sent
 
     @property
-    def sent(self) -> bool:
-        return self.code is not None
+    def refused(self) -> bool:
+        """The router refused the call itself (nothing was attempted)."""
+        return self.code is None
+
+
+def never_connected(code: grpc.StatusCode, detail: str) -> bool:
+    """True when a failed call never reached the peer, so none of its data left."""
+    return code == grpc.StatusCode.UNAVAILABLE and any(
+        marker in detail for marker in NEVER_CONNECTED_MARKERS
+    )
 
 
 class TierHealth:

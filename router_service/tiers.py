@@ -20,7 +20,12 @@ from router_service.anonymisers import Anonymised, anonymiser, strip_attributes
 from router_service.audit import TransferAudit
 from router_service.breaker import CallOutcome, CircuitBreaker, outcome_of
 from router_service.latency import RollingLatency
-from router_service.tier_api import TierAnswer, TierHealth, TierUnavailableError
+from router_service.tier_api import (
+    TierAnswer,
+    TierHealth,
+    TierUnavailableError,
+    never_connected,
+)
 from services.errors import FailedPreconditionError
 
 ResponseT = TypeVar("ResponseT")
@@ -45,7 +50,10 @@ async def _guarded(
         response = await send()
     except grpc.aio.AioRpcError as error:
         breaker.record(permit, outcome_of(error.code()), time.perf_counter() - started)
-        raise TierUnavailableError(tier, error.code(), error.details() or "") from error
+        detail = error.details() or ""
+        raise TierUnavailableError(
+            tier, error.code(), detail, sent=not never_connected(error.code(), detail)
+        ) from error
     except asyncio.CancelledError:
         # Our caller gave up (hedge lost, client went away): says nothing about the tier.
         breaker.record(permit, CallOutcome.IGNORED)
@@ -158,7 +166,13 @@ class CloudTier:
             )
             return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
 
-        response, elapsed = await _guarded("cloud", self.breaker, send, background=background)
+        try:
+            response, elapsed = await _guarded("cloud", self.breaker, send, background=background)
+        except TierUnavailableError as error:
+            if not error.sent and not error.refused:
+                # Audited as an attempt above; the connection never carried it.
+                self._audit.record_not_sent(request_id=request_id, reason=error.detail)
+            raise
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
 

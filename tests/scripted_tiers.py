@@ -257,8 +257,11 @@ class ScriptedMesh:
 
 
 @contextlib.asynccontextmanager
-async def scripted_mesh(tmp_path: Path, **router_overrides: object) -> AsyncIterator[ScriptedMesh]:
-    """A real router (``RouterNode``) in front of a scripted edge and cloud."""
+async def scripted_mesh(
+    tmp_path: Path, *, wait_for: tuple[str, ...] = ("edge", "cloud"), **router_overrides: object
+) -> AsyncIterator[ScriptedMesh]:
+    """A real router (``RouterNode``) in front of a scripted edge and cloud; returns once
+    its health watch has seen the tiers in ``wait_for`` up."""
     async with scripted_tiers() as (edge, cloud):
         settings = router_settings(
             edge.address,
@@ -273,7 +276,7 @@ async def scripted_mesh(tmp_path: Path, **router_overrides: object) -> AsyncIter
             pairs_from_catalog(settings.catalog),
         )
         await router.start()
-        await wait_until(lambda: router.tier_up["edge"] and router.tier_up["cloud"])
+        await wait_until(lambda: all(router.tier_up[tier] for tier in wait_for))
         async with grpc.aio.insecure_channel(router.host.address) as channel:
             yield ScriptedMesh(
                 edge,
