@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from edge_node.config import EdgeSettings
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.config import RouterSettings
 from services.logging import configure_logging
@@ -13,9 +14,12 @@ from services.telemetry import create_telemetry
 
 async def _serve(settings: RouterSettings) -> None:
     telemetry = create_telemetry(settings.service_name)
-    await serve_until_signalled(
-        RouterNode(settings, telemetry, pairs_from_catalog(settings.catalog)), telemetry
+    # A co-located edge reads its own HYBRIDMESH_EDGE_* settings.
+    edge_settings = EdgeSettings() if settings.edge_mode == "in-process" else None
+    node = RouterNode(
+        settings, telemetry, pairs_from_catalog(settings.catalog), edge_settings=edge_settings
     )
+    await serve_until_signalled(node, telemetry)
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edge_node.app import EdgeNode
+from edge_node.config import EdgeSettings
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
@@ -19,6 +21,7 @@ from ota.signatures import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import TransferAudit
 from router_service.breaker import BreakerState, CircuitBreaker
+from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
 from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics
@@ -64,8 +67,15 @@ class RouterNode:
     """The router process: serves RouterService; SERVING while some tier can answer."""
 
     def __init__(
-        self, settings: RouterSettings, telemetry: Telemetry, pairs: Sequence[PairSpec]
+        self,
+        settings: RouterSettings,
+        telemetry: Telemetry,
+        pairs: Sequence[PairSpec],
+        *,
+        edge_settings: EdgeSettings | None = None,
     ) -> None:
+        """``edge_settings``: with ``edge_mode = "in-process"``, the co-located edge
+        node's settings (its model store, served models, updates, admin port)."""
         self.settings = settings
         for pair in pairs:
             anonymiser(pair.anonymiser)  # an unknown anonymiser fails at start, not at upload
@@ -115,13 +125,21 @@ class RouterNode:
             tracer=tracer,
             meter=meter,
         )
+        edge_breaker = CircuitBreaker(
+            "edge", settings.breaker_edge.config(), on_state_change=on_change
+        )
+        # At a co-located site the edge model runs in this process (colocated_edge.py).
+        self.colocated_edge: EdgeNode | None = None
+        edge: EdgeTierApi
+        if settings.edge_mode == "in-process":
+            self.colocated_edge = EdgeNode(edge_settings or EdgeSettings(), telemetry)
+            edge = InProcessEdgeTier(self.colocated_edge, edge_breaker)
+        else:
+            edge = EdgeTier(edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel), edge_breaker)
         self.router = Router(
             settings,
             pairs=pairs,
-            edge=EdgeTier(
-                edge_service_pb2_grpc.EdgeServiceStub(self._edge_channel),
-                CircuitBreaker("edge", settings.breaker_edge.config(), on_state_change=on_change),
-            ),
+            edge=edge,
             cloud=cloud,
             policies=load_pair_policies(
                 settings.policies_dir,
@@ -184,6 +202,8 @@ class RouterNode:
         )
 
     async def start(self) -> int:
+        if self.colocated_edge is not None:
+            await self.colocated_edge.start()  # models load before the router serves
         port = await self.host.start()
         self._tasks = [
             asyncio.create_task(self._watch_tiers()),
@@ -208,6 +228,8 @@ class RouterNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.host.stop(grace)
+        if self.colocated_edge is not None:
+            await self.colocated_edge.stop(grace)
         await self._edge_channel.close(None)
         await self._cloud_channel.close(None)
         if self._registry_channel is not None:
@@ -227,7 +249,10 @@ class RouterNode:
         }
         while True:
             for name, stub in (("edge", edge), ("cloud", cloud)):
-                up = await _is_serving(stub)
+                if name == "edge" and self.colocated_edge is not None:
+                    up = self.colocated_edge.ready
+                else:
+                    up = await _is_serving(stub)
                 if up and not self.tier_up[name]:
                     # Back from down: probe now instead of waiting out the open period.
                     tiers[name].breaker.health_restored()

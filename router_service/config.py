@@ -64,6 +64,10 @@ class RouterSettings(ServiceSettings):
     service_name: str = "router"
     port: int = Field(default=50051, ge=0, le=65535)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # "remote": the edge node is another process (edge_target); "in-process": the router
+    # runs the edge model itself with the edge node's code as a library, configured by
+    # the HYBRIDMESH_EDGE_* settings (router_service/colocated_edge.py).
+    edge_mode: Literal["remote", "in-process"] = "remote"
     edge_target: str = "127.0.0.1:50052"
     cloud_target: str = "127.0.0.1:50053"
     # Per-site token presented to the cloud ("authorization: Bearer ...").

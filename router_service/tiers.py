@@ -31,7 +31,23 @@ from services.errors import FailedPreconditionError
 ResponseT = TypeVar("ResponseT")
 
 
-async def _guarded(
+class LocalCallError(Exception):
+    """A failed call to a tier in this process, shaped like ``grpc.aio.AioRpcError``
+    (``code()``, ``details()``) so the breaker and the router treat both alike."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+async def guarded_call(
     tier: str,
     breaker: CircuitBreaker,
     send: Callable[[], Awaitable[ResponseT]],
@@ -48,7 +64,7 @@ async def _guarded(
     started = time.perf_counter()
     try:
         response = await send()
-    except grpc.aio.AioRpcError as error:
+    except (grpc.aio.AioRpcError, LocalCallError) as error:
         breaker.record(permit, outcome_of(error.code()), time.perf_counter() - started)
         detail = error.details() or ""
         raise TierUnavailableError(
@@ -87,7 +103,7 @@ class EdgeTier:
             inputs=inputs,
             top_k=top_k,
         )
-        response, elapsed = await _guarded(
+        response, elapsed = await guarded_call(
             "edge", self.breaker, lambda: self._stub.Infer(request, timeout=timeout_s)
         )
         self.latency.observe(elapsed)
@@ -167,7 +183,9 @@ class CloudTier:
             return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
 
         try:
-            response, elapsed = await _guarded("cloud", self.breaker, send, background=background)
+            response, elapsed = await guarded_call(
+                "cloud", self.breaker, send, background=background
+            )
         except TierUnavailableError as error:
             if not error.sent and not error.refused:
                 # Audited as an attempt above; the connection never carried it.

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
+import pytest
 import pytest_asyncio
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -104,11 +105,21 @@ async def start_cloud(triton_url: str, spans: InMemorySpanExporter, port: int = 
 
 
 async def start_mesh(triton_url: str, **router_overrides: object) -> Mesh:
-    edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
-    await edge.start()
+    """``edge_mode="in-process"``: the router runs the edge model itself (co-located)."""
+    edge_mode = str(router_overrides.pop("edge_mode", "remote"))
+    colocated = edge_mode == "in-process"
+    edge: EdgeNode | None = None
+    if not colocated:
+        edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
+        await edge.start()
     cloud_spans = InMemorySpanExporter()
     cloud = await start_cloud(triton_url, cloud_spans)
-    settings = router_settings(edge.host.address, cloud.host.address, **router_overrides)
+    settings = router_settings(
+        edge.host.address if edge is not None else "127.0.0.1:1",
+        cloud.host.address,
+        edge_mode=edge_mode,
+        **router_overrides,
+    )
     router_spans, router_metrics = InMemorySpanExporter(), InMemoryMetricReader()
     router = RouterNode(
         settings,
@@ -119,8 +130,12 @@ async def start_mesh(triton_url: str, **router_overrides: object) -> Mesh:
             export_otlp=False,
         ),
         pairs_from_catalog(settings.catalog),
+        edge_settings=edge_settings() if colocated else None,
     )
     await router.start()
+    if router.colocated_edge is not None:
+        edge = router.colocated_edge
+    assert edge is not None
     channel = grpc.aio.insecure_channel(router.host.address)
     return Mesh(
         router,
@@ -138,7 +153,8 @@ async def stop_mesh(mesh: Mesh) -> None:
     await mesh.channel.close(None)
     await mesh.router.stop(0)
     await mesh.cloud.stop(0)
-    await mesh.edge.stop(0)
+    if mesh.edge is not mesh.router.colocated_edge:
+        await mesh.edge.stop(0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -157,6 +173,17 @@ async def mesh_triton(tmp_path_factory: object) -> AsyncIterator[TritonServer]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def mesh(mesh_triton: TritonServer) -> AsyncIterator[Mesh]:
     running = await start_mesh(mesh_triton.grpc_url)
+    yield running
+    await stop_mesh(running)
+
+
+@pytest_asyncio.fixture(loop_scope="module", params=["remote", "in-process"])
+async def any_edge_mesh(
+    mesh_triton: TritonServer, request: pytest.FixtureRequest
+) -> AsyncIterator[Mesh]:
+    """The mesh with a remote edge node, then with the edge co-located in the router."""
+    running = await start_mesh(mesh_triton.grpc_url, edge_mode=str(request.param))
+    await wait_until(lambda: running.router.tier_up["edge"] and running.router.tier_up["cloud"])
     yield running
     await stop_mesh(running)
 

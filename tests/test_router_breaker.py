@@ -19,7 +19,7 @@ from router_service.breaker import (
 )
 from router_service.config import CloudBreakerSettings, EdgeBreakerSettings, RouterSettings
 from router_service.tier_api import TierUnavailableError
-from router_service.tiers import _guarded
+from router_service.tiers import guarded_call
 
 
 class FakeClock:
@@ -370,7 +370,7 @@ def test_never_more_probes_in_flight_than_allowed_whatever_the_interleaving() ->
                 assert recorded.epoch == before_epoch, seed
 
 
-# --- _guarded: the tier call path uses permits ---------------------------------------
+# --- guarded_call: the tier call path uses permits ---------------------------------------
 
 
 async def test_guarded_refuses_background_work_while_half_open(clock: FakeClock) -> None:
@@ -385,9 +385,9 @@ async def test_guarded_refuses_background_work_while_half_open(clock: FakeClock)
         return "answer"
 
     with pytest.raises(TierUnavailableError, match="half-open"):
-        await _guarded("cloud", breaker, send, background=True)
+        await guarded_call("cloud", breaker, send, background=True)
     assert sent == []
-    assert (await _guarded("cloud", breaker, send))[0] == "answer"  # a live probe goes
+    assert (await guarded_call("cloud", breaker, send))[0] == "answer"  # a live probe goes
 
 
 async def test_guarded_returns_a_cancelled_probe_slot(clock: FakeClock) -> None:
@@ -402,7 +402,7 @@ async def test_guarded_returns_a_cancelled_probe_slot(clock: FakeClock) -> None:
         await asyncio.Event().wait()
         return "never"
 
-    task = asyncio.create_task(_guarded("cloud", breaker, hang))
+    task = asyncio.create_task(guarded_call("cloud", breaker, hang))
     await started.wait()
     assert breaker.probes_in_flight == 1
     task.cancel()

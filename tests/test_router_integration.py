@@ -15,6 +15,7 @@ from services.errors import field_violations
 from services.tensors import encode_tensor
 from tests.mesh_fixtures import (
     Mesh,
+    any_edge_mesh,
     easy_and_hard,
     infer_request,
     mesh,
@@ -25,7 +26,7 @@ from tests.mesh_fixtures import (
 )
 from workload.fashion_mnist import load_split
 
-__all__ = ["mesh", "mesh_triton"]
+__all__ = ["any_edge_mesh", "mesh", "mesh_triton"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 IMAGES = load_split("test").images[:500]
 EASY, HARD = easy_and_hard(IMAGES, 6)
@@ -35,7 +36,8 @@ def cloud_calls(mesh: Mesh) -> int:
     return len([s for s in mesh.cloud_spans.get_finished_spans() if s.name == "cloud.triton_infer"])
 
 
-async def test_easy_items_stay_on_the_edge_and_hard_ones_escalate(mesh: Mesh) -> None:
+async def test_easy_items_stay_on_the_edge_and_hard_ones_escalate(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     for index in EASY:
         reply = await mesh.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
         decision = reply.decision
@@ -56,7 +58,8 @@ async def test_easy_items_stay_on_the_edge_and_hard_ones_escalate(mesh: Mesh) ->
     assert cloud_calls(mesh) == len(HARD)
 
 
-async def test_sensitive_data_never_reaches_the_cloud(mesh: Mesh) -> None:
+async def test_sensitive_data_never_reaches_the_cloud(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     before = cloud_calls(mesh)
     for index in HARD:
         reply = await mesh.stub.Infer(
@@ -69,7 +72,8 @@ async def test_sensitive_data_never_reaches_the_cloud(mesh: Mesh) -> None:
     assert cloud_calls(mesh) == before, "the cloud saw SENSITIVE data"
 
 
-async def test_internal_data_goes_out_anonymised(mesh: Mesh) -> None:
+async def test_internal_data_goes_out_anonymised(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     reply = await mesh.stub.Infer(
         infer_request(IMAGES[HARD[0] : HARD[0] + 1], privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
         timeout=5,
@@ -77,7 +81,8 @@ async def test_internal_data_goes_out_anonymised(mesh: Mesh) -> None:
     assert reply.decision.served_by == routing_pb2.TIER_CLOUD  # the cloud accepted it
 
 
-async def test_preferences_are_honoured(mesh: Mesh) -> None:
+async def test_preferences_are_honoured(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     hard = IMAGES[HARD[0] : HARD[0] + 1]
     edge_only = await mesh.stub.Infer(
         infer_request(hard, preference=routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY), timeout=5
@@ -92,7 +97,8 @@ async def test_preferences_are_honoured(mesh: Mesh) -> None:
     assert not cloud_only.decision.HasField("edge_model")
 
 
-async def test_a_batch_is_split_across_tiers(mesh: Mesh) -> None:
+async def test_a_batch_is_split_across_tiers(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     indices = [EASY[0], HARD[0], EASY[1], HARD[1]]
     reply = await mesh.stub.Infer(infer_request(IMAGES[indices]), timeout=5)
     assert reply.decision.served_by == routing_pb2.TIER_EDGE_AND_CLOUD
@@ -102,7 +108,8 @@ async def test_a_batch_is_split_across_tiers(mesh: Mesh) -> None:
     assert list(reply.outputs[0].shape) == [4, 10]
 
 
-async def test_progressive_answer_edge_first_then_cloud(mesh: Mesh) -> None:
+async def test_progressive_answer_edge_first_then_cloud(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     hard = IMAGES[HARD[0] : HARD[0] + 1]
     stream = mesh.stub.InferStream(
         router_service_pb2.InferStreamRequest(request=infer_request(hard)), timeout=5
@@ -126,7 +133,8 @@ async def test_progressive_answer_edge_first_then_cloud(mesh: Mesh) -> None:
     assert len(only) == 1 and only[0].final and not only[0].supersedes_previous
 
 
-async def test_bad_requests_name_their_field(mesh: Mesh) -> None:
+async def test_bad_requests_name_their_field(any_edge_mesh: Mesh) -> None:
+    mesh = any_edge_mesh
     wrong_pair = infer_request(IMAGES[:1])
     wrong_pair.model = "nope"
     wrong_input = router_service_pb2.InferRequest(
@@ -263,3 +271,23 @@ async def test_hedged_escalation_cancels_the_loser(mesh_triton: TritonServer) ->
         assert not sensitive.decision.data_left_site  # never hedged out
     finally:
         await stop_mesh(mesh)
+
+
+async def test_a_colocated_edge_runs_in_the_routers_process_with_its_own_span(
+    mesh_triton: TritonServer,
+) -> None:
+    """edge_mode = "in-process": the edge node's code as a library, no gRPC hop, its
+    edge.infer span a child of router.decide in the router's own trace."""
+    colocated = await start_mesh(mesh_triton.grpc_url, edge_mode="in-process")
+    try:
+        assert colocated.router.colocated_edge is colocated.edge
+        reply = await colocated.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+        assert reply.decision.served_by == routing_pb2.TIER_EDGE
+        assert reply.decision.edge_model.name == "fashion-edge"
+        spans = {s.name: s for s in colocated.router_spans.get_finished_spans()}
+        edge_span, decide = spans["edge.infer"], spans["router.decide"]
+        assert edge_span.parent is not None
+        assert edge_span.parent.span_id == decide.context.span_id
+        assert not any(name.endswith("EdgeService/Infer") for name in spans)  # no gRPC hop
+    finally:
+        await stop_mesh(colocated)
