@@ -33,6 +33,7 @@ from router_service.routing import Router
 from router_service.servicer import RouterServicer
 from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
+from services.admission import Admission
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger, open_log_file
 from services.server import ServiceHost, ServiceRegistration
@@ -150,7 +151,16 @@ class RouterNode:
             metrics=RouterMetrics(meter),
             reconciler=self.reconciler,
         )
-        servicer = RouterServicer(self.router, self.reconciler)
+        servicer = RouterServicer(
+            self.router,
+            self.reconciler,
+            Admission(
+                settings.max_in_flight,
+                settings.max_queued_requests,
+                settings.retry_pushback_ms,
+                resource="the router",
+            ),
+        )
         self.host = ServiceHost(
             settings,
             [

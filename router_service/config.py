@@ -104,6 +104,12 @@ class RouterSettings(ServiceSettings):
     fallback_reserve_default_s: float = Field(default=0.25, ge=0)
     max_batch_size: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=10, ge=1)
+    # Admission (services/admission.py): requests routed at once, and waiting for a turn;
+    # beyond that, or when the expected wait exceeds what the caller's deadline leaves,
+    # RESOURCE_EXHAUSTED with retry pushback (gRFC A6) at once.
+    max_in_flight: int = Field(default=64, ge=1)
+    max_queued_requests: int = Field(default=256, ge=0)
+    retry_pushback_ms: int = Field(default=50, ge=0)
     # Prices per item in micro-USD: $1.50 per 1,000 cloud images (a typical cloud vision
     # price) and a nominal edge cost (power, amortised hardware).
     cloud_price_micros: int = Field(default=1500, ge=0)

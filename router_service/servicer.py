@@ -13,20 +13,26 @@ from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from router_service.reconciler import Reconciler
 from router_service.routing import Router
+from services.admission import Admission
 from services.errors import NotFoundError
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router, reconciler: Reconciler) -> None:
+    def __init__(self, router: Router, reconciler: Reconciler, admission: Admission) -> None:
         self._router = router
         self._reconciler = reconciler
+        # Overload is shed, not queued: a request whose deadline the queue would eat is
+        # refused at once with retry pushback (gRFC A6).
+        self._admission = admission
 
     async def Infer(  # noqa: N802 (gRPC method name)
         self,
         request: router_service_pb2.InferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> router_service_pb2.InferResponse:
-        return await self._router.infer(request, context.time_remaining())
+        remaining = context.time_remaining()
+        async with self._admission.slot(remaining, shed_when_late=True):
+            return await self._router.infer(request, context.time_remaining())
 
     async def InferStream(  # noqa: N802 (gRPC method name)
         self,
@@ -39,6 +45,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         context (a span held current across a ``yield`` cannot be detached when the
         stream is cancelled); leaving the stream cancels the task and every call in it.
         """
+        async with self._admission.slot(context.time_remaining(), shed_when_late=True):
+            async for message in self._stream(request, context):
+                yield message
+
+    async def _stream(
+        self,
+        request: router_service_pb2.InferStreamRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[router_service_pb2.InferStreamResponse]:
         answers: asyncio.Queue[router_service_pb2.InferResponse] = asyncio.Queue()
         routing = asyncio.create_task(
             self._router.infer(

@@ -9,32 +9,65 @@ edge node guards its compute slots with it, the cloud service its calls to Trito
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from services.errors import DeadlineExceededError, ResourceExhaustedError
 
+# Weight of the newest hold time in the running mean (about the last 20 requests).
+HOLD_WEIGHT = 0.05
+
 
 class Admission:
     def __init__(
-        self, max_in_flight: int, max_queued: int, retry_after_ms: int, *, resource: str
+        self,
+        max_in_flight: int,
+        max_queued: int,
+        retry_after_ms: int,
+        *,
+        resource: str,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """``resource`` names what the slots lead to, in messages ("Triton", "the model")."""
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
         self._max_queued = max_queued
         self._retry_after_ms = retry_after_ms
         self._resource = resource
+        self._clock = clock
         self.queued = 0
+        # Exponentially weighted mean of how long a slot is held, in seconds.
+        self.mean_hold_s = 0.0
+
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now would wait for a slot: the requests ahead of
+        it, served ``max_in_flight`` at a time, each holding its slot ``mean_hold_s``."""
+        if not self._slots.locked():
+            return 0.0
+        return (self.queued + 1) * self.mean_hold_s / self._max_in_flight
 
     @asynccontextmanager
-    async def slot(self, wait_budget_s: float | None = None) -> AsyncIterator[None]:
+    async def slot(
+        self, wait_budget_s: float | None = None, *, shed_when_late: bool = False
+    ) -> AsyncIterator[None]:
         """Hold one in-flight slot; wait for it at most ``wait_budget_s`` (None: as long
-        as it takes, for callers whose own deadline cancels them)."""
+        as it takes, for callers whose own deadline cancels them). ``shed_when_late``:
+        refuse at once (RESOURCE_EXHAUSTED) when the expected wait already exceeds the
+        budget, rather than queue a request whose deadline cannot be met."""
         if self._slots.locked() and self.queued >= self._max_queued:
             raise ResourceExhaustedError(
                 f"{self.queued} requests already wait for a free slot to {self._resource}",
                 retry_after_ms=self._retry_after_ms,
             )
+        if shed_when_late and wait_budget_s is not None:
+            expected = self.expected_wait_s()
+            if expected > wait_budget_s:
+                raise ResourceExhaustedError(
+                    f"overloaded: ~{expected * 1e3:.0f} ms to wait for {self._resource}, "
+                    f"more than the {max(wait_budget_s, 0.0) * 1e3:.0f} ms the deadline leaves",
+                    retry_after_ms=self._retry_after_ms,
+                )
         self.queued += 1
         try:
             budget = None if wait_budget_s is None else max(wait_budget_s, 0.0)
@@ -46,7 +79,10 @@ class Admission:
             ) from None
         finally:
             self.queued -= 1
+        started = self._clock()
         try:
             yield
         finally:
             self._slots.release()
+            held = self._clock() - started
+            self.mean_hold_s += HOLD_WEIGHT * (held - self.mean_hold_s)
