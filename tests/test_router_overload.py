@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -69,7 +70,8 @@ async def test_a_full_router_answers_resource_exhausted_with_pushback(tmp_path: 
             await mesh.stub.Infer(request([CONFIDENT], mesh, request_id="shed"), timeout=1)
         error = raised.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        trailers = {str(key): str(value) for key, value in error.trailing_metadata() or ()}
+        metadata: Any = error.trailing_metadata() or ()
+        trailers = {str(key): str(value) for key, value in metadata}
         assert trailers.get(RETRY_PUSHBACK_METADATA_KEY) == "50"
         assert not [c for c in mesh.edge.tier.calls if c.request_id == "shed"]
         held.cancel()
