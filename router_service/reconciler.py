@@ -30,6 +30,9 @@ from services.errors import ServiceError
 from services.logging import get_logger
 from services.tensors import DATATYPE_TO_NUMPY, encode_tensor
 
+# The outbox age metric is read at most this often (seconds).
+AGE_REFRESH_S = 1.0
+
 _log = get_logger("router_service.reconciler")
 
 
@@ -132,6 +135,7 @@ class Reconciler:
         self.feed = feed or CorrectionFeed()
         self._bucket = TokenBucket(settings.drain_rate_per_s, settings.drain_rate_per_s, clock)
         self._wake = asyncio.Event()
+        self._age_refreshed_at = -AGE_REFRESH_S
 
     async def enqueue(self, item: OutboxItem) -> bool:
         """Store an item; True when it is in the outbox. Never raises: the caller's
@@ -173,7 +177,7 @@ class Reconciler:
             try:
                 if self._cloud_ready():
                     drained = await self.drain_once()
-                self.metrics.refresh_age((await asyncio.to_thread(self.outbox.stats)).oldest_age_s)
+                await self._refresh_age()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -182,6 +186,15 @@ class Reconciler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.drain_idle_s)
+
+    async def _refresh_age(self) -> None:
+        """The oldest item's age for the metric, at most once per AGE_REFRESH_S: every
+        enqueue wakes the worker, so an outage would otherwise read it per escalation."""
+        now = time.monotonic()
+        if now - self._age_refreshed_at < AGE_REFRESH_S:
+            return
+        self._age_refreshed_at = now
+        self.metrics.refresh_age(await asyncio.to_thread(self.outbox.oldest_age_s))
 
     async def drain_once(self) -> int:
         """Reconcile the due items, rate-limited, up to ``drain_concurrency`` at a time

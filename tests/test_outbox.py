@@ -142,6 +142,25 @@ def test_stats_age_and_read_only_view_from_another_process(tmp_path: Path) -> No
     assert out.stdout.strip() == "2"
 
 
+def test_the_oldest_age_is_read_from_an_index_whatever_the_depth(tmp_path: Path) -> None:
+    """Issue 21 #4: outbox bookkeeping costs the same at any depth and history: the age
+    the worker reads is min() over an index (no scan), not ``stats()``."""
+    clock = FakeClock()
+    outbox = Outbox(tmp_path / "o.sqlite", max_items=10, clock=clock)
+    assert outbox.oldest_age_s() == 0.0
+    outbox.put(item("a"))
+    clock.now += 3.0
+    outbox.put(item("b"))
+    assert outbox.oldest_age_s() == pytest.approx(3.0)
+    db = sqlite3.connect(tmp_path / "o.sqlite")
+    plan = " ".join(
+        str(row[-1]) for row in db.execute("EXPLAIN QUERY PLAN SELECT min(enqueued_at) FROM outbox")
+    )
+    db.close()
+    assert "outbox_by_enqueued_at" in plan, plan
+    assert "SCAN outbox" not in plan
+
+
 def test_reconciled_rows_are_bounded(tmp_path: Path) -> None:
     clock = FakeClock()
     outbox = Outbox(tmp_path / "o.sqlite", max_items=10, max_reconciled_rows=3, clock=clock)
