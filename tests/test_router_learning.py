@@ -48,6 +48,28 @@ def test_features_from_a_known_distribution() -> None:
         router_features(probabilities, images[:1])
 
 
+def test_one_items_features_equal_the_batched_ones_on_real_data() -> None:
+    """The single-item fast path (the router's request) and the vectorised path
+    (training, batches) agree within float32 rounding, on real images and real edge
+    outputs, for integer and float inputs."""
+    import onnxruntime as ort
+
+    from services.classification import softmax
+    from workload.fashion_mnist import load_split
+
+    images = load_split("test").images[:300]
+    session = ort.InferenceSession(
+        str(Path(__file__).resolve().parent.parent / "models/store/fashion-edge/1/model.onnx")
+    )
+    (logits,) = session.run(["logits"], {"image": images})
+    probabilities = softmax(np.asarray(logits))
+    for inputs in (images, images.astype(np.float32) / 255.0):
+        batched = router_features(probabilities, inputs)
+        for index in range(len(images)):
+            one = router_features(probabilities[index : index + 1], inputs[index : index + 1])
+            np.testing.assert_allclose(one[0], batched[index], rtol=0, atol=2e-6)
+
+
 def test_cloud_share_threshold_never_exceeds_the_target() -> None:
     scores = np.random.default_rng(0).random(1000).astype(np.float32)
     for share in (0.0, 0.05, 0.2, 0.5, 1.0):
