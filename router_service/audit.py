@@ -1,15 +1,18 @@
 """The audit trail of off-site transfers: one JSON line per request body that leaves the
-site, on its own stream (a file on the site's volume, or stdout while the service's own
-logs go to stderr), written before the bytes go out."""
+site, on its own sink (``services.records``: a file on the site's volume, or stdout while
+the service's own logs go to stderr), written whatever the log level and before the
+bytes go out. A transfer that cannot be recorded does not happen."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TextIO
 
 from hybridmesh.common.v1 import routing_pb2, tensor_pb2
-from services.logging import stream_logger
+from router_service.tier_api import TierUnavailableError
+from services.records import RecordSink, RecordWriteError
+
+AUDIT_STREAM = "audit"
 
 
 def content_sha256(tensors: Sequence[tensor_pb2.Tensor]) -> str:
@@ -22,8 +25,8 @@ def content_sha256(tensors: Sequence[tensor_pb2.Tensor]) -> str:
 
 
 class TransferAudit:
-    def __init__(self, stream: TextIO, destination: str) -> None:
-        self._log = stream_logger(stream, "audit")
+    def __init__(self, sink: RecordSink, destination: str) -> None:
+        self._sink = sink
         self._destination = destination
 
     def record(
@@ -36,14 +39,20 @@ class TransferAudit:
         purpose: str,
         regions_blurred: int = 0,
     ) -> None:
-        self._log.info(
-            "off-site transfer",
-            request_id=request_id,
-            privacy_class=routing_pb2.PrivacyClass.Name(privacy_class),
-            anonymiser=anonymiser,
-            regions_blurred=regions_blurred,
-            content_sha256=content_sha256(tensors),
-            destination=self._destination,
-            purpose=purpose,
-            items=int(tensors[0].shape[0]) if tensors and tensors[0].shape else 0,
-        )
+        """Write the record; if it cannot be written (already logged and counted by the
+        sink), the cloud attempt fails before sending (``TierUnavailableError`` with no
+        code: nothing left the site), so the router answers from the edge or queues."""
+        try:
+            self._sink.write(
+                "off-site transfer",
+                request_id=request_id,
+                privacy_class=routing_pb2.PrivacyClass.Name(privacy_class),
+                anonymiser=anonymiser,
+                regions_blurred=regions_blurred,
+                content_sha256=content_sha256(tensors),
+                destination=self._destination,
+                purpose=purpose,
+                items=int(tensors[0].shape[0]) if tensors and tensors[0].shape else 0,
+            )
+        except RecordWriteError as error:
+            raise TierUnavailableError("cloud", None, error.message) from error
