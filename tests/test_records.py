@@ -20,12 +20,17 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from cloud_inference.intake import INTAKE_STREAM, IntakeLog
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import model_pb2, routing_pb2
+from hybridmesh.router.v1 import router_service_pb2_grpc
+from router_service.app import RouterNode, pairs_from_catalog
 from router_service.audit import AUDIT_STREAM, TransferAudit, content_sha256
 from router_service.tier_api import TierUnavailableError
 from services.errors import ECHO_MAX_CHARS
 from services.logging import configure_logging
 from services.records import WRITE_FAILURES_METRIC, RecordSink, RecordWriteError
+from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from tests.mesh_fixtures import router_settings, wait_until
+from tests.scripted_tiers import HARD, ScriptedMesh, request, scripted_tiers
 
 IMAGE = encode_tensor("image", np.zeros((2, 1, 28, 28), dtype=np.uint8))
 
@@ -210,3 +215,46 @@ def test_stdout_sink_writes_without_fsync(capfd: pytest.CaptureFixture[str]) -> 
     sink.close()  # stdout is not ours to close
     (line,) = capfd.readouterr().out.splitlines()
     assert json.loads(line)["request_id"] == "s-1"
+
+
+async def test_a_router_that_cannot_audit_sends_nothing_and_answers_from_the_edge(
+    tmp_path: Path, service_log: io.StringIO
+) -> None:
+    """The audit log on a full volume: the escalation is not sent (no record, no
+    transfer), the caller gets the edge answer, degraded, and the operator sees it."""
+    reader = InMemoryMetricReader()
+    async with scripted_tiers() as (edge, cloud):
+        settings = router_settings(
+            edge.address,
+            cloud.address,
+            audit_log_path=Path("/dev/full"),
+            outbox_path=tmp_path / "outbox.sqlite",
+        )
+        router = RouterNode(
+            settings,
+            create_telemetry("router", metric_readers=[reader], export_otlp=False),
+            pairs_from_catalog(settings.catalog),
+        )
+        await router.start()
+        try:
+            await wait_until(lambda: router.tier_up["edge"] and router.tier_up["cloud"])
+            async with grpc.aio.insecure_channel(router.host.address) as channel:
+                mesh = ScriptedMesh(
+                    edge,
+                    cloud,
+                    router,
+                    router_service_pb2_grpc.RouterServiceStub(channel),
+                    tmp_path / "unused",
+                )
+                reply = await mesh.stub.Infer(
+                    request([HARD], mesh, request_id="unaudited"), timeout=2
+                )
+        finally:
+            await router.stop(0)
+    assert cloud.tier.calls == []  # nothing left the site
+    assert reply.decision.served_by == routing_pb2.TIER_EDGE
+    assert reply.decision.degraded and not reply.decision.data_left_site
+    errors = [json.loads(line) for line in service_log.getvalue().splitlines()]
+    errors = [e for e in errors if e["level"] == "error"]
+    assert [(e["event"], e["request_id"]) for e in errors] == [("record not written", "unaudited")]
+    assert failures(reader) == {"audit": 1}
