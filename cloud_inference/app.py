@@ -10,14 +10,15 @@ from cloud_inference.auth import SiteAuthenticator, SiteAuthInterceptor, load_si
 from cloud_inference.config import CloudSettings
 from cloud_inference.dedupe import AnswerCache
 from cloud_inference.inference import CloudInference
-from cloud_inference.intake import IntakeLog
+from cloud_inference.intake import INTAKE_STREAM, IntakeLog
 from cloud_inference.labels import ModelFacts, facts_from_repository, facts_from_store
 from cloud_inference.model_health import ModelHealth, ModelHealthConfig
 from cloud_inference.servicer import CloudServicer
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from services.errors import InternalError, ServiceError, UnavailableError
-from services.logging import get_logger, open_log_file
+from services.logging import get_logger
+from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
 
@@ -56,12 +57,18 @@ class CloudNode:
         self._publishing: set[asyncio.Task[None]] = set()
         # Kept across Triton restarts, like the admission limit.
         self._answers = AnswerCache(settings.answer_cache_size)
-        self._intake_stream = (
-            open_log_file(settings.intake_log_path)
+        # Written whatever the log level (services/records.py); off when no path is set.
+        self._intake_sink = (
+            RecordSink.open(
+                settings.intake_log_path,
+                INTAKE_STREAM,
+                fsync=settings.intake_fsync,
+                meter=telemetry.meter("hybridmesh.cloud_inference"),
+            )
             if settings.intake_log_path is not None
             else None
         )
-        self._intake = IntakeLog(self._intake_stream) if self._intake_stream else None
+        self._intake = IntakeLog(self._intake_sink) if self._intake_sink else None
         # One admission limit for the process, kept across Triton restarts.
         self._admission = Admission(
             settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
@@ -109,8 +116,8 @@ class CloudNode:
                 await self._watch
         await self.host.stop(grace)
         await self.triton.close()
-        if self._intake_stream is not None:
-            self._intake_stream.close()
+        if self._intake_sink is not None:
+            self._intake_sink.close()
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s

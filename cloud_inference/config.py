@@ -54,3 +54,6 @@ class CloudSettings(ServiceSettings):
     answer_cache_size: int = Field(default=10_000, ge=0)
     # A JSON line per Infer call that arrived (before validation); unset: off.
     intake_log_path: Path | None = None
+    # fsync each intake record (survives power loss; ~0.3-0.5 ms per call measured,
+    # docs/outbox-privacy.md); off: flushed to the kernel only (survives kill -9).
+    intake_fsync: bool = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hybridmesh.router.v1 import router_service_pb2_grpc
 from ota.registry_client import RegistryClient
 from ota.signatures import load_trusted_keys
 from router_service.anonymisers import anonymiser
-from router_service.audit import TransferAudit
+from router_service.audit import AUDIT_STREAM, TransferAudit
 from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
@@ -35,7 +34,8 @@ from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
 from services.admission import Admission
 from services.channels import ChannelFactory, mtls_credentials
-from services.logging import get_logger, open_log_file
+from services.logging import get_logger
+from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry
 from services.tensors import DATATYPE_BY_KSERVE_NAME
@@ -98,16 +98,15 @@ class RouterNode:
                 breaker_state.add(-1, {"target": name})
 
         tracer = telemetry.tracer("hybridmesh.router")
-        self._audit_stream = (
-            open_log_file(settings.audit_log_path)
-            if settings.audit_log_path is not None
-            else sys.stdout
+        # Written whatever the log level (services/records.py); stdout when no path is set.
+        self._audit_sink = RecordSink.open(
+            settings.audit_log_path, AUDIT_STREAM, fsync=settings.audit_fsync, meter=meter
         )
         cloud = CloudTier(
             cloud_service_pb2_grpc.CloudServiceStub(self._cloud_channel),
             CircuitBreaker("cloud", settings.breaker_cloud.config(), on_state_change=on_change),
             settings.cloud_site_token,
-            TransferAudit(self._audit_stream, settings.cloud_target),
+            TransferAudit(self._audit_sink, settings.cloud_target),
         )
         self.outbox = Outbox(
             settings.outbox_path,
@@ -245,8 +244,7 @@ class RouterNode:
         if self._registry_channel is not None:
             await self._registry_channel.close(None)
         self.outbox.close()
-        if self._audit_stream is not sys.stdout:
-            self._audit_stream.close()
+        self._audit_sink.close()
 
     async def _watch_tiers(self) -> None:
         """Poll both tiers' grpc.health.v1; the router serves while either can answer."""

@@ -145,6 +145,9 @@ class RouterSettings(ServiceSettings):
     # Audit log of off-site transfers (JSON lines). Unset: stdout, apart from the
     # service's own log on stderr.
     audit_log_path: Path | None = None
+    # fsync each audit record (survives power loss; ~0.3-0.5 ms per cloud call measured,
+    # docs/outbox-privacy.md); off: flushed to the kernel only (survives kill -9).
+    audit_fsync: bool = True
     # Over-the-air router policies (router_service.policy_updater); off unless a
     # registry is configured. Verified with trusted_keys, downloads under
     # policy_update_staging/<pair>, installed under policies_dir/<pair>.

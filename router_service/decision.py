@@ -77,11 +77,12 @@ class AttemptResult(enum.Enum):
     CANCELLED = "cancelled"
     # Not sent: too little of the budget was left for the cloud to answer in time.
     NO_TIME = "no-time"
-    # Not sent: the cloud could not be reached at all (name, connection or TLS failure).
-    UNREACHABLE = "unreachable"
+    # Not sent: the cloud could not be reached at all (name, connection or TLS failure),
+    # or the transfer could not be audited.
+    NOT_SENT = "not-sent"
 
 
-NOT_SENT = frozenset({AttemptResult.REFUSED, AttemptResult.NO_TIME, AttemptResult.UNREACHABLE})
+NOT_SENT = frozenset({AttemptResult.REFUSED, AttemptResult.NO_TIME, AttemptResult.NOT_SENT})
 
 
 @dataclass(frozen=True)

@@ -602,4 +602,4 @@ def _why(error: TierUnavailableError) -> str:
 def _result_of(error: TierUnavailableError) -> AttemptResult:
     if error.refused:
         return AttemptResult.REFUSED
-    return AttemptResult.FAILED if error.sent else AttemptResult.UNREACHABLE
+    return AttemptResult.FAILED if error.sent else AttemptResult.NOT_SENT

@@ -14,7 +14,7 @@ from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from router_service.reconciler import Reconciler
 from router_service.routing import Router
 from services.admission import Admission
-from services.errors import NotFoundError
+from services.errors import NotFoundError, clip
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
@@ -60,6 +60,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 request.request, context.time_remaining(), on_edge_answer=answers.put_nowait
             )
         )
+        next_answer: asyncio.Future[router_service_pb2.InferResponse] | None = None
         try:
             previous: list[int] = []
             sequence = 0
@@ -87,10 +88,16 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 previous = top1
                 sequence += 1
         finally:
+            if next_answer is not None:
+                next_answer.cancel()  # the caller left while it waited: not left pending
             if not routing.done():  # the caller left: cancel every call in flight
                 routing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await routing
+            elif not routing.cancelled():
+                # It failed as the caller left (a deadline of a millisecond): nobody to
+                # tell, but retrieved, not "never retrieved" in the log.
+                routing.exception()
 
     async def WatchCorrections(  # noqa: N802 (gRPC method name)
         self,
@@ -99,7 +106,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_service_pb2.WatchCorrectionsResponse]:
         if request.model and request.model not in self._router.pair_names:
             raise NotFoundError(
-                f"no model pair {request.model!r}; known: {self._router.pair_names}",
+                f"no model pair {clip(request.model)!r}; known: {self._router.pair_names}",
                 field="model",
             )
         recorded = (

@@ -8,6 +8,7 @@ router's sequencing on these types is what lets it be tested without Triton.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import enum
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,24 +36,47 @@ class TierAnswer:
 NEVER_CONNECTED_MARKERS = ("failed to connect to all addresses", "errors resolving ")
 
 
+class Failure(enum.Enum):
+    """How a tier attempt failed, as far as the data is concerned."""
+
+    # The router refused the call itself (breaker open, tier known down): nothing sent.
+    REFUSED = "refused"
+    # It could not be sent: the peer was never reached (name, connection, TLS) or the
+    # transfer could not be audited. Nothing left the site.
+    NOT_SENT = "not-sent"
+    # Sent, and the call failed or timed out.
+    FAILED = "failed"
+
+
+NotSent = Failure.NOT_SENT
+
+
 class TierUnavailableError(Exception):
-    """A tier could not answer. ``code`` is None when the router refused the call itself
-    (breaker open, or the tier's health check reports it down). ``sent`` is False when no
-    byte of the request left: refused, or the connection was never established."""
+    """A tier could not answer. ``code`` is the gRPC status when a call was made (None
+    when the router refused it itself); ``failure`` says whether any data left."""
 
     def __init__(
-        self, tier: str, code: grpc.StatusCode | None, detail: str, *, sent: bool | None = None
+        self,
+        tier: str,
+        code: grpc.StatusCode | None,
+        detail: str,
+        *,
+        failure: Failure | None = None,
     ) -> None:
         super().__init__(f"{tier}: {detail}")
         self.tier = tier
         self.code = code
         self.detail = detail
-        self.sent = code is not None if sent is None else sent
+        self.failure = failure or (Failure.REFUSED if code is None else Failure.FAILED)
+
+    @property
+    def sent(self) -> bool:
+        return self.failure is Failure.FAILED
 
     @property
     def refused(self) -> bool:
         """The router refused the call itself (nothing was attempted)."""
-        return self.code is None
+        return self.failure is Failure.REFUSED
 
 
 def never_connected(code: grpc.StatusCode, detail: str) -> bool:

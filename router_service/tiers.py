@@ -21,6 +21,7 @@ from router_service.audit import TransferAudit
 from router_service.breaker import CallOutcome, CircuitBreaker, outcome_of
 from router_service.latency import RollingLatency
 from router_service.tier_api import (
+    Failure,
     TierAnswer,
     TierHealth,
     TierUnavailableError,
@@ -67,11 +68,12 @@ async def guarded_call(
     except (grpc.aio.AioRpcError, LocalCallError) as error:
         breaker.record(permit, outcome_of(error.code()), time.perf_counter() - started)
         detail = error.details() or ""
-        raise TierUnavailableError(
-            tier, error.code(), detail, sent=not never_connected(error.code(), detail)
-        ) from error
-    except asyncio.CancelledError:
-        # Our caller gave up (hedge lost, client went away): says nothing about the tier.
+        failure = Failure.NOT_SENT if never_connected(error.code(), detail) else Failure.FAILED
+        raise TierUnavailableError(tier, error.code(), detail, failure=failure) from error
+    except BaseException:
+        # Our caller gave up (hedge lost, client went away), or the call failed before
+        # it was sent (e.g. the audit record could not be written): says nothing about
+        # the tier, and the permit (a half-open probe slot) goes back.
         breaker.record(permit, CallOutcome.IGNORED)
         raise
     elapsed = time.perf_counter() - started
@@ -187,7 +189,7 @@ class CloudTier:
                 "cloud", self.breaker, send, background=background
             )
         except TierUnavailableError as error:
-            if not error.sent and not error.refused:
+            if error.failure is Failure.NOT_SENT and error.code is not None:
                 # Audited as an attempt above; the connection never carried it.
                 self._audit.record_not_sent(request_id=request_id, reason=error.detail)
             raise

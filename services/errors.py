@@ -21,6 +21,11 @@ ECHO_MAX_CHARS = 128
 # over the peer's limit (16 KiB by default) reach the caller as RESOURCE_EXHAUSTED
 # "Stream removed" instead of the status meant for it.
 MAX_MESSAGE_CHARS = 1024
+# ... and to this many UTF-8 bytes: a non-ASCII byte costs 3 characters percent-encoded
+# in grpc-message and 2 more in the base64 details (message and field description), so
+# 1,024 characters of "é" or emoji (2-4 bytes each) passed gRPC's 8 KiB soft limit on
+# received metadata and reached the caller as RESOURCE_EXHAUSTED "Stream removed".
+MAX_MESSAGE_BYTES = 1024
 ELLIPSIS = "…"
 
 
@@ -33,13 +38,23 @@ def clip(text: str, limit: int = ECHO_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + ELLIPSIS
 
 
+def clip_message(text: str) -> str:
+    """``text`` cut to ``MAX_MESSAGE_CHARS`` characters and ``MAX_MESSAGE_BYTES`` UTF-8
+    bytes (never inside a character), with an ellipsis when it was cut."""
+    text = clip(text, MAX_MESSAGE_CHARS)
+    encoded = text.encode()
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return text
+    return encoded[:MAX_MESSAGE_BYTES].decode(errors="ignore") + ELLIPSIS
+
+
 class ServiceError(Exception):
     """An error with a gRPC status; ``field`` names the offending request field."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
-        message = clip(message, MAX_MESSAGE_CHARS)
+        message = clip_message(message)
         self.message = f"{field}: {message}" if field else message
         self.field = field
         self.reason = message

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -46,24 +45,3 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A logger bound to a component name."""
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=name)
     return logger
-
-
-def stream_logger(stream: TextIO, name: str) -> structlog.stdlib.BoundLogger:
-    """A JSON-lines logger on its own stream (an audit trail), independent of the
-    process-wide configuration and its level: every record is written."""
-    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
-        structlog.PrintLogger(stream),
-        processors=[
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            add_trace_context,
-            structlog.processors.JSONRenderer(),
-        ],
-        stream=name,
-    )
-    return logger
-
-
-def open_log_file(path: Path) -> TextIO:
-    """Append to a JSON-lines file, creating its folder (a fresh volume has none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("a", encoding="utf-8")

@@ -14,7 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2
 from services.config import ServiceSettings
-from services.errors import ELLIPSIS, MAX_MESSAGE_CHARS, InvalidArgumentError, clip
+from services.errors import (
+    ELLIPSIS,
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_CHARS,
+    InvalidArgumentError,
+    clip,
+)
 from services.request_ids import check_request_id, is_valid_request_id
 from services.server import ServiceHost, ServiceRegistration
 
@@ -37,6 +43,8 @@ def _answer(request: Request) -> Response:
         raise RuntimeError("secret internal detail")
     if name == "long":
         raise InvalidArgumentError(f"no model {'m' * 10_000!r}", field="model.name")
+    if name.startswith("long-"):  # "long-é", "long-💥": many bytes per character
+        raise InvalidArgumentError(f"no model {name[5:] * 10_000!r}", field="model.name")
     return Response(request_id=request.request_id)
 
 
@@ -175,6 +183,20 @@ async def test_a_long_echo_is_cut_short_and_keeps_its_status(
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = refused.details() or ""
     assert len(details) <= len("model.name: ") + MAX_MESSAGE_CHARS + len(ELLIPSIS)
+    assert details.endswith(ELLIPSIS)
+
+
+@pytest.mark.parametrize("wide", ["é", "💥", "\u2fff"])
+@pytest.mark.parametrize("method", SHAPE_METHODS)
+async def test_a_long_echo_of_wide_characters_keeps_its_status(
+    channel: grpc.aio.Channel, method: str, wide: str
+) -> None:
+    """Found by tests/test_fuzz.py: 1,024 characters of 2-4 UTF-8 bytes each passed the
+    trailers' 8 KiB soft (or 16 KiB hard) limit: RESOURCE_EXHAUSTED "Stream removed"."""
+    refused = await _refused(channel, method, _request(f"long-{wide}"))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    details = refused.details() or ""
+    assert len(details.encode()) <= len("model.name: ") + MAX_MESSAGE_BYTES + len(ELLIPSIS.encode())
     assert details.endswith(ELLIPSIS)
 
 
