@@ -30,6 +30,7 @@ from router_service.routing import Router
 from router_service.servicer import RouterServicer
 from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
+from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger, open_log_file
 from services.server import ServiceHost, ServiceRegistration
@@ -153,7 +154,10 @@ class RouterNode:
                 settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
             )
             self.policy_updater = PolicyUpdater(
-                RegistryClient(self._registry_channel),
+                RegistryClient(
+                    self._registry_channel,
+                    bearer_metadata(read_token(settings.registry_token_file)),
+                ),
                 self.router.classifier.metadata.pair,
                 settings.policy_root,
                 settings.policy_update_staging,

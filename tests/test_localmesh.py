@@ -195,7 +195,7 @@ async def test_the_site_takes_a_signed_edge_model_update_over_the_air(
     await asyncio.to_thread(
         store.publish, source, ArtifactRef("model", "fashion-edge", version), key
     )
-    store.promote("model", "fashion-edge", version)
+    store.promote("model", "fashion-edge", version, key)
     easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
     async with (
         grpc.aio.insecure_channel(running.state.endpoints["edge"]) as edge,
