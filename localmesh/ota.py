@@ -51,7 +51,8 @@ class Credentials:
 
     @property
     def edge_admin_tokens(self) -> Path:
-        """The same for the edge node's admin service: the operator only."""
+        """The same for the edge node's admin service (which only the operator may call;
+        the site is known, to be told PERMISSION_DENIED)."""
         return self.directory / "edge-admin-tokens.json"
 
 
@@ -75,8 +76,7 @@ def ensure_credentials(state_dir: Path) -> Credentials:
     site = token_sha256(_secret_file(credentials.site_token))
     registry = {OPERATOR.spiffe_id: operator, site_identity(SITE).spiffe_id: site}
     credentials.registry_tokens.write_text(json.dumps(registry, indent=1) + "\n")
-    admin = {OPERATOR.spiffe_id: operator}
-    credentials.edge_admin_tokens.write_text(json.dumps(admin, indent=1) + "\n")
+    credentials.edge_admin_tokens.write_text(json.dumps(registry, indent=1) + "\n")
     return credentials
 
 
