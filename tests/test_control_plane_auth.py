@@ -7,6 +7,7 @@ node's admin service (PERMISSION_DENIED), and every refusal is logged without th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Awaitable
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.load import ServerProcess
@@ -24,13 +26,14 @@ from hybridmesh.edge.v1 import edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from localmesh.certs import MeshCertificates, ensure_certificates
+from localmesh.envoy import ENVOY_BINARY, WanControl
 from localmesh.launcher import free_port
 from ota.artifacts import ArtifactRef
 from ota.registry_client import to_wire
 from registry.app import RegistryNode
 from registry.config import RegistrySettings
 from registry.signing import generate_key, sign_promotion
-from services.access_rules import OPERATOR, site_identity
+from services.access_rules import CONTROL_PLANE_SERVICES, OPERATOR, Role, methods_for, site_identity
 from services.telemetry import create_telemetry
 from tests.control_plane import Credentials, bearer, make_credentials
 from tests.ota_fixtures import COMMITTED_STORE, EDGE_MODEL, golden_set
@@ -373,3 +376,102 @@ async def test_only_the_operator_may_call_an_edge_nodes_admin_service(tmp_path: 
     assert as_site == [grpc.StatusCode.PERMISSION_DENIED] * 3
     (model,) = status.models
     assert model.serving_version == "1" and list(model.refused_versions) == []
+
+
+# -- the k8s cloud ingress (deploy/k8s/base/envoy/envoy-config.yaml), a real Envoy --------
+
+ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy/k8s/base/envoy/envoy-config.yaml"
+
+
+def _rbac_policies() -> dict[str, Any]:
+    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (manager,) = chain["filters"]
+    filters = {f["name"]: f for f in manager["typed_config"]["http_filters"]}
+    policies: dict[str, Any] = filters["envoy.filters.http.rbac"]["typed_config"]["rules"][
+        "policies"
+    ]
+    return policies
+
+
+def test_the_ingress_rbac_is_the_rule_table() -> None:
+    """Envoy admits to the registry exactly what services.access_rules allows each role."""
+    policies = _rbac_policies()
+    registry = f"/{CONTROL_PLANE_SERVICES[0]}/"
+    site_paths = {
+        p["url_path"]["path"]["exact"]
+        for p in policies["site"]["permissions"]
+        if "exact" in p["url_path"]["path"]
+    }
+    assert site_paths == {registry + m for m in methods_for(Role.SITE, CONTROL_PLANE_SERVICES[0])}
+    (operator,) = policies["operator"]["permissions"]
+    assert operator["url_path"]["path"] == {"prefix": registry}
+    (principal,) = policies["operator"]["principals"]
+    assert principal["authenticated"]["principal_name"] == {"exact": OPERATOR.spiffe_id}
+
+
+async def test_the_k8s_ingress_routes_the_registry_by_role(tmp_path: Path) -> None:
+    """The committed Envoy config, run for real in front of a registry that trusts only
+    its forwarded client certificate: a site's certificate reads and reports (as itself)
+    but cannot promote or list the fleet; the operator's can."""
+    certificates = ensure_certificates(tmp_path / "certs", site="site-a")
+    tls = _tls_dir(
+        certificates, tmp_path / "tls", certificates.server_cert, certificates.server_key
+    )
+    running = await _start(tmp_path, tls_dir=tls)
+    registry_port = running.node.host.port
+    listener, admin = free_port(), free_port()
+    text = (
+        ENVOY_CONFIG.read_text()
+        .replace("/etc/envoy/tls/", f"{tls}/")
+        .replace("port_value: 8443", f"port_value: {listener}")
+        .replace("port_value: 9901", f"port_value: {admin}")
+        .replace(
+            "{address: registry, port_value: 50054}",
+            f"{{address: 127.0.0.1, port_value: {registry_port}}}",
+        )
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    envoy = await asyncio.create_subprocess_exec(
+        str(ENVOY_BINARY), "-c", str(config), "--log-level", "warning",
+        "--concurrency", "1", "--disable-hot-restart",
+        "--log-path", str(tmp_path / "envoy.log"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        control = WanControl(admin)
+        for _ in range(200):
+            if await asyncio.to_thread(control.ready):
+                break
+            await asyncio.sleep(0.05)
+        address = f"localhost:{listener}"
+        site = _secure(certificates, address, certificates.client_cert, certificates.client_key)
+        operator = _secure(
+            certificates, address, certificates.operator_cert, certificates.operator_key
+        )
+        async with site, operator:
+            as_site = registry_service_pb2_grpc.RegistryServiceStub(site)
+            as_operator = registry_service_pb2_grpc.RegistryServiceStub(operator)
+            codes = {m: await _code(c) for m, c in _calls(as_site, (), running).items()}
+            operator_sites = await as_operator.ListSites(pb.ListSitesRequest(), timeout=5)
+            promoted = await as_operator.Promote(
+                pb.PromoteRequest(artifact=MODEL, promotion=running.signed(1)), timeout=5
+            )
+    finally:
+        envoy.terminate()
+        await asyncio.wait_for(envoy.wait(), 10)
+        await running.node.stop(0)
+    assert codes == {
+        "ListArtifacts": grpc.StatusCode.OK,
+        "GetManifest": grpc.StatusCode.OK,
+        "FetchFile": grpc.StatusCode.OK,
+        "Promote": grpc.StatusCode.PERMISSION_DENIED,
+        "Rollback": grpc.StatusCode.PERMISSION_DENIED,
+        "ReportSiteStatus": grpc.StatusCode.OK,
+        "ListSites": grpc.StatusCode.PERMISSION_DENIED,
+    }
+    assert [s.site for s in operator_sites.sites] == ["site-a"], "reported as its certificate"
+    assert promoted.promoted.version == 1
