@@ -35,9 +35,11 @@ from services.errors import (
 from services.errors import (
     NotFoundError as NotFoundStatus,
 )
+from services.logging import get_logger
 from services.validation import check_timestamp, timestamp_at, unix_seconds
 
 MAX_CHUNK_BYTES = 1 << 20
+_log = get_logger("registry.servicer")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -182,6 +184,13 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             raise UnauthenticatedError("only an authenticated site reports its status")
         # The site is who the credential says; a report naming another is refused.
         if status.site and status.site != caller.site:
+            _log.warning(
+                "control-plane call refused",
+                method="/hybridmesh.registry.v1.RegistryService/ReportSiteStatus",
+                identity=caller.spiffe_id,
+                status="PERMISSION_DENIED",
+                reason=f"report names site {clip(status.site)!r}",
+            )
             raise PermissionDeniedError(
                 f"{clip(status.site)!r} is not this caller's site ({caller.site})",
                 field="status.site",

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from bench.load import ServerProcess
 from hybridmesh.edge.v1 import edge_admin_pb2 as admin_pb
@@ -136,41 +137,50 @@ def _calls(
     }
 
 
-async def test_without_a_credential_nothing_but_health_answers(
-    registry: Registry, capsys: pytest.CaptureFixture[str]
-) -> None:
-    async with grpc.aio.insecure_channel(registry.node.host.address) as channel:
-        stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-        for metadata in ((), bearer("not-a-token"), (("authorization", "Basic eA=="),)):
-            for method, call in _calls(stub, metadata, registry).items():
-                assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED, method
-        health = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5
-        )
+async def test_without_a_credential_nothing_but_health_answers(registry: Registry) -> None:
+    with capture_logs() as logs:
+        async with grpc.aio.insecure_channel(registry.node.host.address) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            for metadata in ((), bearer("not-a-token"), (("authorization", "Basic eA=="),)):
+                for method, call in _calls(stub, metadata, registry).items():
+                    assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED, method
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert registry.node.store.promoted("model", EDGE_MODEL) == 2, "nothing moved"
     assert registry.node.sites.reports() == []
-    logged = capsys.readouterr().out
-    assert "control-plane call refused" in logged
-    assert "method=/hybridmesh.registry.v1.RegistryService/FetchFile" in logged
-    assert "identity=none" in logged and "not-a-token" not in logged
+    refused = [e for e in logs if e["event"] == "control-plane call refused"]
+    assert len(refused) == 3 * 7, "each refusal logged"
+    assert {(e["identity"], e["status"], e["log_level"]) for e in refused} == {
+        ("none", "UNAUTHENTICATED", "warning")
+    }
+    assert f"/{CONTROL_PLANE_SERVICES[0]}/FetchFile" in {e["method"] for e in refused}
+    assert "not-a-token" not in repr(logs)
 
 
-async def test_a_site_reads_and_reports_for_itself_only(
-    registry: Registry, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def _as_site(
+    registry: Registry, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
+) -> tuple[dict[str, grpc.StatusCode], grpc.StatusCode, grpc.StatusCode]:
+    stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+    codes = {m: await _code(c) for m, c in _calls(stub, metadata, registry).items()}
+    # Another site's report, and a report with no site: the credential decides.
+    other = pb.ReportSiteStatusRequest(status=pb.SiteStatus(site="site-b"))
+    spoofed = await _code(stub.ReportSiteStatus(other, timeout=5, metadata=metadata))
+    unnamed = pb.ReportSiteStatusRequest(status=pb.SiteStatus())
+    await stub.ReportSiteStatus(unnamed, timeout=5, metadata=metadata)
+    operator = bearer(registry.credentials.token(OPERATOR))
+    as_operator = await _code(stub.ReportSiteStatus(other, timeout=5, metadata=operator))
+    return codes, spoofed, as_operator
+
+
+async def test_a_site_reads_and_reports_for_itself_only(registry: Registry) -> None:
     token = registry.credentials.token(SITE_A)
     metadata = bearer(token)
-    async with grpc.aio.insecure_channel(registry.node.host.address) as channel:
-        stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
-        codes = {m: await _code(c) for m, c in _calls(stub, metadata, registry).items()}
-        # Another site's report, and a report with no site: the credential decides.
-        other = pb.ReportSiteStatusRequest(status=pb.SiteStatus(site="site-b"))
-        spoofed = await _code(stub.ReportSiteStatus(other, timeout=5, metadata=metadata))
-        unnamed = pb.ReportSiteStatusRequest(status=pb.SiteStatus())
-        await stub.ReportSiteStatus(unnamed, timeout=5, metadata=metadata)
-        operator = bearer(registry.credentials.token(OPERATOR))
-        as_operator = await _code(stub.ReportSiteStatus(other, timeout=5, metadata=operator))
+    with capture_logs() as logs:
+        channel = grpc.aio.insecure_channel(registry.node.host.address)
+        codes, spoofed, as_operator = await _as_site(registry, channel, metadata)
+        await channel.close(None)
     assert codes == {
         "ListArtifacts": grpc.StatusCode.OK,
         "GetManifest": grpc.StatusCode.OK,
@@ -184,10 +194,19 @@ async def test_a_site_reads_and_reports_for_itself_only(
     assert as_operator == grpc.StatusCode.PERMISSION_DENIED, "the operator is not a site"
     assert [r.site for r in registry.node.sites.reports()] == ["site-a"]
     assert registry.node.store.promoted("model", EDGE_MODEL) == 2
-    logged = capsys.readouterr().out
-    assert "identity=spiffe://hybridmesh/site/site-a" in logged
-    assert "method=/hybridmesh.registry.v1.RegistryService/Promote" in logged
-    assert token not in logged
+    refused = {
+        (e["identity"], e["method"].rsplit("/", 1)[1], e["status"])
+        for e in logs
+        if e["event"] == "control-plane call refused"
+    }
+    site_a = SITE_A.spiffe_id
+    assert {
+        (site_a, "Promote", "PERMISSION_DENIED"),
+        (site_a, "Rollback", "PERMISSION_DENIED"),
+        (site_a, "ListSites", "PERMISSION_DENIED"),
+        (site_a, "ReportSiteStatus", "PERMISSION_DENIED"),  # the report for site-b
+    } <= refused
+    assert token not in repr(logs)
 
 
 async def test_the_operator_promotes_only_with_a_signed_statement_in_sequence(
