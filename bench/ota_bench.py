@@ -43,7 +43,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     key = generate_key(directory / "operator")
     store = RegistryStore(directory / "registry")
     store.publish(COMMITTED, ArtifactRef("model", EDGE_MODEL, 1), key)
-    store.promote("model", EDGE_MODEL, 1)
+    store.promote("model", EDGE_MODEL, 1, key)
     edge_store = directory / "edge" / "store"
     shutil.copytree(COMMITTED, edge_store / EDGE_MODEL / "1")
     shutil.copytree(COMMITTED, directory / "publisher" / EDGE_MODEL / "1")

@@ -2,21 +2,20 @@
 
 Only sha256 hashes of the tokens are configured (a leaked config leaks no token), and the
 presented token's hash is compared with every configured one in constant time. Health
-and reflection stay open: probes and load balancers carry no token.
+and reflection stay open: probes and load balancers carry no token. The hashing and the
+comparison are ``services.auth``'s, shared with the control plane's per-identity tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from services.access_rules import OPEN_SERVICES
+from services.auth import TokenBook, TokenConfigError, load_token_hashes, token_sha256
 from services.logging import get_logger
 
 if TYPE_CHECKING:
@@ -25,57 +24,28 @@ else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 _log = get_logger("cloud_inference.auth")
-OPEN_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
-AUTHORIZATION = "authorization"
-BEARER = "bearer "
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class SiteTokenConfigError(ValueError):
-    """The configured site token hashes are malformed (e.g. a raw token, not its hash)."""
-
-
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+__all__ = [
+    "SiteAuthInterceptor",
+    "SiteAuthenticator",
+    "SiteTokenConfigError",
+    "load_site_hashes",
+    "token_sha256",
+]
+SiteTokenConfigError = TokenConfigError
 
 
 def load_site_hashes(inline: Mapping[str, str], file: Path | None) -> dict[str, str]:
     """Site id -> sha256 hex of its token, from settings and/or a JSON file (file wins)."""
-    hashes = dict(inline)
-    if file is not None:
-        loaded = json.loads(file.read_text())
-        if not isinstance(loaded, dict):
-            raise SiteTokenConfigError(f"{file}: expected a JSON object site -> sha256 hex")
-        hashes.update({str(site): str(digest) for site, digest in loaded.items()})
-    normalised = {site: digest.strip().lower() for site, digest in hashes.items()}
-    bad = sorted(site for site, digest in normalised.items() if not SHA256_HEX.fullmatch(digest))
-    if bad:
-        # Refuse to start rather than refuse every call from these sites later.
-        raise SiteTokenConfigError(f"sites {bad}: token hash must be 64 hex digits (sha256)")
-    return normalised
+    return load_token_hashes(inline, file)
 
 
 class SiteAuthenticator:
     def __init__(self, site_hashes: Mapping[str, str]) -> None:
-        self._hashes = dict(site_hashes)
+        self._tokens = TokenBook(site_hashes)
 
     def site_for(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
         """The site whose token the call presents, or None."""
-        authorization = next((value for key, value in metadata or () if key == AUTHORIZATION), None)
-        # RFC 6750: the scheme name is case-insensitive.
-        if not isinstance(authorization, str) or not authorization.lower().startswith(BEARER):
-            return None
-        presented = token_sha256(authorization[len(BEARER) :].strip())
-        found = None
-        for site, expected in self._hashes.items():
-            # Compare against every entry: timing does not reveal which one matched.
-            if hmac.compare_digest(presented, expected):
-                found = site
-        return found
+        return self._tokens.holder(metadata)
 
 
 class SiteAuthInterceptor(_ServerInterceptor):

@@ -17,6 +17,13 @@ from edge_node.updater import MODEL_KIND, EdgeUpdater, UpdateReport, UpdaterSett
 from hybridmesh.edge.v1 import edge_admin_pb2_grpc, edge_service_pb2_grpc
 from ota.registry_client import RegistryClient, SiteServes
 from ota.signatures import load_trusted_keys
+from services.auth import (
+    CallerAuthenticator,
+    ControlPlaneAuth,
+    bearer_metadata,
+    load_token_hashes,
+    read_token,
+)
 from services.channels import ChannelFactory, mtls_credentials
 from services.errors import UnavailableError
 from services.logging import get_logger
@@ -48,6 +55,13 @@ class EdgeNode:
         admin = EdgeAdminServicer(
             settings.site_id, lambda: self.updater, lambda: self.models, self.events
         )
+        # EdgeAdminService is the operator's only (services.access_rules); the data path
+        # beside it is not guarded here.
+        admin_auth = ControlPlaneAuth(
+            CallerAuthenticator(
+                load_token_hashes(settings.admin_token_sha256, settings.admin_tokens_file)
+            )
+        )
         self.host = ServiceHost(
             settings,
             [
@@ -65,7 +79,10 @@ class EdgeNode:
                     ),
                 ),
             ],
-            interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
+            interceptors=[
+                *(telemetry.server_interceptors() if settings.tracing_enabled else []),
+                admin_auth,
+            ],
         )
 
     @property
@@ -115,7 +132,9 @@ class EdgeNode:
         self._registry_channel = factory.create(
             settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
         )
-        self._registry = RegistryClient(self._registry_channel)
+        self._registry = RegistryClient(
+            self._registry_channel, bearer_metadata(read_token(settings.registry_token_file))
+        )
         self.updater = EdgeUpdater(
             self._registry,
             models,

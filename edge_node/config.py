@@ -46,6 +46,13 @@ class EdgeSettings(ServiceSettings):
     registry_target: str = ""
     # mTLS to the registry (ca.crt, tls.crt, tls.key); unset: plaintext.
     registry_tls_dir: Path | None = None
+    # This site's bearer token for the registry (a file holding it); unset: the client
+    # certificate above is the credential.
+    registry_token_file: Path | None = None
+    # Who may call EdgeAdminService (the operator): SPIFFE id -> sha256 hex of its token,
+    # inline and/or as a JSON file. Nothing configured: every admin call is refused.
+    admin_token_sha256: dict[str, str] = Field(default_factory=dict)
+    admin_tokens_file: Path | None = None
     # This site's id in the registry's fleet view.
     site_id: str = "site-local"
     # PEM public keys of the operators whose signatures this site accepts.

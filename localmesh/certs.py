@@ -1,5 +1,11 @@
-"""A private CA with a server certificate for the cloud ingress and a client certificate
-for the edge site: mTLS between site and cloud, generated on first start."""
+"""A private CA with a server certificate for the cloud ingress and client certificates
+for the edge site and the operator: mTLS between site and cloud, generated on first start.
+
+Client certificates carry SPIFFE-style identities in a URI SAN
+(``services.access_rules``): ``spiffe://hybridmesh/site/<id>`` for the site,
+``spiffe://hybridmesh/operator`` for the operator. The ingress certificate also names
+``spiffe://hybridmesh/ingress`` and may act as a client: it is what Envoy presents to the
+registry, the one peer whose ``x-forwarded-client-cert`` the registry believes."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.access_rules import INGRESS_ID, OPERATOR_ID, SITE_PREFIX
 
 VALIDITY = datetime.timedelta(days=365)
 
@@ -40,6 +48,14 @@ class MeshCertificates:
     def client_key(self) -> Path:
         return self.directory / "client.key"
 
+    @property
+    def operator_cert(self) -> Path:
+        return self.directory / "operator.crt"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.directory / "operator.key"
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
@@ -65,7 +81,7 @@ def _issue(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_name: x509.Name,
     common_name: str,
-    usage: x509.ObjectIdentifier,
+    usage: list[x509.ObjectIdentifier],
     sans: list[x509.GeneralName],
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -79,7 +95,7 @@ def _issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -87,9 +103,10 @@ def _issue(
 
 
 def ensure_certificates(directory: Path, site: str = "site-local") -> MeshCertificates:
-    """Create the CA, server and client certificates unless they already exist."""
+    """Create the CA, server and client certificates unless they already exist (a
+    directory from before the operator's certificate is made anew)."""
     certificates = MeshCertificates(directory)
-    if certificates.client_key.exists():
+    if certificates.operator_key.exists():
         return certificates
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -124,13 +141,32 @@ def ensure_certificates(directory: Path, site: str = "site-local") -> MeshCertif
         ca_key,
         ca_name,
         "cloud ingress",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.UniformResourceIdentifier(INGRESS_ID),
+        ],
     )
-    client, client_key = _issue(ca_key, ca_name, site, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    client, client_key = _issue(
+        ca_key,
+        ca_name,
+        site,
+        [ExtendedKeyUsageOID.CLIENT_AUTH],
+        [x509.UniformResourceIdentifier(f"{SITE_PREFIX}{site}")],
+    )
+    operator, operator_key = _issue(
+        ca_key,
+        ca_name,
+        "operator",
+        [ExtendedKeyUsageOID.CLIENT_AUTH],
+        [x509.UniformResourceIdentifier(OPERATOR_ID)],
+    )
     certificates.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     certificates.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     certificates.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
     _write_key(server_key, certificates.server_key)
     _write_key(client_key, certificates.client_key)
+    certificates.operator_cert.write_bytes(operator.public_bytes(serialization.Encoding.PEM))
+    _write_key(operator_key, certificates.operator_key)
     return certificates

@@ -5,7 +5,9 @@
   hybridmesh status                                                health of each part
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
   hybridmesh router retrain --outbox FILE [...]   retrain the router policy (training.retrain)
-  hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli)
+  hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli), as
+                                                  the local mesh's operator
+                                                  ($HYBRIDMESH_STATE_DIR, default var/mesh)
 
 ``up --detach`` runs the mesh under a background ``hybridmesh up`` (its output in
 ``<state-dir>/logs/mesh.log``) that keeps supervising it — a dead Triton is restarted — and
@@ -35,6 +37,7 @@ from localmesh.launcher import (
     MeshState,
     down_from_state,
     grpc_serving,
+    operator_credentials,
 )
 from localmesh.otlp_receiver import OtlpReceiver
 from router_service.outbox import read_stats
@@ -204,6 +207,18 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _operator_defaults(state_dir: Path) -> None:
+    """``hybridmesh registry ...`` calls as the local mesh's operator unless told
+    otherwise (registry.cli reads these variables as its defaults)."""
+    credentials = operator_credentials(state_dir)
+    for variable, path in (
+        ("HYBRIDMESH_OPERATOR_TOKEN_FILE", credentials["operator_token"]),
+        ("HYBRIDMESH_OPERATOR_KEYS", credentials["operator_keys"]),
+    ):
+        if Path(path).exists():
+            os.environ.setdefault(variable, path)
+
+
 def main() -> None:
     # Operator commands live with their packages; the hybridmesh CLI forwards to them.
     argv = sys.argv[1:]
@@ -214,6 +229,7 @@ def main() -> None:
     if argv[:1] == ["registry"]:
         from registry.cli import main as registry
 
+        _operator_defaults(Path(os.environ.get("HYBRIDMESH_STATE_DIR", "var/mesh")))
         sys.exit(registry(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="hybridmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

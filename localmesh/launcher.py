@@ -79,6 +79,9 @@ class MeshState:
     # The process that started the parts and supervises them (restarts a dead Triton);
     # `hybridmesh down` stops the mesh through it.
     supervisor_pid: int = 0
+    # The control plane's credentials (localmesh.ota.Credentials): the operator's token
+    # and signing keys (the CLI's), the site's token (the edge node's and router's).
+    credentials: dict[str, str] = field(default_factory=dict)
 
     def write(self) -> Path:
         """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
@@ -194,6 +197,7 @@ class LocalMesh:
             outbox=str(self.outbox_path),
             audit_logs=self.audit_logs,
             supervisor_pid=os.getpid(),
+            credentials=operator_credentials(self.state_dir),
         )
         state.write()
         self.state = state
@@ -294,6 +298,8 @@ class LocalMesh:
                     "HYBRIDMESH_REGISTRY_PORT": str(self.ports["registry"]),
                     "HYBRIDMESH_REGISTRY_ROOT": str(site.registry_root),
                     "HYBRIDMESH_REGISTRY_LOG_LEVEL": level,
+                    "HYBRIDMESH_REGISTRY_TOKENS_FILE": str(site.credentials.registry_tokens),
+                    "HYBRIDMESH_REGISTRY_TRUSTED_KEYS": trusted,
                 }
             ),
         )
@@ -309,6 +315,9 @@ class LocalMesh:
                     "HYBRIDMESH_EDGE_LOG_LEVEL": level,
                     "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
                     "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
+                    "HYBRIDMESH_EDGE_SITE_ID": ota.SITE,
+                    "HYBRIDMESH_EDGE_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
+                    "HYBRIDMESH_EDGE_ADMIN_TOKENS_FILE": str(site.credentials.edge_admin_tokens),
                     "HYBRIDMESH_EDGE_TRUSTED_KEYS": trusted,
                     "HYBRIDMESH_EDGE_GOLDEN_SET": str(site.golden_set),
                     "HYBRIDMESH_EDGE_UPDATE_STAGING": str(site.staging / "edge"),
@@ -334,6 +343,7 @@ class LocalMesh:
                     # One policy root per pair under it (the site's copies).
                     "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policy_root.parent),
                     "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
+                    "HYBRIDMESH_ROUTER_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
                     "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,
                     "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),
                     "HYBRIDMESH_ROUTER_POLICY_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
@@ -410,6 +420,15 @@ class LocalMesh:
             if process is not None:
                 await stop_process_group(process.pid, grace_s, process)
         _log.info("mesh stopped")
+
+
+def operator_credentials(state_dir: Path) -> dict[str, str]:
+    credentials = ota.Credentials(state_dir / "credentials")
+    return {
+        "operator_token": str(credentials.operator_token),
+        "operator_keys": str(state_dir / "operator"),
+        "site_token": str(credentials.site_token),
+    }
 
 
 async def grpc_serving(address: str) -> bool:

@@ -1,9 +1,15 @@
 """Over-the-air updates in the local mesh: an operator key, a registry holding the
-committed edge model and router policy (signed, promoted), and the site's own copies of
-both, so updates change the mesh's state directory and never the repository."""
+committed edge model and router policy (signed, promoted), the site's own copies of
+both, so updates change the mesh's state directory and never the repository; and the
+control plane's credentials (``<state>/credentials``): a bearer token for the operator
+and one for the site (0600), and the sha256 hashes the registry and the edge node's admin
+service check them against (``services.access_rules``, ``docs/threat-model.md``)."""
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +20,64 @@ from registry.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key, lo
 from registry.store import RegistryStore
 from router_service.escalation import latest_policy
 from router_service.policy_updater import POLICY_KIND
+from services.access_rules import OPERATOR, site_identity
+from services.auth import token_sha256
 from workload.fashion_mnist import golden_split
 from workload.model_store import latest_versions
 
 EDGE_MODEL = "fashion-edge"
 PAIR = "fashion-mnist"
+SITE = "site-local"  # the local mesh's one edge site
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The control plane's credentials in the local mesh (all under one directory)."""
+
+    directory: Path
+
+    @property
+    def operator_token(self) -> Path:
+        return self.directory / "operator.token"
+
+    @property
+    def site_token(self) -> Path:
+        return self.directory / f"{SITE}.token"
+
+    @property
+    def registry_tokens(self) -> Path:
+        """SPIFFE id -> token sha256 of everyone the registry knows (operator, site)."""
+        return self.directory / "registry-tokens.json"
+
+    @property
+    def edge_admin_tokens(self) -> Path:
+        """The same for the edge node's admin service (which only the operator may call;
+        the site is known, to be told PERMISSION_DENIED)."""
+        return self.directory / "edge-admin-tokens.json"
+
+
+def _secret_file(path: Path) -> str:
+    """The token in ``path``, created (0600 from the start) when missing."""
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(token + "\n")
+    return token
+
+
+def ensure_credentials(state_dir: Path) -> Credentials:
+    """Idempotent: existing tokens are kept; the hash files are rewritten from them."""
+    credentials = Credentials(state_dir / "credentials")
+    credentials.directory.mkdir(parents=True, exist_ok=True)
+    credentials.directory.chmod(0o700)
+    operator = token_sha256(_secret_file(credentials.operator_token))
+    site = token_sha256(_secret_file(credentials.site_token))
+    registry = {OPERATOR.spiffe_id: operator, site_identity(SITE).spiffe_id: site}
+    credentials.registry_tokens.write_text(json.dumps(registry, indent=1) + "\n")
+    credentials.edge_admin_tokens.write_text(json.dumps(registry, indent=1) + "\n")
+    return credentials
 
 
 @dataclass(frozen=True)
@@ -29,6 +88,8 @@ class SiteArtifacts:
     golden_set: Path
     policy_root: Path
     staging: Path
+    operator_keys: Path
+    credentials: Credentials
 
 
 def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
@@ -51,8 +112,9 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
         ref = ArtifactRef(kind, name, int(directory.name))
         if ref.version not in store.versions(kind, name):
             store.publish(directory, ref, key)
-        if store.promoted(kind, name) is None:
-            store.promote(kind, name, ref.version)
+        if store.promotion(kind, name) is None:
+            # A state directory from before signed promotions gets its first statement.
+            store.promote(kind, name, store.promoted(kind, name) or ref.version, key)
     site = state_dir / "site"
     edge_store = site / "models"
     if not edge_store.exists():
@@ -64,5 +126,12 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
     if not golden.exists():
         GoldenSet.of(golden_split()).save(golden)
     return SiteArtifacts(
-        store.root, keys / PUBLIC_KEY_FILE, edge_store, golden, policy_root, site / "updates"
+        store.root,
+        keys / PUBLIC_KEY_FILE,
+        edge_store,
+        golden,
+        policy_root,
+        site / "updates",
+        keys,
+        ensure_credentials(state_dir),
     )

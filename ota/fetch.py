@@ -28,6 +28,7 @@ from ota.artifacts import (
     sha256_of,
     verify_files,
 )
+from ota.promotions import SignedPromotion
 from ota.signatures import verify
 
 CHUNK_BYTES = 256 * 1024
@@ -38,7 +39,9 @@ class ArtifactSource(Protocol):
     """Where artifacts come from: the registry service (``ota.registry_client``), or its
     store read in process (``registry.store.StoreSource``)."""
 
-    async def promoted(self, kind: str, name: str) -> int | None: ...
+    async def promotion(self, kind: str, name: str) -> SignedPromotion | None:
+        """The operator-signed statement of the version sites should run, if any."""
+        ...
 
     async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]: ...
 

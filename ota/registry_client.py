@@ -12,6 +12,7 @@ import grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from ota.artifacts import ArtifactRef
+from ota.promotions import SignedPromotion
 
 CALL_TIMEOUT_S = 5.0
 # A whole file streams under one deadline: generous, as a WAN link may be slow.
@@ -36,20 +37,34 @@ class SiteServes:
 
 
 class RegistryClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+    """``metadata``: the site's credential on every call (``services.auth.bearer_metadata``;
+    empty where the channel's client certificate is the credential)."""
 
-    async def promoted(self, kind: str, name: str) -> int | None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self._metadata = metadata
+
+    async def promotion(self, kind: str, name: str) -> SignedPromotion | None:
+        """The operator-signed statement of what ``kind`` ``name`` sites should run."""
         request = pb.ListArtifactsRequest()
-        reply = await self._stub.ListArtifacts(request, timeout=CALL_TIMEOUT_S)
+        reply = await self._stub.ListArtifacts(
+            request, timeout=CALL_TIMEOUT_S, metadata=self._metadata
+        )
         for artifact in reply.artifacts:
             if artifact.kind == KIND_VALUES[kind] and artifact.name == name:
-                return artifact.promoted_version or None
+                signed = artifact.promotion
+                if not signed.statement:
+                    return None
+                return SignedPromotion(signed.statement, signed.signature)
         return None
 
     async def manifest(self, ref: ArtifactRef) -> tuple[bytes, bytes]:
         reply = await self._stub.GetManifest(
-            pb.GetManifestRequest(artifact=to_wire(ref)), timeout=CALL_TIMEOUT_S
+            pb.GetManifestRequest(artifact=to_wire(ref)),
+            timeout=CALL_TIMEOUT_S,
+            metadata=self._metadata,
         )
         return reply.manifest, reply.signature
 
@@ -59,7 +74,8 @@ class RegistryClient:
         request = pb.FetchFileRequest(
             artifact=to_wire(ref), path=path, offset=offset, chunk_bytes=chunk_bytes
         )
-        async for chunk in self._stub.FetchFile(request, timeout=FILE_TIMEOUT_S):
+        stream = self._stub.FetchFile(request, timeout=FILE_TIMEOUT_S, metadata=self._metadata)
+        async for chunk in stream:
             yield chunk.data
 
     async def report_site(self, site: str, served: list[SiteServes]) -> None:
@@ -75,5 +91,7 @@ class RegistryClient:
         )
         status.reported_at.GetCurrentTime()
         await self._stub.ReportSiteStatus(
-            pb.ReportSiteStatusRequest(status=status), timeout=CALL_TIMEOUT_S
+            pb.ReportSiteStatusRequest(status=status),
+            timeout=CALL_TIMEOUT_S,
+            metadata=self._metadata,
         )

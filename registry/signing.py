@@ -11,11 +11,13 @@ import base64
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ota.promotions import Promotion, SignedPromotion
 from ota.signatures import SIGNATURE_SCHEMA, SignatureError, key_id_of
 
 PRIVATE_KEY_FILE = "publisher.key"
@@ -74,3 +76,12 @@ def sign(key: PublisherKey, payload: bytes) -> bytes:
         "signature": base64.b64encode(key.private.sign(payload)).decode(),
     }
     return (json.dumps(document, sort_keys=True) + "\n").encode()
+
+
+def sign_promotion(  # noqa: PLR0917 (the statement's fields)
+    key: PublisherKey, kind: str, name: str, version: int, sequence: int, action: str
+) -> SignedPromotion:
+    """An operator-signed promotion (or rollback) statement (``ota.promotions``)."""
+    issued = datetime.now(UTC).replace(microsecond=0).isoformat()
+    statement = Promotion(kind, name, version, sequence, action, issued).to_bytes()
+    return SignedPromotion(statement, sign(key, statement))

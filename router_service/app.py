@@ -33,6 +33,7 @@ from router_service.servicer import RouterServicer
 from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
 from services.admission import Admission
+from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
 from services.records import RecordSink
@@ -186,7 +187,11 @@ class RouterNode:
             )
             for pair in pairs:
                 self.policy_updaters[pair.name] = self._policy_updater(
-                    RegistryClient(self._registry_channel), pair.name
+                    RegistryClient(
+                        self._registry_channel,
+                        bearer_metadata(read_token(settings.registry_token_file)),
+                    ),
+                    pair.name,
                 )
         for pair_name, policy in self.router.policies.items():
             _log.info(

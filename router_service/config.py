@@ -153,6 +153,9 @@ class RouterSettings(ServiceSettings):
     # policy_update_staging/<pair>, installed under policies_dir/<pair>.
     registry_target: str = ""
     registry_tls_dir: Path | None = None
+    # The site's bearer token for the registry (a file holding it); unset: the client
+    # certificate (registry_tls_dir) is the credential.
+    registry_token_file: Path | None = None
     trusted_keys: tuple[Path, ...] = ()
     policy_update_staging: Path = Path("var/router-policy-updates")
     policy_update_interval_s: float = Field(default=30.0, gt=0)

@@ -7,8 +7,8 @@ router's sequencing on these types is what lets it be tested without Triton.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 

@@ -64,10 +64,14 @@ class ServiceHost:
         registrations: Sequence[ServiceRegistration],
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         server_credentials: grpc.ServerCredentials | None = None,
+        plaintext_ports: Sequence[int] = (),
     ) -> None:
         self._settings = settings
         self._registrations = list(registrations)
         self._server_credentials = server_credentials
+        # Extra plaintext listeners beside a TLS port (e.g. for the kubelet's gRPC
+        # probes, which speak no TLS); what they may reach is the interceptors' call.
+        self._plaintext_ports = list(plaintext_ports)
         # Telemetry interceptors first, so the error mapping runs inside the server span.
         self._server = grpc.aio.server(
             interceptors=[*interceptors, ErrorMappingInterceptor()],
@@ -121,6 +125,8 @@ class ServiceHost:
             self._port = self._server.add_insecure_port(bind)
         else:
             self._port = self._server.add_secure_port(bind, self._server_credentials)
+        for port in self._plaintext_ports:
+            self._server.add_insecure_port(f"{self._settings.host}:{port}")
         await self._server.start()
         await self._health.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         for registration in self._registrations:

@@ -16,8 +16,11 @@ from edge_node.app import EdgeNode
 from edge_node.config import EdgeSettings
 from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
+from services.access_rules import OPERATOR_ID
+from services.auth import token_sha256
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from tests.control_plane import TEST_OPERATOR_TOKEN, token_channel
 
 REPO = Path(__file__).resolve().parent.parent
 STORE = REPO / "models" / "store"
@@ -30,6 +33,8 @@ def edge_settings(**overrides: object) -> EdgeSettings:
         "model_store": STORE,
         "served_models": (EDGE_MODEL,),
         "shutdown_grace_seconds": 0.0,
+        # The operator may call EdgeAdminService (the fixture's channel presents it).
+        "admin_token_sha256": {OPERATOR_ID: token_sha256(TEST_OPERATOR_TOKEN)},
     }
     values.update(overrides)
     return EdgeSettings.model_validate(values)
@@ -62,7 +67,7 @@ async def running_edge() -> AsyncIterator[RunningEdge]:
     )
     node = EdgeNode(edge_settings(), telemetry)
     await node.start()
-    channel = grpc.aio.insecure_channel(node.host.address)
+    channel = token_channel(node.host.address, TEST_OPERATOR_TOKEN)
     yield RunningEdge(node, channel, spans)
     await channel.close(None)
     await node.stop(0)

@@ -65,7 +65,7 @@ class Site:
         )
         self.registry.publish(directory, ArtifactRef("model", EDGE_MODEL, version), self.key)
         if promote:
-            self.registry.promote("model", EDGE_MODEL, version)
+            self.registry.promote("model", EDGE_MODEL, version, self.key)
 
 
 def make_site(root: Path) -> Site:

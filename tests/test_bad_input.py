@@ -43,6 +43,7 @@ from services.privacy import ANONYMISER_NAMES
 from services.server import ServiceHost
 from services.telemetry import create_telemetry
 from services.validation import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
+from tests.control_plane import make_credentials, operator_or_reporting_site, token_channel
 from tests.edge_fixtures import RunningEdge, image_request
 from tests.mesh_fixtures import start_health_only_cloud
 
@@ -179,12 +180,17 @@ class RunningRegistry:
 
 
 async def _start_registry(root: Path) -> RunningRegistry:
+    # The operator's token, and each reporting site's own (tests/control_plane.py).
+    credentials = make_credentials(root.parent / "credentials", ("s1", "edge-odd", "edge-ok"))
     node = RegistryNode(
-        RegistrySettings(port=0, root=root, shutdown_grace_seconds=0),
+        RegistrySettings(
+            port=0, root=root, shutdown_grace_seconds=0, token_sha256=credentials.hashes()
+        ),
         create_telemetry("registry-test", export_otlp=False),
     )
     await node.start()
-    return RunningRegistry(node, grpc.aio.insecure_channel(node.host.address))
+    channel = token_channel(node.host.address, operator_or_reporting_site(credentials))
+    return RunningRegistry(node, channel)
 
 
 async def _stop_registry(running: RunningRegistry) -> None:

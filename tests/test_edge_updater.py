@@ -88,8 +88,10 @@ async def test_an_artifact_signed_by_an_untrusted_key_is_refused(
 ) -> None:
     models = LocalModels.load(site.edge_store, 1)
     updater = updater_for(site, models, [])
-    site.key = generate_key(tmp_path / "intruder")
-    site.publish(2)
+    operator, site.key = site.key, generate_key(tmp_path / "intruder")
+    site.publish(2, promote=False)
+    # The operator's promotion statement is good; the manifest's signature is not.
+    site.registry.promote("model", EDGE_MODEL, 2, operator)
     (report,) = await updater.poll_once()
     assert report.outcome == "refused" and "does not trust" in report.reason
     assert serving(models) == "1"

@@ -23,14 +23,18 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
+from hybridmesh.registry.v1 import registry_service_pb2 as reg
+from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from localmesh.otlp_receiver import OtlpReceiver
 from ota.artifacts import ArtifactRef
-from registry.signing import PRIVATE_KEY_FILE, load_private_key
+from registry.signing import PRIVATE_KEY_FILE, load_private_key, sign_promotion
 from registry.store import RegistryStore
+from services.auth import read_token
 from services.channels import ChannelFactory
 from services.telemetry import Telemetry, create_telemetry
+from tests.control_plane import bearer
 from tests.mesh_fixtures import easy_and_hard, infer_request
 from tests.ota_fixtures import make_version
 from workload.fashion_mnist import load_split
@@ -195,20 +199,103 @@ async def test_the_site_takes_a_signed_edge_model_update_over_the_air(
     await asyncio.to_thread(
         store.publish, source, ArtifactRef("model", "fashion-edge", version), key
     )
-    store.promote("model", "fashion-edge", version)
+    store.promote("model", "fashion-edge", version, key)
     easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
     async with (
         grpc.aio.insecure_channel(running.state.endpoints["edge"]) as edge,
         grpc.aio.insecure_channel(running.state.endpoints["router"]) as router,
     ):
         check = await edge_admin_pb2_grpc.EdgeAdminServiceStub(edge).CheckForUpdates(
-            edge_admin_pb2.CheckForUpdatesRequest(), timeout=30
+            edge_admin_pb2.CheckForUpdatesRequest(), timeout=30, metadata=_as(running, "operator")
         )
         reply = await router_service_pb2_grpc.RouterServiceStub(router).Infer(easy, timeout=5)
     (event,) = check.events
     assert (event.outcome, event.version) == ("switched", version), event.reason
     assert reply.decision.edge_model.version == str(version)
     assert (state_dir / "site" / "models" / "fashion-edge" / str(version)).is_dir()
+
+
+def _as(running: RunningMesh, who: str) -> tuple[tuple[str, str], ...]:
+    """The local mesh's operator or site credential (created under its state dir)."""
+    return bearer(read_token(Path(running.state.credentials[f"{who}_token"])))
+
+
+async def _code(call: object) -> grpc.StatusCode:
+    try:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@MODULE_LOOP
+async def test_the_control_plane_refuses_strangers_and_sites(running: RunningMesh) -> None:
+    """The mesh's own processes: without a credential nothing moves and nothing is
+    downloaded; with the site's, no promotion, rollback (fleet or edge), fleet listing or
+    report for another site. The operator's credential (the CLI's) works."""
+    state_dir = Path(running.state.state_dir)
+    key = load_private_key(state_dir / "operator" / PRIVATE_KEY_FILE)
+    store = RegistryStore(state_dir / "registry")
+    model = reg.ArtifactRef(kind=reg.ARTIFACT_KIND_MODEL, name="fashion-edge", version=1)
+    sequence = store.channel("model", "fashion-edge").sequence + 1
+    # Even a statement the operator signed cannot be pushed by anyone else.
+    signed = sign_promotion(key, "model", "fashion-edge", 1, sequence, "promote")
+    statement = reg.SignedPromotion(statement=signed.statement, signature=signed.signature)
+    before = store.channel("model", "fashion-edge")
+    results: dict[str, dict[str, grpc.StatusCode]] = {}
+    async with (
+        grpc.aio.insecure_channel(running.state.endpoints["registry"]) as registry_channel,
+        grpc.aio.insecure_channel(running.state.endpoints["edge"]) as edge_channel,
+    ):
+        registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
+        admin = edge_admin_pb2_grpc.EdgeAdminServiceStub(edge_channel)
+        for who, metadata in (("nobody", ()), ("site", _as(running, "site"))):
+            other = reg.ReportSiteStatusRequest(status=reg.SiteStatus(site="another-site"))
+            results[who] = {
+                "Promote": await _code(registry.Promote(
+                    reg.PromoteRequest(artifact=model, promotion=statement),
+                    timeout=5, metadata=metadata)),
+                "Rollback": await _code(registry.Rollback(
+                    reg.RollbackRequest(artifact=model), timeout=5, metadata=metadata)),
+                "ListSites": await _code(registry.ListSites(
+                    reg.ListSitesRequest(), timeout=5, metadata=metadata)),
+                "ReportSiteStatus(another site)": await _code(registry.ReportSiteStatus(
+                    other, timeout=5, metadata=metadata)),
+                "EdgeAdmin.Rollback": await _code(admin.Rollback(
+                    edge_admin_pb2.RollbackRequest(model="fashion-edge"),
+                    timeout=5, metadata=metadata)),
+                "EdgeAdmin.CheckForUpdates": await _code(admin.CheckForUpdates(
+                    edge_admin_pb2.CheckForUpdatesRequest(), timeout=5, metadata=metadata)),
+            }  # fmt: skip
+        downloads = [
+            await _code(registry.GetManifest(reg.GetManifestRequest(artifact=model), timeout=5)),
+            await _code(
+                registry.FetchFile(
+                    reg.FetchFileRequest(artifact=model, path="model.onnx"), timeout=5
+                )
+            ),
+        ]
+        status = await admin.GetUpdateStatus(
+            edge_admin_pb2.GetUpdateStatusRequest(), timeout=5, metadata=_as(running, "operator")
+        )
+    assert set(results["nobody"].values()) == {grpc.StatusCode.UNAUTHENTICATED}, results
+    assert set(results["site"].values()) == {grpc.StatusCode.PERMISSION_DENIED}, results
+    assert downloads == [grpc.StatusCode.UNAUTHENTICATED] * 2
+    assert store.channel("model", "fashion-edge") == before, "nothing was promoted"
+    assert [list(m.refused_versions) for m in status.models] == [[]], "nothing was refused"
+    environment = {**os.environ, "HYBRIDMESH_STATE_DIR": str(state_dir)}
+    sites = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "localmesh.cli", "registry", "sites",
+         "--registry", running.state.endpoints["registry"]],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sites.returncode == 0, sites.stderr
+    assert "site-local" in sites.stdout and "another-site" not in sites.stdout
 
 
 def _exists(path: str) -> bool:

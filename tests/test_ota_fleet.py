@@ -29,9 +29,11 @@ from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from ota.artifacts import ArtifactRef
 from registry.app import RegistryNode
 from registry.config import RegistrySettings
-from registry.signing import PublisherKey, generate_key
+from registry.signing import PublisherKey, generate_key, sign_promotion
+from services.access_rules import OPERATOR, site_identity
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from tests.control_plane import Credentials, make_credentials, token_channel
 from tests.ota_fixtures import (
     COMMITTED_STORE,
     EDGE_MODEL,
@@ -52,6 +54,10 @@ class Fleet:
     key: PublisherKey
     channel: grpc.aio.Channel
     edges: dict[str, ServerProcess]
+    credentials: Credentials
+
+    def operator_channel(self, address: str) -> grpc.aio.Channel:
+        return token_channel(address, self.credentials.token(OPERATOR))
 
     @property
     def stub(self) -> registry_service_pb2_grpc.RegistryServiceAsyncStub:
@@ -61,11 +67,16 @@ class Fleet:
         directory = make_version(self.root / "publisher-store", version, model_bytes)
         ref = ArtifactRef("model", EDGE_MODEL, version)
         self.registry.store.publish(directory, ref, self.key)
+        sequence = self.registry.store.channel("model", EDGE_MODEL).sequence + 1
+        signed = sign_promotion(self.key, "model", EDGE_MODEL, version, sequence, "promote")
         await self.stub.Promote(
             registry_pb.PromoteRequest(
                 artifact=registry_pb.ArtifactRef(
                     kind=registry_pb.ARTIFACT_KIND_MODEL, name=EDGE_MODEL, version=version
-                )
+                ),
+                promotion=registry_pb.SignedPromotion(
+                    statement=signed.statement, signature=signed.signature
+                ),
             ),
             timeout=5,
         )
@@ -83,6 +94,12 @@ class Fleet:
                 "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps([EDGE_MODEL]),
                 "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.registry.host.address,
                 "HYBRIDMESH_EDGE_SITE_ID": site,
+                "HYBRIDMESH_EDGE_REGISTRY_TOKEN_FILE": str(
+                    self.credentials.token_file(site_identity(site))
+                ),
+                "HYBRIDMESH_EDGE_ADMIN_TOKEN_SHA256": json.dumps(
+                    self.credentials.hashes([OPERATOR])
+                ),
                 "HYBRIDMESH_EDGE_TRUSTED_KEYS": json.dumps(
                     [str(self.root / "operator" / "publisher.pub")]
                 ),
@@ -102,8 +119,14 @@ class Fleet:
 async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     metrics = InMemoryMetricReader()
     telemetry = create_telemetry("registry", metric_readers=[metrics], export_otlp=False)
+    credentials = make_credentials(tmp_path / "credentials", ("site-a", "site-b"))
     registry = RegistryNode(
-        RegistrySettings(port=0, root=tmp_path / "registry", shutdown_grace_seconds=0),
+        RegistrySettings(
+            port=0,
+            root=tmp_path / "registry",
+            shutdown_grace_seconds=0,
+            token_sha256=credentials.hashes(),
+        ),
         telemetry,
     )
     await registry.start()
@@ -111,12 +134,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     registry.store.publish(
         COMMITTED_STORE / EDGE_MODEL / "1", ArtifactRef("model", EDGE_MODEL, 1), key
     )
-    registry.store.promote("model", EDGE_MODEL, 1)
+    registry.store.promote("model", EDGE_MODEL, 1, key)
     shutil.copytree(
         COMMITTED_STORE / EDGE_MODEL / "1", tmp_path / "publisher-store" / EDGE_MODEL / "1"
     )
-    channel = grpc.aio.insecure_channel(registry.host.address)
-    fleet = Fleet(tmp_path, registry, metrics, key, channel, {})
+    channel = token_channel(registry.host.address, credentials.token(OPERATOR))
+    fleet = Fleet(tmp_path, registry, metrics, key, channel, {}, credentials)
     try:
         yield fleet
     finally:
@@ -142,7 +165,7 @@ async def test_a_signed_update_under_load_switches_with_zero_failed_requests(fle
     versions: list[str] = []
     failures: list[str] = []
     stop = asyncio.Event()
-    async with grpc.aio.insecure_channel(edge.address) as channel:
+    async with fleet.operator_channel(edge.address) as channel:
         stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
 
         async def caller() -> None:
@@ -175,7 +198,7 @@ async def test_a_signed_update_under_load_switches_with_zero_failed_requests(fle
 
 async def test_tampered_and_worse_versions_are_refused_and_rollback_restores(fleet: Fleet) -> None:
     edge = await fleet.start_edge("site-a")
-    async with grpc.aio.insecure_channel(edge.address) as channel:
+    async with fleet.operator_channel(edge.address) as channel:
         edge_admin = admin(channel)
         check = edge_admin_pb2.CheckForUpdatesRequest()
         await fleet.publish(2)
@@ -225,7 +248,7 @@ async def test_two_sites_on_different_versions_are_visible_in_the_registry(fleet
     site_a = await fleet.start_edge("site-a")
     await fleet.start_edge("site-b")
     await fleet.publish(2)
-    async with grpc.aio.insecure_channel(site_a.address) as channel:
+    async with fleet.operator_channel(site_a.address) as channel:
         await admin(channel).CheckForUpdates(edge_admin_pb2.CheckForUpdatesRequest(), timeout=30)
 
     async def fleet_view() -> dict[str, int]:

@@ -70,7 +70,7 @@ def site(tmp_path: Path) -> PolicySite:
         metadata.update({"version": str(version), **changes})
         (source / "policy.json").write_text(json.dumps(metadata))
         store.publish(source, ArtifactRef(POLICY_KIND, PAIR, version), key)
-        store.promote(POLICY_KIND, PAIR, version)
+        store.promote(POLICY_KIND, PAIR, version, key)
         return store.root / POLICY_KIND / PAIR / str(version)
 
     return PolicySite(router, new_updater(), policy_root, publish, new_updater)

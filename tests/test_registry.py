@@ -113,14 +113,14 @@ def test_promotion_history_and_rollback(
     store.publish(copy, ArtifactRef("model", "fashion-edge", 2), key)
     assert store.promoted("model", "fashion-edge") is None
     with pytest.raises(NotFoundError):
-        store.promote("model", "fashion-edge", 3)
-    store.promote("model", "fashion-edge", 1)
-    store.promote("model", "fashion-edge", 2)
+        store.promote("model", "fashion-edge", 3, key)
+    store.promote("model", "fashion-edge", 1, key)
+    store.promote("model", "fashion-edge", 2, key)
     assert store.promoted("model", "fashion-edge") == 2
-    assert store.rollback("model", "fashion-edge") == 1
+    assert store.rollback("model", "fashion-edge", key) == 1
     assert store.promoted("model", "fashion-edge") == 1
     with pytest.raises(RegistryError, match="no earlier"):
-        store.rollback("model", "fashion-edge")
+        store.rollback("model", "fashion-edge", key)
     (summary,) = store.summaries()
     assert (summary.name, summary.versions, summary.promoted) == ("fashion-edge", (1, 2), 1)
 

@@ -22,7 +22,9 @@ from registry.config import RegistrySettings
 from registry.signing import generate_key
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.policy_updater import POLICY_KIND
+from services.access_rules import site_identity
 from services.telemetry import create_telemetry
+from tests.control_plane import make_credentials
 from tests.edge_fixtures import edge_settings
 from tests.mesh_fixtures import (
     easy_and_hard,
@@ -42,13 +44,19 @@ EASY, _ = easy_and_hard(IMAGES, 1)
 
 async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None:
     key = generate_key(tmp_path / "operator")
+    credentials = make_credentials(tmp_path / "credentials")
     registry = RegistryNode(
-        RegistrySettings(port=0, root=tmp_path / "registry", shutdown_grace_seconds=0),
+        RegistrySettings(
+            port=0,
+            root=tmp_path / "registry",
+            shutdown_grace_seconds=0,
+            token_sha256=credentials.hashes(),
+        ),
         create_telemetry("registry", metric_readers=[InMemoryMetricReader()], export_otlp=False),
     )
     await registry.start()
     registry.store.publish(COMMITTED, ArtifactRef(POLICY_KIND, PAIR, 1), key)
-    registry.store.promote(POLICY_KIND, PAIR, 1)
+    registry.store.promote(POLICY_KIND, PAIR, 1, key)
     edge = EdgeNode(edge_settings(), create_telemetry("edge", export_otlp=False))
     await edge.start()
     cloud = await start_health_only_cloud()
@@ -59,6 +67,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
         cloud.address,
         policies_dir=policy_root.parent,
         registry_target=registry.host.address,
+        registry_token_file=credentials.token_file(site_identity("site-local")),
         trusted_keys=(tmp_path / "operator" / "publisher.pub",),
         policy_update_staging=tmp_path / "staging",
         policy_update_interval_s=0.1,
@@ -80,7 +89,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
         metadata = json.loads((source / "policy.json").read_text())
         (source / "policy.json").write_text(json.dumps({**metadata, "version": "2"}))
         registry.store.publish(source, ArtifactRef(POLICY_KIND, PAIR, 2), key)
-        registry.store.promote(POLICY_KIND, PAIR, 2)
+        registry.store.promote(POLICY_KIND, PAIR, 2, key)
         await wait_until(lambda: router.router.policies[PAIR].version == "2")
         after = await stub.Infer(request, timeout=5)
     finally:

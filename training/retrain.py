@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         key = load_private_key(args.keys / PRIVATE_KEY_FILE)
         store = RegistryStore(args.registry_root)
         store.publish(directory, ArtifactRef(POLICY_KIND, args.pair, version), key)
-        store.promote(POLICY_KIND, args.pair, version)
+        store.promote(POLICY_KIND, args.pair, version, key)
         sys.stdout.write(f"published and promoted {args.pair} policy v{version}\n")
     return 0
 

@@ -84,15 +84,25 @@ class ArtifactSummary(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     PROMOTED_VERSION_FIELD_NUMBER: _builtins.int
+    PROMOTION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
     """What it is."""
     name: _builtins.str
     """Its name."""
     promoted_version: _builtins.int
     """The promoted version; 0 when none is promoted."""
+    previous_version: _builtins.int
+    """The version Rollback would promote again; 0 when there is none."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Published versions, ascending."""
+
+    @_builtins.property
+    def promotion(self) -> Global___SignedPromotion:
+        """The operator-signed statement that promoted it; empty when none is signed (sites
+        then do not move).
+        """
 
     def __init__(
         self,
@@ -101,14 +111,44 @@ class ArtifactSummary(_message.Message):
         name: _builtins.str = ...,
         versions: _abc.Iterable[_builtins.int] | None = ...,
         promoted_version: _builtins.int = ...,
+        promotion: Global___SignedPromotion | None = ...,
+        previous_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["promotion", b"promotion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "promoted_version", b"promoted_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "previous_version", b"previous_version", "promoted_version", b"promoted_version", "promotion", b"promotion", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArtifactSummary: _TypeAlias = ArtifactSummary  # noqa: Y015
+
+@_typing.final
+class SignedPromotion(_message.Message):
+    """SignedPromotion is an operator-signed promotion or rollback statement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    """The statement's canonical JSON bytes (schema hybridmesh.promotion/v1: kind, name,
+    version, sequence, action, issued): the signed payload.
+    """
+    signature: _builtins.bytes
+    """The detached signature document (JSON: schema, key_id, signature)."""
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedPromotion: _TypeAlias = SignedPromotion  # noqa: Y015
 
 @_typing.final
 class ListArtifactsRequest(_message.Message):
@@ -276,18 +316,26 @@ class PromoteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
+    PROMOTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def artifact(self) -> Global___ArtifactRef:
         """A published version (not 0)."""
+
+    @_builtins.property
+    def promotion(self) -> Global___SignedPromotion:
+        """The operator-signed "promote" statement for that version, its sequence one above
+        the artifact's current one.
+        """
 
     def __init__(
         self,
         *,
         artifact: Global___ArtifactRef | None = ...,
+        promotion: Global___SignedPromotion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "promotion", b"promotion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "promotion", b"promotion"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,18 +372,26 @@ class RollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
+    PROMOTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def artifact(self) -> Global___ArtifactRef:
         """Kind and name; the version is ignored."""
+
+    @_builtins.property
+    def promotion(self) -> Global___SignedPromotion:
+        """The operator-signed "rollback" statement naming the previously promoted version,
+        its sequence one above the artifact's current one.
+        """
 
     def __init__(
         self,
         *,
         artifact: Global___ArtifactRef | None = ...,
+        promotion: Global___SignedPromotion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "promotion", b"promotion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "promotion", b"promotion"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

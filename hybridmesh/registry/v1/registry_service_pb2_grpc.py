@@ -109,14 +109,16 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Promote(self, request, context):
-        """Promote makes a published version the one sites should run.
+        """Promote makes a published version the one sites should run (operator only; carries
+        the operator-signed promotion statement sites verify).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Rollback promotes the previously promoted version again.
+        """Rollback promotes the previously promoted version again (operator only; carries the
+        operator-signed rollback statement).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

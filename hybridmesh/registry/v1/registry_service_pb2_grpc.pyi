@@ -48,9 +48,13 @@ class RegistryServiceStub:
     asks for the offset it already has).
     """
     Promote: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.PromoteRequest, _registry_service_pb2.PromoteResponse]
-    """Promote makes a published version the one sites should run."""
+    """Promote makes a published version the one sites should run (operator only; carries
+    the operator-signed promotion statement sites verify).
+    """
     Rollback: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackRequest, _registry_service_pb2.RollbackResponse]
-    """Rollback promotes the previously promoted version again."""
+    """Rollback promotes the previously promoted version again (operator only; carries the
+    operator-signed rollback statement).
+    """
     ReportSiteStatus: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ReportSiteStatusRequest, _registry_service_pb2.ReportSiteStatusResponse]
     """ReportSiteStatus records what an edge site serves (sites call it after every change
     and periodically); the latest report per site is kept.
@@ -78,9 +82,13 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     asks for the offset it already has).
     """
     Promote: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.PromoteRequest, _registry_service_pb2.PromoteResponse]  # type: ignore[assignment]
-    """Promote makes a published version the one sites should run."""
+    """Promote makes a published version the one sites should run (operator only; carries
+    the operator-signed promotion statement sites verify).
+    """
     Rollback: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackRequest, _registry_service_pb2.RollbackResponse]  # type: ignore[assignment]
-    """Rollback promotes the previously promoted version again."""
+    """Rollback promotes the previously promoted version again (operator only; carries the
+    operator-signed rollback statement).
+    """
     ReportSiteStatus: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ReportSiteStatusRequest, _registry_service_pb2.ReportSiteStatusResponse]  # type: ignore[assignment]
     """ReportSiteStatus records what an edge site serves (sites call it after every change
     and periodically); the latest report per site is kept.
@@ -129,7 +137,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.PromoteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.PromoteResponse, _abc.Awaitable[_registry_service_pb2.PromoteResponse]]:
-        """Promote makes a published version the one sites should run."""
+        """Promote makes a published version the one sites should run (operator only; carries
+        the operator-signed promotion statement sites verify).
+        """
 
     @_abc_1.abstractmethod
     def Rollback(
@@ -137,7 +147,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.RollbackResponse, _abc.Awaitable[_registry_service_pb2.RollbackResponse]]:
-        """Rollback promotes the previously promoted version again."""
+        """Rollback promotes the previously promoted version again (operator only; carries the
+        operator-signed rollback statement).
+        """
 
     @_abc_1.abstractmethod
     def ReportSiteStatus(
