@@ -4,7 +4,13 @@
   hybridmesh down                                                  stop a detached mesh
   hybridmesh status                                                health of each part
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
-  hybridmesh router retrain --outbox FILE [...]   retrain the router policy (training.retrain)
+  hybridmesh policy train --pair NAME [--target cloud-share=0.2 | edge-error=0.03]
+  hybridmesh policy evaluate --pair NAME [--version N]
+  hybridmesh policy retrain --pair NAME --outbox FILE [...]
+                                                  a pair's router policy lifecycle
+                                                  (`hybridmesh policy COMMAND --help`)
+  hybridmesh router retrain --outbox FILE [...]   alias of `policy retrain` (pair
+                                                  fashion-mnist unless --pair)
   hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli)
 
 ``up --detach`` runs the mesh under a background ``hybridmesh up`` (its output in
@@ -39,6 +45,11 @@ from localmesh.launcher import (
 from localmesh.otlp_receiver import OtlpReceiver
 from router_service.outbox import read_stats
 from services.logging import configure_logging
+from training.arguments import (
+    add_evaluate_arguments,
+    add_retrain_arguments,
+    add_train_arguments,
+)
 
 
 def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
@@ -204,6 +215,58 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def policy(args: argparse.Namespace) -> int:
+    """``hybridmesh policy train | evaluate | retrain``: the training code loads only
+    here (scikit-learn, skl2onnx, matplotlib)."""
+    if args.policy_command == "retrain":
+        from training.retrain import run as retrain
+
+        return retrain(args)
+    from training.train_policy import evaluate, run_cli, train
+
+    return run_cli(train if args.policy_command == "train" else evaluate, args)
+
+
+def _add_policy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy_parser = sub.add_parser(
+        "policy",
+        help="a model pair's router policy: train, evaluate, retrain",
+        description="The policy lifecycle of one catalog pair. Policies are written to "
+        "<policies>/<pair>/<version>/, reports to results/policies/<pair>/.",
+    )
+    commands = policy_parser.add_subparsers(dest="policy_command", required=True)
+    add_train_arguments(
+        commands.add_parser(
+            "train",
+            help="fit, calibrate for ONE target and evaluate a new policy version",
+            description="Fit the router classifier on the pair's router-train split, pick "
+            "the classifier (a learned one only if it beats max-softmax) and the threshold "
+            "on the calibration split, write <policies>/<pair>/<next version>/, and report "
+            "on the test split.",
+        ),
+        default_pair=None,
+    )
+    add_evaluate_arguments(
+        commands.add_parser(
+            "evaluate",
+            help="re-evaluate an existing policy version on the pair's test split",
+            description="Nothing is fitted or tuned: the same policy gives the same figures.",
+        ),
+        default_pair=None,
+    )
+    add_retrain_arguments(
+        commands.add_parser(
+            "retrain",
+            help="retrain with the outbox's reconciled examples; publish only if better",
+            description="The feedback loop (training.retrain): router-train plus the "
+            "outbox's reconciled examples for the pair, compared with the serving policy on "
+            "held-out calibration data; written (and, with --registry-root and --keys, "
+            "signed, published and promoted) only when better by --min-gain.",
+        ),
+        default_pair=None,
+    )
+
+
 def main() -> None:
     # Operator commands live with their packages; the hybridmesh CLI forwards to them.
     argv = sys.argv[1:]
@@ -218,20 +281,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="hybridmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--state-dir", type=Path, default=Path("var/mesh"))
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("var/mesh"),
+        help="the local mesh's state: logs, site copies, registry (default %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="start the local mesh")
-    up_parser.add_argument("--detach", action="store_true")
+    up_parser.add_argument(
+        "--detach", action="store_true", help="run in the background; `hybridmesh down` stops it"
+    )
     for mesh_command in (up_parser, sub.add_parser("demo", help="run the main job")):
-        mesh_command.add_argument("--random-ports", action="store_true")
-        mesh_command.add_argument("--wan-delay-ms", type=int, default=40)
+        mesh_command.add_argument(
+            "--random-ports", action="store_true", help="free ports instead of the defaults"
+        )
+        mesh_command.add_argument(
+            "--wan-delay-ms",
+            type=int,
+            default=40,
+            help="emulated WAN delay at the cloud ingress (default %(default)s)",
+        )
     sub.add_parser("down", help="stop a detached mesh")
     sub.add_parser("status", help="health of each part")
     demo_parser = sub.choices["demo"]
-    demo_parser.add_argument("--limit", type=int, default=10_000)
-    demo_parser.add_argument("--concurrency", type=int, default=8)
-    demo_parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    demo_parser.add_argument(
+        "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--concurrency", type=int, default=8, help="callers at once (default %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--out", type=Path, default=Path("results/demo"), help="report directory"
+    )
+    _add_policy_commands(sub)
     args = parser.parse_args()
+    if args.command == "policy":
+        sys.exit(policy(args))
     configure_logging("warning")
     console = Console(width=150)
     if args.command == "down":
