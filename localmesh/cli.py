@@ -31,8 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 
+from hybridmesh.registry.v1 import registry_service_pb2 as registry_pb
+from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from localmesh.demo import run_demo
 from localmesh.launcher import (
     STATE_FILE,
@@ -42,14 +45,20 @@ from localmesh.launcher import (
     down_from_state,
     grpc_serving,
 )
+from localmesh.ota import ModelSources
 from localmesh.otlp_receiver import OtlpReceiver
+from ota.registry_client import KIND_NAMES
+from router_service.escalation import DEFAULT_POLICY_VERSION
 from router_service.outbox import read_stats
+from router_service.policy_updater import POLICY_KIND
 from services.logging import configure_logging
 from training.arguments import (
     add_evaluate_arguments,
     add_retrain_arguments,
     add_train_arguments,
 )
+from workload.catalog import load_catalog
+from workload.model_store import versions
 
 
 def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
@@ -60,6 +69,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         otlp_grpc_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
         log_level="warning",
+        models=ModelSources(args.catalog, args.store, args.policies),
         **extra,  # type: ignore[arg-type]
     )
 
@@ -106,6 +116,8 @@ def up_detached(args: argparse.Namespace, console: Console) -> int:
     command = [sys.executable, "-m", "localmesh.cli", "--state-dir", str(args.state_dir), "up"]
     command += ["--wan-delay-ms", str(args.wan_delay_ms)]
     command += ["--random-ports"] if args.random_ports else []
+    command += ["--catalog", str(args.catalog), "--store", str(args.store)]
+    command += ["--policies", str(args.policies)]
     with log.open("ab") as stream:
         supervisor = subprocess.Popen(
             command,
@@ -154,7 +166,43 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         label = "running (restarts a dead Triton)" if alive else "DOWN (nothing restarts Triton)"
         console.print(f"  {'supervisor':8} {'':22} {label}  pid {state.supervisor_pid}")
     _print_outbox(state, console)
+    await _print_pairs(state, console)
     return 0 if healthy else 1
+
+
+async def _print_pairs(state: MeshState, console: Console) -> None:
+    """Every catalog pair with the versions the site serves: edge model and policy from
+    the site's reports to the registry (the edge node's and the router's), the cloud
+    model from the store Triton's repository was built from."""
+    if not state.catalog:
+        return  # a state file from before pairs were listed
+    served = await site_versions(state.endpoints["registry"])
+    store = Path(state.store)
+    for pair in load_catalog(Path(state.catalog)).values():
+        edge = served.get(("model", pair.edge_model))
+        cloud = versions(store / pair.cloud_model)
+        policy = served.get((POLICY_KIND, pair.name))
+        console.print(
+            f"  pair {pair.name:16} edge {pair.edge_model} "
+            f"{'v' + str(edge) if edge else 'not reported'}, cloud {pair.cloud_model} "
+            f"{'v' + str(cloud[-1]) if cloud else 'missing'}, policy "
+            f"{'v' + str(policy) if policy else DEFAULT_POLICY_VERSION}"
+        )
+
+
+async def site_versions(registry: str) -> dict[tuple[str, str], int]:
+    """(kind, name) -> version, from the sites' reports to the registry (ListSites)."""
+    try:
+        async with grpc.aio.insecure_channel(registry) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            reply = await stub.ListSites(registry_pb.ListSitesRequest(), timeout=5.0)
+    except grpc.aio.AioRpcError:
+        return {}
+    return {
+        (KIND_NAMES[s.artifact.kind], s.artifact.name): s.artifact.version
+        for site in reply.sites
+        for s in site.served
+    }
 
 
 def _print_outbox(state: MeshState, console: Console) -> None:
@@ -190,6 +238,7 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             otlp_grpc_endpoint=receiver.grpc_endpoint,
             otlp_http_traces_url=receiver.http_traces_url,
             log_level="warning",
+            models=ModelSources(args.catalog, args.store, args.policies),
         )
     )
     console.print(
@@ -301,6 +350,25 @@ def main() -> None:
             type=int,
             default=40,
             help="emulated WAN delay at the cloud ingress (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--catalog",
+            type=Path,
+            default=Path("models/catalog.toml"),
+            help="the pairs to serve, every one of them (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--store",
+            type=Path,
+            default=Path("models/store"),
+            help="the model store the pairs' models come from (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--policies",
+            type=Path,
+            default=Path("models/policies"),
+            help="policy root (<policies>/<pair>/<version>/): each pair's newest policy is "
+            "published to the site's registry (default %(default)s)",
         )
     sub.add_parser("down", help="stop a detached mesh")
     sub.add_parser("status", help="health of each part")

@@ -79,6 +79,9 @@ class MeshState:
     # The process that started the parts and supervises them (restarts a dead Triton);
     # `hybridmesh down` stops the mesh through it.
     supervisor_pid: int = 0
+    # The pair catalog and model store the mesh serves (`hybridmesh status` lists pairs).
+    catalog: str = ""
+    store: str = ""
 
     def write(self) -> Path:
         """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
@@ -114,6 +117,9 @@ class MeshOptions:
     # Start the parts in order up to this one only (e.g. "cloud": Triton and the cloud
     # service), for tests of one end of the mesh.
     last_part: str = "router"
+    # The pairs to serve: catalog, model store, policy root; None: the repository's
+    # models/ (catalog.toml, store, policies). Every catalog pair is served.
+    models: ota.ModelSources | None = None
 
 
 class LocalMesh:
@@ -139,6 +145,9 @@ class LocalMesh:
         self.outbox_path = self.state_dir / "router" / "outbox.sqlite"
         self.state: MeshState | None = None
         self._triton_supervisor: asyncio.Task[None] | None = None
+        self.models = (
+            options.models or ota.ModelSources.of_repository(options.repository_root)
+        ).resolved()
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -194,6 +203,8 @@ class LocalMesh:
             outbox=str(self.outbox_path),
             audit_logs=self.audit_logs,
             supervisor_pid=os.getpid(),
+            catalog=str(self.models.catalog),
+            store=str(self.models.store),
         )
         state.write()
         self.state = state
@@ -215,7 +226,6 @@ class LocalMesh:
             self.state.write()
 
     async def _start_all(self) -> None:
-        root = self.options.repository_root.resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         certificates = ensure_certificates(self.state_dir / "certs")
         router_tls = self.state_dir / "router-tls"
@@ -231,9 +241,7 @@ class LocalMesh:
 
         repository = self.state_dir / "triton-repository"
         shutil.rmtree(repository, ignore_errors=True)
-        write_repository(
-            root / "models/store", repository, "local", cloud_models(root / "models/catalog.toml")
-        )
+        write_repository(self.models.store, repository, "local", cloud_models(self.models.catalog))
         self.triton = TritonServer(
             repository,
             self.state_dir / "triton-run",
@@ -254,6 +262,8 @@ class LocalMesh:
                 {
                     "HYBRIDMESH_CLOUD_PORT": str(self.ports["cloud"]),
                     "HYBRIDMESH_CLOUD_TRITON_URL": self.endpoint("triton"),
+                    "HYBRIDMESH_CLOUD_CATALOG": str(self.models.catalog),
+                    "HYBRIDMESH_CLOUD_MODEL_STORE": str(self.models.store),
                     "HYBRIDMESH_CLOUD_SITE_TOKEN_SHA256": json.dumps(
                         {"site-local": token_sha256(SITE_TOKEN)}
                     ),
@@ -284,7 +294,7 @@ class LocalMesh:
 
         # Over-the-air updates: a registry (in the real deployment behind the cloud
         # ingress; here on loopback) and the site's own copies of model and policy.
-        site = await asyncio.to_thread(ota.prepare, self.state_dir, root)
+        site = await asyncio.to_thread(ota.prepare, self.state_dir, self.models)
         trusted = json.dumps([str(site.trusted_key)])
         self._spawn(
             "registry",
@@ -305,7 +315,8 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
-                    "HYBRIDMESH_EDGE_SERVED_MODELS": '["fashion-edge"]',
+                    # Every catalog pair's edge model.
+                    "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps(self.models.edge_models()),
                     "HYBRIDMESH_EDGE_LOG_LEVEL": level,
                     "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
                     "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
@@ -329,10 +340,11 @@ class LocalMesh:
                     "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),
                     "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
                     "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
+                    "HYBRIDMESH_ROUTER_CATALOG": str(self.models.catalog),
                     "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
                     "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
                     # One policy root per pair under it (the site's copies).
-                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policy_root.parent),
+                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policies_dir),
                     "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
                     "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,
                     "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),
