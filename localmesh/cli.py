@@ -2,7 +2,7 @@
 
   hybridmesh up [--detach] [--random-ports] [--wan-delay-ms 40]   start every part
   hybridmesh down                                                  stop a detached mesh
-  hybridmesh status                                                health of each part
+  hybridmesh status                                                health, pairs' versions
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
   hybridmesh policy train --pair NAME [--target cloud-share=0.2 | edge-error=0.03]
   hybridmesh policy evaluate --pair NAME [--version N]
@@ -17,7 +17,8 @@
 ``<state-dir>/logs/mesh.log``) that keeps supervising it — a dead Triton is restarted — and
 returns once every part is healthy. ``<state-dir>/state.json``: {"endpoints": {...},
 "pids": {...}, "logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...,
-"supervisor_pid": N}.
+"supervisor_pid": N, "catalog": ..., "store": ...}. ``up`` and ``demo`` serve every pair
+of ``--catalog`` (default models/catalog.toml).
 """
 
 from __future__ import annotations
@@ -371,7 +372,10 @@ def main() -> None:
             "published to the site's registry (default %(default)s)",
         )
     sub.add_parser("down", help="stop a detached mesh")
-    sub.add_parser("status", help="health of each part")
+    sub.add_parser(
+        "status",
+        help="health of each part; each pair's edge model, cloud model and policy versions",
+    )
     demo_parser = sub.choices["demo"]
     demo_parser.add_argument(
         "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
