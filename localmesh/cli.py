@@ -2,9 +2,15 @@
 
   hybridmesh up [--detach] [--random-ports] [--wan-delay-ms 40]   start every part
   hybridmesh down                                                  stop a detached mesh
-  hybridmesh status                                                health of each part
+  hybridmesh status                                                health, pairs' versions
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
-  hybridmesh router retrain --outbox FILE [...]   retrain the router policy (training.retrain)
+  hybridmesh policy train --pair NAME [--target cloud-share=0.2 | edge-error=0.03]
+  hybridmesh policy evaluate --pair NAME [--version N]
+  hybridmesh policy retrain --pair NAME --outbox FILE [...]
+                                                  a pair's router policy lifecycle
+                                                  (`hybridmesh policy COMMAND --help`)
+  hybridmesh router retrain --outbox FILE [...]   alias of `policy retrain` (pair
+                                                  fashion-mnist unless --pair)
   hybridmesh registry COMMAND [...]               over-the-air updates (registry.cli), as
                                                   the local mesh's operator
                                                   ($HYBRIDMESH_STATE_DIR, default var/mesh)
@@ -13,7 +19,8 @@
 ``<state-dir>/logs/mesh.log``) that keeps supervising it — a dead Triton is restarted — and
 returns once every part is healthy. ``<state-dir>/state.json``: {"endpoints": {...},
 "pids": {...}, "logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...,
-"supervisor_pid": N}.
+"supervisor_pid": N, "catalog": ..., "store": ...}. ``up`` and ``demo`` serve every pair
+of ``--catalog`` (default models/catalog.toml).
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 
+from hybridmesh.registry.v1 import registry_service_pb2 as registry_pb
+from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from localmesh.demo import run_demo
 from localmesh.launcher import (
     STATE_FILE,
@@ -39,9 +49,21 @@ from localmesh.launcher import (
     grpc_serving,
     operator_credentials,
 )
+from localmesh.ota import ModelSources
 from localmesh.otlp_receiver import OtlpReceiver
+from ota.registry_client import KIND_NAMES
+from router_service.escalation import DEFAULT_POLICY_VERSION
 from router_service.outbox import read_stats
+from router_service.policy_updater import POLICY_KIND
+from services.auth import bearer_metadata
 from services.logging import configure_logging
+from training.arguments import (
+    add_evaluate_arguments,
+    add_retrain_arguments,
+    add_train_arguments,
+)
+from workload.catalog import load_catalog
+from workload.model_store import versions
 
 
 def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
@@ -52,6 +74,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         otlp_grpc_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
         otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
         log_level="warning",
+        models=ModelSources(args.catalog, args.store, args.policies),
         **extra,  # type: ignore[arg-type]
     )
 
@@ -98,6 +121,8 @@ def up_detached(args: argparse.Namespace, console: Console) -> int:
     command = [sys.executable, "-m", "localmesh.cli", "--state-dir", str(args.state_dir), "up"]
     command += ["--wan-delay-ms", str(args.wan_delay_ms)]
     command += ["--random-ports"] if args.random_ports else []
+    command += ["--catalog", str(args.catalog), "--store", str(args.store)]
+    command += ["--policies", str(args.policies)]
     with log.open("ab") as stream:
         supervisor = subprocess.Popen(
             command,
@@ -146,7 +171,53 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         label = "running (restarts a dead Triton)" if alive else "DOWN (nothing restarts Triton)"
         console.print(f"  {'supervisor':8} {'':22} {label}  pid {state.supervisor_pid}")
     _print_outbox(state, console)
+    await _print_pairs(state, console)
     return 0 if healthy else 1
+
+
+async def _print_pairs(state: MeshState, console: Console) -> None:
+    """Every catalog pair with the versions the site serves: edge model and policy from
+    the site's reports to the registry (the edge node's and the router's), the cloud
+    model from the store Triton's repository was built from."""
+    if not state.catalog:
+        return  # a state file from before pairs were listed
+    # ListSites is the operator's: status reads it with the local mesh's operator token.
+    token = _operator_token(Path(state.credentials.get("operator_token", "")))
+    served = await site_versions(state.endpoints["registry"], token)
+    store = Path(state.store)
+    for pair in load_catalog(Path(state.catalog)).values():
+        edge = served.get(("model", pair.edge_model))
+        cloud = versions(store / pair.cloud_model)
+        policy = served.get((POLICY_KIND, pair.name))
+        console.print(
+            f"  pair {pair.name:16} edge {pair.edge_model} "
+            f"{'v' + str(edge) if edge else 'not reported'}, cloud {pair.cloud_model} "
+            f"{'v' + str(cloud[-1]) if cloud else 'missing'}, policy "
+            f"{'v' + str(policy) if policy else DEFAULT_POLICY_VERSION}"
+        )
+
+
+def _operator_token(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
+async def site_versions(registry: str, operator_token: str) -> dict[tuple[str, str], int]:
+    """(kind, name) -> version, from the sites' reports to the registry (ListSites)."""
+    try:
+        async with grpc.aio.insecure_channel(registry) as channel:
+            stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+            reply = await stub.ListSites(
+                registry_pb.ListSitesRequest(),
+                timeout=5.0,
+                metadata=bearer_metadata(operator_token),
+            )
+    except grpc.aio.AioRpcError:
+        return {}
+    return {
+        (KIND_NAMES[s.artifact.kind], s.artifact.name): s.artifact.version
+        for site in reply.sites
+        for s in site.served
+    }
 
 
 def _print_outbox(state: MeshState, console: Console) -> None:
@@ -182,6 +253,7 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             otlp_grpc_endpoint=receiver.grpc_endpoint,
             otlp_http_traces_url=receiver.http_traces_url,
             log_level="warning",
+            models=ModelSources(args.catalog, args.store, args.policies),
         )
     )
     console.print(
@@ -219,6 +291,58 @@ def _operator_defaults(state_dir: Path) -> None:
             os.environ.setdefault(variable, path)
 
 
+def policy(args: argparse.Namespace) -> int:
+    """``hybridmesh policy train | evaluate | retrain``: the training code loads only
+    here (scikit-learn, skl2onnx, matplotlib)."""
+    if args.policy_command == "retrain":
+        from training.retrain import run as retrain
+
+        return retrain(args)
+    from training.train_policy import evaluate, run_cli, train
+
+    return run_cli(train if args.policy_command == "train" else evaluate, args)
+
+
+def _add_policy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy_parser = sub.add_parser(
+        "policy",
+        help="a model pair's router policy: train, evaluate, retrain",
+        description="The policy lifecycle of one catalog pair. Policies are written to "
+        "<policies>/<pair>/<version>/, reports to results/policies/<pair>/.",
+    )
+    commands = policy_parser.add_subparsers(dest="policy_command", required=True)
+    add_train_arguments(
+        commands.add_parser(
+            "train",
+            help="fit, calibrate for ONE target and evaluate a new policy version",
+            description="Fit the router classifier on the pair's router-train split, pick "
+            "the classifier (a learned one only if it beats max-softmax) and the threshold "
+            "on the calibration split, write <policies>/<pair>/<next version>/, and report "
+            "on the test split.",
+        ),
+        default_pair=None,
+    )
+    add_evaluate_arguments(
+        commands.add_parser(
+            "evaluate",
+            help="re-evaluate an existing policy version on the pair's test split",
+            description="Nothing is fitted or tuned: the same policy gives the same figures.",
+        ),
+        default_pair=None,
+    )
+    add_retrain_arguments(
+        commands.add_parser(
+            "retrain",
+            help="retrain with the outbox's reconciled examples; publish only if better",
+            description="The feedback loop (training.retrain): router-train plus the "
+            "outbox's reconciled examples for the pair, compared with the serving policy on "
+            "held-out calibration data; written (and, with --registry-root and --keys, "
+            "signed, published and promoted) only when better by --min-gain.",
+        ),
+        default_pair=None,
+    )
+
+
 def main() -> None:
     # Operator commands live with their packages; the hybridmesh CLI forwards to them.
     argv = sys.argv[1:]
@@ -234,20 +358,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="hybridmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--state-dir", type=Path, default=Path("var/mesh"))
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("var/mesh"),
+        help="the local mesh's state: logs, site copies, registry (default %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="start the local mesh")
-    up_parser.add_argument("--detach", action="store_true")
+    up_parser.add_argument(
+        "--detach", action="store_true", help="run in the background; `hybridmesh down` stops it"
+    )
     for mesh_command in (up_parser, sub.add_parser("demo", help="run the main job")):
-        mesh_command.add_argument("--random-ports", action="store_true")
-        mesh_command.add_argument("--wan-delay-ms", type=int, default=40)
+        mesh_command.add_argument(
+            "--random-ports", action="store_true", help="free ports instead of the defaults"
+        )
+        mesh_command.add_argument(
+            "--wan-delay-ms",
+            type=int,
+            default=40,
+            help="emulated WAN delay at the cloud ingress (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--catalog",
+            type=Path,
+            default=Path("models/catalog.toml"),
+            help="the pairs to serve, every one of them (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--store",
+            type=Path,
+            default=Path("models/store"),
+            help="the model store the pairs' models come from (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--policies",
+            type=Path,
+            default=Path("models/policies"),
+            help="policy root (<policies>/<pair>/<version>/): each pair's newest policy is "
+            "published to the site's registry (default %(default)s)",
+        )
     sub.add_parser("down", help="stop a detached mesh")
-    sub.add_parser("status", help="health of each part")
+    sub.add_parser(
+        "status",
+        help="health of each part; each pair's edge model, cloud model and policy versions",
+    )
     demo_parser = sub.choices["demo"]
-    demo_parser.add_argument("--limit", type=int, default=10_000)
-    demo_parser.add_argument("--concurrency", type=int, default=8)
-    demo_parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    demo_parser.add_argument(
+        "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--concurrency", type=int, default=8, help="callers at once (default %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--out", type=Path, default=Path("results/demo"), help="report directory"
+    )
+    _add_policy_commands(sub)
     args = parser.parse_args()
+    if args.command == "policy":
+        sys.exit(policy(args))
     configure_logging("warning")
     console = Console(width=150)
     if args.command == "down":

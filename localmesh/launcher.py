@@ -82,6 +82,9 @@ class MeshState:
     # The control plane's credentials (localmesh.ota.Credentials): the operator's token
     # and signing keys (the CLI's), the site's token (the edge node's and router's).
     credentials: dict[str, str] = field(default_factory=dict)
+    # The pair catalog and model store the mesh serves (`hybridmesh status` lists pairs).
+    catalog: str = ""
+    store: str = ""
 
     def write(self) -> Path:
         """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
@@ -117,6 +120,9 @@ class MeshOptions:
     # Start the parts in order up to this one only (e.g. "cloud": Triton and the cloud
     # service), for tests of one end of the mesh.
     last_part: str = "router"
+    # The pairs to serve: catalog, model store, policy root; None: the repository's
+    # models/ (catalog.toml, store, policies). Every catalog pair is served.
+    models: ota.ModelSources | None = None
 
 
 class LocalMesh:
@@ -142,6 +148,9 @@ class LocalMesh:
         self.outbox_path = self.state_dir / "router" / "outbox.sqlite"
         self.state: MeshState | None = None
         self._triton_supervisor: asyncio.Task[None] | None = None
+        self.models = (
+            options.models or ota.ModelSources.of_repository(options.repository_root)
+        ).resolved()
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -198,6 +207,8 @@ class LocalMesh:
             audit_logs=self.audit_logs,
             supervisor_pid=os.getpid(),
             credentials=operator_credentials(self.state_dir),
+            catalog=str(self.models.catalog),
+            store=str(self.models.store),
         )
         state.write()
         self.state = state
@@ -219,7 +230,6 @@ class LocalMesh:
             self.state.write()
 
     async def _start_all(self) -> None:
-        root = self.options.repository_root.resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         certificates = ensure_certificates(self.state_dir / "certs")
         router_tls = self.state_dir / "router-tls"
@@ -235,9 +245,7 @@ class LocalMesh:
 
         repository = self.state_dir / "triton-repository"
         shutil.rmtree(repository, ignore_errors=True)
-        write_repository(
-            root / "models/store", repository, "local", cloud_models(root / "models/catalog.toml")
-        )
+        write_repository(self.models.store, repository, "local", cloud_models(self.models.catalog))
         self.triton = TritonServer(
             repository,
             self.state_dir / "triton-run",
@@ -258,6 +266,8 @@ class LocalMesh:
                 {
                     "HYBRIDMESH_CLOUD_PORT": str(self.ports["cloud"]),
                     "HYBRIDMESH_CLOUD_TRITON_URL": self.endpoint("triton"),
+                    "HYBRIDMESH_CLOUD_CATALOG": str(self.models.catalog),
+                    "HYBRIDMESH_CLOUD_MODEL_STORE": str(self.models.store),
                     "HYBRIDMESH_CLOUD_SITE_TOKEN_SHA256": json.dumps(
                         {"site-local": token_sha256(SITE_TOKEN)}
                     ),
@@ -288,7 +298,7 @@ class LocalMesh:
 
         # Over-the-air updates: a registry (in the real deployment behind the cloud
         # ingress; here on loopback) and the site's own copies of model and policy.
-        site = await asyncio.to_thread(ota.prepare, self.state_dir, root)
+        site = await asyncio.to_thread(ota.prepare, self.state_dir, self.models)
         trusted = json.dumps([str(site.trusted_key)])
         self._spawn(
             "registry",
@@ -311,7 +321,8 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
-                    "HYBRIDMESH_EDGE_SERVED_MODELS": '["fashion-edge"]',
+                    # Every catalog pair's edge model.
+                    "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps(self.models.edge_models()),
                     "HYBRIDMESH_EDGE_LOG_LEVEL": level,
                     "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
                     "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
@@ -338,10 +349,11 @@ class LocalMesh:
                     "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),
                     "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
                     "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
+                    "HYBRIDMESH_ROUTER_CATALOG": str(self.models.catalog),
                     "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
                     "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
                     # One policy root per pair under it (the site's copies).
-                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policy_root.parent),
+                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policies_dir),
                     "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
                     "HYBRIDMESH_ROUTER_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
                     "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,

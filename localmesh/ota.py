@@ -1,9 +1,11 @@
-"""Over-the-air updates in the local mesh: an operator key, a registry holding the
-committed edge model and router policy (signed, promoted), the site's own copies of
-both, so updates change the mesh's state directory and never the repository; and the
-control plane's credentials (``<state>/credentials``): a bearer token for the operator
-and one for the site (0600), and the sha256 hashes the registry and the edge node's admin
-service check them against (``services.access_rules``, ``docs/threat-model.md``)."""
+"""Over-the-air updates in the local mesh: an operator key, a registry holding every
+catalog pair's edge model and router policy (signed, promoted), the site's own copies of
+them, so updates change the mesh's state directory and never the repository (a pair
+without a policy is published without one: its router serves the max-softmax default);
+and the control plane's credentials (``<state>/credentials``): a bearer token for the
+operator and one for the site (0600), and the sha256 hashes the registry and the edge
+node's admin service check them against (``services.access_rules``,
+``docs/threat-model.md``)."""
 
 from __future__ import annotations
 
@@ -18,15 +20,14 @@ from edge_node.canary import GOLDEN_FILE, GoldenSet
 from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key, load_private_key
 from registry.store import RegistryStore
-from router_service.escalation import latest_policy
+from router_service.escalation import PolicyArtifactError, latest_policy
 from router_service.policy_updater import POLICY_KIND
 from services.access_rules import OPERATOR, site_identity
 from services.auth import token_sha256
+from workload.catalog import load_catalog
 from workload.fashion_mnist import golden_split
 from workload.model_store import latest_versions
 
-EDGE_MODEL = "fashion-edge"
-PAIR = "fashion-mnist"
 SITE = "site-local"  # the local mesh's one edge site
 
 
@@ -81,18 +82,40 @@ def ensure_credentials(state_dir: Path) -> Credentials:
 
 
 @dataclass(frozen=True)
+class ModelSources:
+    """Where the mesh's pairs come from: the catalog, the model store, the policy root
+    (``<policies>/<pair>/<version>/``)."""
+
+    catalog: Path
+    store: Path
+    policies: Path
+
+    @classmethod
+    def of_repository(cls, root: Path) -> ModelSources:
+        return cls(root / "models/catalog.toml", root / "models/store", root / "models/policies")
+
+    def resolved(self) -> ModelSources:
+        """Absolute paths: the parts run with the repository as working directory."""
+        return ModelSources(self.catalog.resolve(), self.store.resolve(), self.policies.resolve())
+
+    def edge_models(self) -> list[str]:
+        return sorted({pair.edge_model for pair in load_catalog(self.catalog).values()})
+
+
+@dataclass(frozen=True)
 class SiteArtifacts:
     registry_root: Path
     trusted_key: Path
     edge_store: Path
     golden_set: Path
-    policy_root: Path
+    # One policy root per pair under it: <policies_dir>/<pair>/<version>/.
+    policies_dir: Path
     staging: Path
     operator_keys: Path
     credentials: Credentials
 
 
-def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
+def prepare(state_dir: Path, sources: ModelSources) -> SiteArtifacts:
     """Idempotent: what exists (a key, published versions, an updated store) is kept."""
     keys = state_dir / "operator"
     key = (
@@ -101,14 +124,19 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
         else generate_key(keys)
     )
     store = RegistryStore(state_dir / "registry")
-    committed_model = next(
-        d for d in latest_versions(repository_root / "models/store") if d.parent.name == EDGE_MODEL
-    )
-    committed_policy = latest_policy(repository_root / "models/policies" / PAIR)
-    for directory, kind, name in (
-        (committed_model, "model", EDGE_MODEL),
-        (committed_policy, POLICY_KIND, PAIR),
-    ):
+    edge_models = sources.edge_models()
+    committed_models = {
+        d.parent.name: d for d in latest_versions(sources.store) if d.parent.name in edge_models
+    }
+    committed_policies = {}
+    for pair in load_catalog(sources.catalog):
+        try:
+            committed_policies[pair] = latest_policy(sources.policies / pair)
+        except PolicyArtifactError:
+            continue  # served with the max-softmax default until one is published
+    artifacts = [(d, "model", name) for name, d in committed_models.items()]
+    artifacts += [(d, POLICY_KIND, pair) for pair, d in committed_policies.items()]
+    for directory, kind, name in artifacts:
         ref = ArtifactRef(kind, name, int(directory.name))
         if ref.version not in store.versions(kind, name):
             store.publish(directory, ref, key)
@@ -117,11 +145,13 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
             store.promote(kind, name, store.promoted(kind, name) or ref.version, key)
     site = state_dir / "site"
     edge_store = site / "models"
-    if not edge_store.exists():
-        shutil.copytree(committed_model, edge_store / EDGE_MODEL / committed_model.name)
-    policy_root = site / "policies" / PAIR
-    if not policy_root.exists():
-        shutil.copytree(committed_policy, policy_root / committed_policy.name)
+    for name, directory in committed_models.items():
+        if not (edge_store / name).exists():
+            shutil.copytree(directory, edge_store / name / directory.name)
+    policies_dir = site / "policies"
+    for pair, directory in committed_policies.items():
+        if not (policies_dir / pair).exists():
+            shutil.copytree(directory, policies_dir / pair / directory.name)
     golden = site / GOLDEN_FILE
     if not golden.exists():
         GoldenSet.of(golden_split()).save(golden)
@@ -130,7 +160,7 @@ def prepare(state_dir: Path, repository_root: Path) -> SiteArtifacts:
         keys / PUBLIC_KEY_FILE,
         edge_store,
         golden,
-        policy_root,
+        policies_dir,
         site / "updates",
         keys,
         ensure_credentials(state_dir),

@@ -59,6 +59,13 @@ class SiteBook:
             self._reports[report.site] = report
 
     def record(self, report: SiteReport) -> None:
+        """A site's edge node reports its models and its router its policies: a report
+        replaces the site's entries of the kinds it lists and keeps the others."""
+        previous = self._reports.get(report.site)
+        if previous is not None:
+            kinds = {served.kind for served in report.served}
+            kept = tuple(s for s in previous.served if s.kind not in kinds)
+            report = SiteReport(report.site, kept + report.served, report.reported_at)
         self._reports[report.site] = report
         self._path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._path.with_suffix(".tmp")

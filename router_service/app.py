@@ -15,7 +15,7 @@ from edge_node.config import EdgeSettings
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
-from ota.registry_client import RegistryClient
+from ota.registry_client import RegistryClient, SiteServes
 from ota.signatures import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import AUDIT_STREAM, TransferAudit
@@ -25,7 +25,7 @@ from router_service.config import RouterSettings
 from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics
 from router_service.outbox import Outbox
-from router_service.policy_updater import PolicyUpdater
+from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
 from router_service.request_validation import PairSpec
 from router_service.routing import Router
@@ -179,20 +179,19 @@ class RouterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self.tier_up = {"edge": False, "cloud": False}
         self._registry_channel: grpc.aio.Channel | None = None
+        self._registry: RegistryClient | None = None
         # One updater per pair: an update of one pair's policy never touches another's.
         self.policy_updaters: dict[str, PolicyUpdater] = {}
         if settings.registry_target:
             self._registry_channel = factory.create(
                 settings.registry_target, credentials=mtls_credentials(settings.registry_tls_dir)
             )
+            self._registry = RegistryClient(
+                self._registry_channel,
+                bearer_metadata(read_token(settings.registry_token_file)),
+            )
             for pair in pairs:
-                self.policy_updaters[pair.name] = self._policy_updater(
-                    RegistryClient(
-                        self._registry_channel,
-                        bearer_metadata(read_token(settings.registry_token_file)),
-                    ),
-                    pair.name,
-                )
+                self.policy_updaters[pair.name] = self._policy_updater(self._registry, pair.name)
         for pair_name, policy in self.router.policies.items():
             _log.info(
                 "router policy", pair=pair_name, version=policy.version, kind=policy.metadata.kind
@@ -233,7 +232,23 @@ class RouterNode:
                 await updater.poll_once()
             except (grpc.aio.AioRpcError, OSError) as error:
                 _log.warning("policy update poll failed", error=str(error))
+            await self._report_site()
             await asyncio.sleep(self.settings.policy_update_interval_s)
+
+    async def _report_site(self) -> None:
+        """Tell the registry which policy version each pair serves (the fleet view); a
+        pair on the max-softmax default has no published version and is left out."""
+        if self._registry is None:
+            return
+        served = [
+            SiteServes(POLICY_KIND, pair, int(policy.version), updater.refused.of(pair))
+            for pair, updater in self.policy_updaters.items()
+            if (policy := self.router.policies[pair]).version.isdigit()
+        ]
+        try:
+            await self._registry.report_site(self.settings.site_id, served)
+        except grpc.aio.AioRpcError as error:
+            _log.warning("site report failed", code=error.code().name)
 
     async def stop(self, grace: float | None = None) -> None:
         for task in self._tasks:

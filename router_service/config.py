@@ -159,3 +159,6 @@ class RouterSettings(ServiceSettings):
     trusted_keys: tuple[Path, ...] = ()
     policy_update_staging: Path = Path("var/router-policy-updates")
     policy_update_interval_s: float = Field(default=30.0, gt=0)
+    # This site's id in the registry's fleet view: the router reports the policy version
+    # of each pair after every poll (the edge node reports its models under the same id).
+    site_id: str = "site-local"

@@ -41,3 +41,11 @@ def top_k(
             )
         )
     return results
+
+
+def to_probabilities(
+    scores: npt.NDArray[np.floating[Any]], outputs_probabilities: bool
+) -> npt.NDArray[np.float32]:
+    """A model's [n, classes] output as probabilities: passed through when the model
+    outputs probabilities (catalog ``output_kind``), else softmax of its logits."""
+    return scores.astype(np.float32) if outputs_probabilities else softmax(scores)

@@ -1,5 +1,7 @@
-"""A second, independent model pair (scikit-learn digits, trained in seconds) goes through
-the same catalog, store, edge node and Triton repository code: configuration, not code."""
+"""A second, independent model pair (scikit-learn digits, trained in seconds,
+``tests/digits_pair.py``) goes through the same catalog, store, edge node and Triton
+repository code: configuration, not code. Its policy and the whole mesh:
+``tests/test_policy_cli.py``, ``tests/test_second_pair.py``."""
 
 from __future__ import annotations
 
@@ -10,11 +12,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc.aio as triton_grpc
-from skl2onnx import to_onnx
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
 
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeSettings
@@ -23,63 +20,18 @@ from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from tests.digits_pair import build_digits_pair
 from workload.catalog import load_catalog
-from workload.model_store import ModelManifest, TensorEntry, latest_versions, write_version
+from workload.model_store import latest_versions
 from workload.triton_repository import write_repository
-
-CATALOG = """
-[pairs.digits]
-edge_model = "digits-edge"
-cloud_model = "digits-cloud"
-input = { name = "pixels", datatype = "FP32", shape = [-1, 64] }
-output = { name = "probabilities", datatype = "FP32", shape = [-1, 10] }
-output_kind = "probabilities"
-"""
-
-
-def _manifest(name: str, accuracy: float) -> ModelManifest:
-    return ModelManifest(
-        name=name,
-        version=1,
-        task="classification",
-        model_file="model.onnx",
-        files=(),
-        inputs=(TensorEntry("pixels", "FP32", (-1, 64)),),
-        outputs=(TensorEntry("probabilities", "FP32", (-1, 10)),),
-        labels=tuple(str(digit) for digit in range(10)),
-        output_kind="probabilities",
-        max_batch_size=32,
-        preprocessing="8x8 pixel intensities 0..16 as float32",
-        metrics={"test_accuracy": accuracy},
-    )
 
 
 @pytest.fixture(scope="module")
 def digits_pair(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, npt.NDArray[np.float32], dict[str, object]]:
-    base = tmp_path_factory.mktemp("byo")
-    digits = load_digits()
-    train_x, test_x, train_y, test_y = train_test_split(
-        digits.data.astype(np.float32), digits.target, test_size=0.33, random_state=3
-    )
-    models = {
-        "digits-edge": LogisticRegression(max_iter=300).fit(train_x, train_y),
-        "digits-cloud": MLPClassifier((128,), max_iter=300, random_state=3).fit(train_x, train_y),
-    }
-    for name, model in models.items():
-        onnx_model = to_onnx(model, train_x[:1], options={id(model): {"zipmap": False}})
-        onnx_model.graph.input[0].name = "pixels"
-        for node in onnx_model.graph.node:
-            node.input[:] = ["pixels" if i == "X" else i for i in node.input]
-        accuracy = float(model.score(test_x, test_y))
-        write_version(
-            base / "store",
-            _manifest(name, accuracy),
-            {"model.onnx": onnx_model.SerializeToString()},
-        )
-    (base / "catalog.toml").write_text(CATALOG)
-    return base, test_x, dict(models)
+    built = build_digits_pair(tmp_path_factory.mktemp("byo"))
+    return built.catalog.parent, built.held_out, dict(built.models)
 
 
 def test_catalog_and_store_accept_the_new_pair(

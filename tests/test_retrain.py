@@ -14,10 +14,10 @@ import onnxruntime as ort
 from registry.signing import generate_key
 from registry.store import RegistryStore
 from router_service.escalation import EscalationClassifier
-from router_service.outbox import Outbox, OutboxItem, Priority, ReconciledItem
 from router_service.policy_updater import POLICY_KIND
-from services.tensors import encode_tensor
+from tests.outbox_examples import reconcile_examples
 from training.retrain import main, reconciled_examples
+from workload.catalog import load_catalog
 from workload.fashion_mnist import load_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,35 +36,18 @@ def fill_outbox(path: Path) -> int:
     """Reconcile EXAMPLES test images as the router would: edge and cloud answers."""
     images = load_split("test").images[:EXAMPLES]
     edge, cloud = predictions("fashion-edge", images), predictions("fashion-cloud", images)
-    outbox = Outbox(path, max_items=1000)
-    try:
-        for index in range(EXAMPLES):
-            request_id = f"r-{index}"
-            tensor = encode_tensor("image", images[index : index + 1]).SerializeToString()
-            outbox.put(
-                OutboxItem(
-                    request_id, Priority.ESCALATION, PAIR, 1, 1, (0,), (int(edge[index]),),
-                    "fashion-edge:1", tensor,
-                )
-            )  # fmt: skip
-            outbox.complete(
-                request_id,
-                [
-                    ReconciledItem(
-                        request_id, 0, PAIR, 0.0, 0.0, "fashion-edge:1", int(edge[index]),
-                        "fashion-cloud:1", int(cloud[index]), tensor,
-                    )
-                ],
-            )  # fmt: skip
-    finally:
-        outbox.close()
+    reconcile_examples(
+        path, PAIR, "image", images, ("fashion-edge:1", edge), ("fashion-cloud:1", cloud)
+    )
     return int(np.sum(edge != cloud))
 
 
 def test_reconciled_examples_carry_the_clouds_disagreement(tmp_path: Path) -> None:
     disagreements = fill_outbox(tmp_path / "outbox.sqlite")
     examples = reconciled_examples(
-        tmp_path / "outbox.sqlite", PAIR, STORE / "fashion-edge" / "1" / "model.onnx"
+        tmp_path / "outbox.sqlite",
+        load_catalog(REPO / "models" / "catalog.toml")[PAIR],
+        STORE / "fashion-edge" / "1" / "model.onnx",
     )
     assert examples.count == EXAMPLES
     assert int(examples.labels.sum()) == disagreements > 0

@@ -1,13 +1,16 @@
 """The feedback loop: retrain the router's escalation policy with what reconciliation
 taught, and publish it through the signed registry only if it is better.
 
-``python -m training.retrain --outbox var/mesh/router/outbox.sqlite``
-``  [--registry-root var/registry --keys ~/.hybridmesh/keys]``
+``hybridmesh policy retrain --pair NAME --outbox var/mesh/router/outbox.sqlite``
+``  [--registry-root var/registry --keys ~/.hybridmesh/keys]`` (or ``python -m
+training.retrain``; ``hybridmesh router retrain`` is an alias).
 
-Data: the router-train split with its ground-truth label ("the cloud fixes the edge"),
-plus every reconciled example in the outbox for the pair: the item's input, the edge
-model's output recomputed from it, and the label "the cloud disagreed with the edge" (the
-cloud model is the teacher there: no ground truth exists at a site).
+Data: the router-train split of the pair's declared data with its ground-truth label
+("the cloud fixes the edge"), plus every reconciled example in the outbox for the pair:
+the item's input (stored in the pair's own datatype and shape), the edge model's output
+(the pair's output tensor, as probabilities by the pair's output kind) recomputed from
+it, and the label "the cloud disagreed with the edge" (the cloud model is the teacher
+there: no ground truth exists at a site).
 
 Comparison on held-out data: the calibration split is halved by index parity; both the
 serving policy and the candidate get their threshold for the same cloud-share target on
@@ -27,26 +30,29 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from hybridmesh.common.v1 import tensor_pb2
 from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, load_private_key
 from registry.store import RegistryStore
-from router_service.escalation import EscalationClassifier, latest_policy
+from router_service.escalation import PolicyArtifactError, latest_policy, load_policy
 from router_service.features import router_features
 from router_service.outbox import Outbox
 from router_service.policy_updater import POLICY_KIND
-from services.classification import softmax
-from services.tensors import decode_tensor
+from services.classification import to_probabilities
+from services.errors import InvalidArgumentError
+from services.tensors import DATATYPE_BY_KSERVE_NAME, decode_tensor
+from training.arguments import DEFAULT_RESULTS, add_retrain_arguments
 from training.calibration import operating_point, threshold_for_cloud_share
 from training.train_policy import (
     SplitOutputs,
     candidate_classifiers,
+    pair_models,
+    run_model,
     split_outputs,
     write_policy,
 )
-from workload.model_store import latest_versions
+from workload.catalog import CatalogError, ModelPair
 
 
 @dataclass(frozen=True)
@@ -76,41 +82,39 @@ class Comparison:
         return self.candidate_accuracy > self.serving_accuracy + self.min_gain
 
 
-def reconciled_examples(outbox: Path, pair: str, edge_model: Path) -> Examples:
+def reconciled_examples(outbox: Path, pair: ModelPair, edge_model: Path) -> Examples:
     """Features and "the cloud disagreed" labels of the pair's reconciled items."""
     store = Outbox(outbox, max_items=1, synchronous="NORMAL")
     try:
-        items = [item for item in store.reconciled() if item.pair == pair]
+        items = [item for item in store.reconciled() if item.pair == pair.name]
     finally:
         store.close()
     if not items:
         return Examples(np.zeros((0, 0), np.float32), np.zeros(0, np.bool_))
-    images = np.concatenate([_decode(item.input) for item in items])
-    session = ort.InferenceSession(str(edge_model))
-    input_name = session.get_inputs()[0].name
-    logits = np.concatenate(
-        [
-            session.run(None, {input_name: images[i : i + 1000]})[0]
-            for i in range(0, len(images), 1000)
-        ]
-    )
-    features = router_features(softmax(logits.astype(np.float32)), images)
+    inputs = np.concatenate([_decode(item.input, pair) for item in items])
+    output = run_model(edge_model, pair, inputs)
+    probabilities = to_probabilities(output, pair.output_kind == "probabilities")
+    features = router_features(probabilities, inputs)
     labels = np.array([not item.agrees for item in items], dtype=np.bool_)
     return Examples(features, labels)
 
 
-def _decode(serialized: bytes) -> npt.NDArray[np.uint8]:
+def _decode(serialized: bytes, pair: ModelPair) -> npt.NDArray[np.generic]:
+    """A stored input, checked against the pair's input contract (datatype and shape)."""
     tensor = tensor_pb2.Tensor.FromString(serialized)
-    decoded = decode_tensor(
-        tensor,
-        "input",
-        # Validated when it was queued; decoded as stored.
-        expected_datatype=tensor.datatype,
-        expected_shape=(-1, *tensor.shape[1:]),
-        max_batch_size=max(tensor.shape[0], 1),
-    )
-    array: npt.NDArray[np.uint8] = np.asarray(decoded, dtype=np.uint8)
-    return array
+    try:
+        return decode_tensor(
+            tensor,
+            "input",
+            expected_datatype=DATATYPE_BY_KSERVE_NAME[pair.input.datatype],
+            expected_shape=pair.input.shape,
+            max_batch_size=max(tensor.shape[0], 1) if tensor.shape else 1,
+        )
+    except InvalidArgumentError as error:
+        raise CatalogError(
+            f"pair {pair.name}: a reconciled input does not match the pair's input "
+            f"contract ({error}); was the catalog changed since it was stored?"
+        ) from error
 
 
 def _at_share(
@@ -129,7 +133,7 @@ def _at_share(
 def _half(outputs: SplitOutputs, parity: int) -> SplitOutputs:
     index = np.arange(len(outputs.labels)) % 2 == parity
     return SplitOutputs(
-        outputs.images[index],
+        outputs.inputs[index],
         outputs.labels[index],
         outputs.edge_probabilities[index],
         outputs.edge_correct[index],
@@ -138,17 +142,24 @@ def _half(outputs: SplitOutputs, parity: int) -> SplitOutputs:
 
 
 def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
-    serving = EscalationClassifier(latest_policy(args.policies / args.pair))
-    train = split_outputs("router_train", args.store, args.edge_model, args.cloud_model)
-    calibration = split_outputs("calibration", args.store, args.edge_model, args.cloud_model)
+    models = pair_models(args.catalog, args.pair, args.store)
+    try:
+        serving_dir = latest_policy(args.policies / args.pair)
+    except PolicyArtifactError as error:
+        raise CatalogError(
+            f"pair {args.pair}: no policy to retrain in {args.policies / args.pair} "
+            f"(`hybridmesh policy train --pair {args.pair}` first)"
+        ) from error
+    serving = load_policy(serving_dir)
+    train = split_outputs(models, "router_train")
+    calibration = split_outputs(models, "calibration")
     half_a, half_b = _half(calibration, 0), _half(calibration, 1)
-    edge_path = {d.parent.name: d / "model.onnx" for d in latest_versions(args.store)}
-    learned = reconciled_examples(args.outbox, args.pair, edge_path[args.edge_model])
+    learned = reconciled_examples(args.outbox, models.pair, models.edge)
     features, labels = train.features, train.cloud_fixes_edge
     if learned.count:
         features = np.concatenate([features, learned.features])
         labels = np.concatenate([labels, learned.labels])
-    chosen = _classifier_kind(latest_policy(args.policies / args.pair))
+    chosen = _classifier_kind(serving_dir)
     classifier = candidate_classifiers()[chosen]
     classifier.fit(features, labels)
 
@@ -199,27 +210,35 @@ def report(comparison: Comparison) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--outbox", type=Path, required=True)
-    parser.add_argument("--pair", default="fashion-mnist")
-    parser.add_argument("--edge-model", default="fashion-edge")
-    parser.add_argument("--cloud-model", default="fashion-cloud")
-    parser.add_argument("--store", type=Path, default=Path("models/store"))
-    parser.add_argument("--policies", type=Path, default=Path("models/policies"))
-    parser.add_argument("--target-cloud-share", type=float, default=0.2)
-    parser.add_argument("--min-gain", type=float, default=0.0)
-    parser.add_argument("--cloud-price-micros", type=int, default=1500)
-    parser.add_argument("--out", type=Path, help="where the candidate policy is written")
-    parser.add_argument("--registry-root", type=Path, help="publish here when better")
-    parser.add_argument("--keys", type=Path, help="the operator's key directory")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_retrain_arguments(parser, default_pair="fashion-mnist")
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CatalogError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     comparison, classifier, calibration = retrain(args)
     sys.stdout.write(report(comparison) + "\n")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "retrain.json").write_text(
-            json.dumps(asdict(comparison) | {"better": comparison.better}, indent=2) + "\n"
+    report_path: Path = args.report or (
+        args.out / "retrain.json" if args.out else DEFAULT_RESULTS / args.pair / "retrain.json"
+    )
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(
+        json.dumps(
+            {"pair": args.pair} | asdict(comparison) | {"better": comparison.better}, indent=2
         )
+        + "\n"
+    )
+    sys.stdout.write(f"report: {report_path}\n")
     if not comparison.better:
         return 0
     serving = latest_policy(args.policies / args.pair)
@@ -245,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "label": "cloud-fixes-edge (router-train) + cloud-disagreed (reconciled)",
             "target": {"kind": "cloud-share", "value": args.target_cloud_share},
-            "calibration": {"split": "calibration (6,000)", "expected": expected.as_dict()},
-            "models": {"edge": args.edge_model, "cloud": args.cloud_model},
+            "calibration": {
+                "split": f"calibration ({len(calibration.labels):,})",
+                "expected": expected.as_dict(),
+            },
+            "models": pair_models(args.catalog, args.pair, args.store).names,
             "retrained_from": comparison.serving_version,
             "comparison": asdict(comparison),
         },

@@ -1,10 +1,16 @@
-"""Train, calibrate and evaluate the router's escalation policy.
+"""Train, calibrate and evaluate a model pair's router escalation policy.
 
-``python -m training.train_policy --target cloud-share=0.2`` runs the committed edge
-and cloud models over the router-train, calibration and test splits, fits the classifier
-on router-train, picks the threshold on calibration for the ONE operator target, writes a
-versioned policy artifact, and writes the evaluation report (test split only for
-reporting) to docs/router-evaluation.{json,md,png}.
+``hybridmesh policy train --pair NAME --target cloud-share=0.2`` (or ``python -m
+training.train_policy``) runs the pair's edge and cloud models (named in
+``models/catalog.toml``, tensors and output kind from the catalog and the manifests) over
+the router-train, calibration and test splits of the pair's declared data
+(``workload.pair_data``), fits the classifier on router-train, picks the classifier and
+the threshold on calibration for the ONE operator target, writes a versioned policy to
+``<policies>/<pair>/<version>/`` and the evaluation report (the test split, used only for
+reporting) to ``results/policies/<pair>/evaluation.{json,md,png}``. A learned classifier
+ships only when it beats the max-softmax baseline on calibration; otherwise the policy is
+``max-softmax``, named as such. ``hybridmesh policy evaluate --pair NAME`` re-evaluates
+an existing policy version without training anything.
 """
 
 from __future__ import annotations
@@ -30,12 +36,17 @@ from sklearn.preprocessing import StandardScaler
 
 from router_service.escalation import (
     CLASSIFIER_FILE,
+    LEARNED,
+    MAX_SOFTMAX,
     POLICY_FILE,
     POLICY_SCHEMA,
-    EscalationClassifier,
+    ScoringPolicy,
+    latest_policy,
+    load_policy,
 )
 from router_service.features import SUMMARY_FEATURES, feature_names, router_features
-from services.classification import softmax
+from services.classification import to_probabilities
+from training.arguments import add_train_arguments, report_base
 from training.calibration import (
     OperatingPoint,
     accuracy_curve,
@@ -45,16 +56,47 @@ from training.calibration import (
     threshold_for_cloud_share,
     threshold_for_edge_error,
 )
-from workload.fashion_mnist import load_split
-from workload.model_store import latest_versions
+from workload.catalog import CatalogError, ModelPair, check_against_store, load_catalog
+from workload.pair_data import load_pair_split
 
 SHARES = np.linspace(0.0, 1.0, 401)
 SEED = 11
+# The max-softmax baseline's name among the candidates (policy kind max-softmax).
+MAX_SOFTMAX_CANDIDATE = "max_softmax"
+
+
+@dataclass(frozen=True)
+class PairModels:
+    """A catalog pair and the ONNX files of its newest edge and cloud model versions."""
+
+    pair: ModelPair
+    edge: Path
+    cloud: Path
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {"edge": self.pair.edge_model, "cloud": self.pair.cloud_model}
+
+
+def pair_models(catalog: Path, pair_name: str, store: Path) -> PairModels:
+    """The pair from the catalog, its models checked against its contract in the store.
+    Raises CatalogError naming what is wrong."""
+    pairs = load_catalog(catalog)
+    if pair_name not in pairs:
+        raise CatalogError(f"{catalog}: no pair {pair_name!r}; pairs: {sorted(pairs)}")
+    pair = pairs[pair_name]
+    manifests = check_against_store({pair_name: pair}, store)
+
+    def model_file(name: str) -> Path:
+        manifest = manifests[name]
+        return store / name / str(manifest.version) / manifest.model_file
+
+    return PairModels(pair, model_file(pair.edge_model), model_file(pair.cloud_model))
 
 
 @dataclass(frozen=True)
 class SplitOutputs:
-    images: npt.NDArray[np.uint8]
+    inputs: npt.NDArray[np.generic]
     labels: npt.NDArray[np.int64]
     edge_probabilities: npt.NDArray[np.float32]
     edge_correct: npt.NDArray[np.bool_]
@@ -62,7 +104,7 @@ class SplitOutputs:
 
     @property
     def features(self) -> npt.NDArray[np.float32]:
-        return router_features(self.edge_probabilities, self.images)
+        return router_features(self.edge_probabilities, self.inputs)
 
     @property
     def cloud_fixes_edge(self) -> npt.NDArray[np.bool_]:
@@ -70,27 +112,31 @@ class SplitOutputs:
         return result
 
 
-def _run(model_path: Path, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    session = ort.InferenceSession(str(model_path))
+def run_model(
+    model_path: Path, pair: ModelPair, inputs: npt.NDArray[np.generic]
+) -> npt.NDArray[np.float32]:
+    """The model's output tensor (the pair's output name) for ``inputs``, in chunks."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     chunks = [
-        session.run(["logits"], {"image": images[i : i + 1000]})[0]
-        for i in range(0, len(images), 1000)
+        session.run([pair.output.name], {pair.input.name: inputs[i : i + 1000]})[0]
+        for i in range(0, len(inputs), 1000)
     ]
     result: npt.NDArray[np.float32] = np.concatenate(chunks).astype(np.float32)
     return result
 
 
-def split_outputs(split: str, store: Path, edge_model: str, cloud_model: str) -> SplitOutputs:
-    data = load_split(split)
-    paths = {d.parent.name: d / "model.onnx" for d in latest_versions(store)}
-    edge_logits = _run(paths[edge_model], data.images)
-    cloud_logits = _run(paths[cloud_model], data.images)
+def split_outputs(models: PairModels, split: str) -> SplitOutputs:
+    data = load_pair_split(models.pair, split)
+    edge_output = run_model(models.edge, models.pair, data.inputs)
+    cloud_output = run_model(models.cloud, models.pair, data.inputs)
     return SplitOutputs(
-        images=data.images,
+        inputs=data.inputs,
         labels=data.labels,
-        edge_probabilities=softmax(edge_logits),
-        edge_correct=edge_logits.argmax(axis=1) == data.labels,
-        cloud_correct=cloud_logits.argmax(axis=1) == data.labels,
+        edge_probabilities=to_probabilities(
+            edge_output, models.pair.output_kind == "probabilities"
+        ),
+        edge_correct=edge_output.argmax(axis=1) == data.labels,
+        cloud_correct=cloud_output.argmax(axis=1) == data.labels,
     )
 
 
@@ -108,13 +154,6 @@ def candidate_classifiers() -> dict[str, Any]:
 def area_under_curve(curve: npt.NDArray[np.float64], limit: float = 0.4) -> float:
     """Mean accuracy over cloud shares 0..limit: how good a score is where it matters."""
     return float(curve[limit >= SHARES].mean())
-
-
-def parse_target(text: str) -> tuple[str, float]:
-    kind, _, value = text.partition("=")
-    if kind not in {"cloud-share", "edge-error"}:
-        raise argparse.ArgumentTypeError("target is cloud-share=<0..1> or edge-error=<0..1>")
-    return kind, float(value)
 
 
 def baseline_scores(outputs: SplitOutputs) -> dict[str, npt.NDArray[np.float32]]:
@@ -144,65 +183,86 @@ def curves(
     return curves_
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pair", default="fashion-mnist")
-    parser.add_argument("--edge-model", default="fashion-edge")
-    parser.add_argument("--cloud-model", default="fashion-cloud")
-    parser.add_argument("--store", type=Path, default=Path("models/store"))
-    parser.add_argument("--policies", type=Path, default=Path("models/policies"))
-    parser.add_argument("--target", type=parse_target, default=("cloud-share", 0.2))
-    parser.add_argument(
-        "--label", choices=["cloud-fixes-edge", "edge-wrong"], default="cloud-fixes-edge"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cloud-price-micros", type=int, default=1500)
-    parser.add_argument("--report", type=Path, default=Path("docs/router-evaluation"))
-    parser.add_argument("--version", type=int)
-    args = parser.parse_args()
-    report = train(args)
+    add_train_arguments(parser, default_pair="fashion-mnist")
+    args = parser.parse_args(argv)
+    return run_cli(train, args)
+
+
+def run_cli(command: Any, args: argparse.Namespace) -> int:
+    """Run ``command(args)``; a catalog or data problem is one line naming the pair."""
+    try:
+        report = command(args)
+    except CatalogError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
     sys.stdout.write(report["markdown"] + "\n")
+    sys.stdout.write(f"report: {report_base(args, 'evaluation').with_suffix('.md')}\n")
+    return 0
+
+
+def _selection_scores(classifier: Any, outputs: SplitOutputs, name: str) -> npt.NDArray[np.float32]:
+    if name == MAX_SOFTMAX_CANDIDATE:
+        return baseline_scores(outputs)["max_softmax"]
+    scores: npt.NDArray[np.float32] = classifier.predict_proba(outputs.features)[:, 1]
+    return scores.astype(np.float32)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    train_out = split_outputs("router_train", args.store, args.edge_model, args.cloud_model)
-    calibration = split_outputs("calibration", args.store, args.edge_model, args.cloud_model)
-    test = split_outputs("test", args.store, args.edge_model, args.cloud_model)
+    models = pair_models(args.catalog, args.pair, args.store)
+    train_out = split_outputs(models, "router_train")
+    calibration = split_outputs(models, "calibration")
     labels = (
         train_out.cloud_fixes_edge if args.label == "cloud-fixes-edge" else ~train_out.edge_correct
     )
+    if labels.all() or not labels.any():
+        raise CatalogError(
+            f"pair {args.pair}: every router-train item has the same label ({args.label}); "
+            "a classifier cannot learn from that (more data, or the other --label)"
+        )
 
-    # Model selection on the calibration split, never on test.
-    fitted = {}
+    # Model selection on the calibration split, never on test. A learned classifier must
+    # beat the max-softmax baseline there, else the policy is max-softmax.
+    fitted: dict[str, Any] = {}
     selection = {}
     for name, classifier in candidate_classifiers().items():
         classifier.fit(train_out.features, labels)
-        scores = classifier.predict_proba(calibration.features)[:, 1].astype(np.float32)
-        curve = accuracy_curve(scores, calibration.edge_correct, calibration.cloud_correct, SHARES)
         fitted[name] = classifier
+    fitted[MAX_SOFTMAX_CANDIDATE] = None
+    for name, classifier in fitted.items():
+        scores = _selection_scores(classifier, calibration, name)
+        curve = accuracy_curve(scores, calibration.edge_correct, calibration.cloud_correct, SHARES)
         selection[name] = area_under_curve(curve)
-    chosen = max(selection, key=lambda name: selection[name])
-    classifier = fitted[chosen]
+    learned = max(
+        (name for name in fitted if name != MAX_SOFTMAX_CANDIDATE),
+        key=lambda name: selection[name],
+    )
+    chosen = (
+        learned if selection[learned] > selection[MAX_SOFTMAX_CANDIDATE] else MAX_SOFTMAX_CANDIDATE
+    )
 
-    calibration_scores = classifier.predict_proba(calibration.features)[:, 1].astype(np.float32)
+    calibration_scores = _selection_scores(fitted[chosen], calibration, chosen)
     kind, value = args.target
     if kind == "cloud-share":
         threshold = threshold_for_cloud_share(calibration_scores, value)
     else:
         threshold = threshold_for_edge_error(calibration_scores, calibration.edge_correct, value)
-    price = args.cloud_price_micros
     expected = operating_point(
         calibration_scores,
         threshold,
         calibration.edge_correct,
         calibration.cloud_correct,
-        cloud_price_micros=price,
+        cloud_price_micros=args.cloud_price_micros,
     )
 
     version = args.version or _next_version(args.policies / args.pair)
     policy_dir = args.policies / args.pair / str(version)
-    metadata = write_policy(
+    write_policy(
         policy_dir,
-        classifier,
+        fitted[chosen],
         chosen,
         train_out.features[:1],
         pair=args.pair,
@@ -212,21 +272,46 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "label": args.label,
             "target": {"kind": kind, "value": value},
             "calibration": {
-                "split": "calibration (6,000)",
+                "split": f"calibration ({len(calibration.labels):,})",
                 "expected": expected.as_dict(),
                 "model_selection": selection,
             },
-            "models": {"edge": args.edge_model, "cloud": args.cloud_model},
-            "command": "python -m training.train_policy " + " ".join(sys.argv[1:]),
+            "models": models.names,
+            "command": f"hybridmesh policy train --pair {args.pair} --target {kind}={value}",
         },
     )
+    return evaluate_policy(models, policy_dir, args)
 
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate an existing policy version of the pair on its test split (nothing is
+    fitted or tuned): the same policy always gives the same figures."""
+    models = pair_models(args.catalog, args.pair, args.store)
+    root = args.policies / args.pair
+    directory = root / str(args.version) if args.version else latest_policy(root)
+    return evaluate_policy(models, directory, args)
+
+
+def evaluate_policy(
+    models: PairModels, policy_dir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     # The artifact as the router will run it: scores from the exported ONNX, in process.
-    deployed = EscalationClassifier(policy_dir)
+    deployed = load_policy(policy_dir)
+    if deployed.metadata.pair != models.pair.name:
+        raise CatalogError(
+            f"{policy_dir}: policy is for pair {deployed.metadata.pair!r}, not {models.pair.name!r}"
+        )
+    metadata = json.loads((policy_dir / POLICY_FILE).read_text())
+    test = split_outputs(models, "test")
     test_scores = deployed.score(test.features)
-    decision_us = _decision_latency_us(deployed, test.features)
+    decision_us = _decision_latency_us(deployed, test)
+    price = args.cloud_price_micros
     at_threshold = operating_point(
-        test_scores, threshold, test.edge_correct, test.cloud_correct, cloud_price_micros=price
+        test_scores,
+        deployed.threshold,
+        test.edge_correct,
+        test.cloud_correct,
+        cloud_price_micros=price,
     )
     report = evaluation_report(
         test,
@@ -236,7 +321,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         decision_us=decision_us,
         price=price,
     )
-    write_report(report, args.report)
+    write_report(report, report_base(args, "evaluation"))
     return report
 
 
@@ -251,26 +336,31 @@ def write_policy(
     threshold: float,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """Export ``classifier`` to ONNX and write a policy version directory (classifier +
-    policy.json with its sha256); returns the metadata written."""
-    onnx_model = to_onnx(
-        classifier,
-        sample_features,
-        options={id(classifier): {"zipmap": False}}
-        if chosen == "gradient_boosted_trees"
-        else {"zipmap": False},
-        target_opset=17,
-    )
-    onnx_bytes = onnx_model.SerializeToString()
+    """Write a policy version directory: policy.json and, for a learned policy, the
+    classifier exported to ONNX (its sha256 in policy.json). ``chosen`` is a candidate
+    classifier's name or ``max_softmax`` (kind max-softmax: no classifier file)."""
     directory.mkdir(parents=True, exist_ok=False)
-    (directory / CLASSIFIER_FILE).write_bytes(onnx_bytes)
+    learned: dict[str, Any] = {}
+    if chosen != MAX_SOFTMAX_CANDIDATE:
+        onnx_model = to_onnx(
+            classifier,
+            sample_features,
+            options={id(classifier): {"zipmap": False}}
+            if chosen == "gradient_boosted_trees"
+            else {"zipmap": False},
+            target_opset=17,
+        )
+        onnx_bytes = onnx_model.SerializeToString()
+        (directory / CLASSIFIER_FILE).write_bytes(onnx_bytes)
+        learned = {"classifier_sha256": hashlib.sha256(onnx_bytes).hexdigest()}
     metadata = {
         "schema": POLICY_SCHEMA,
+        "kind": MAX_SOFTMAX if chosen == MAX_SOFTMAX_CANDIDATE else LEARNED,
         "pair": pair,
         "version": str(version),
         "threshold": threshold,
         "feature_names": feature_names(sample_features.shape[1] - len(SUMMARY_FEATURES)),
-        "classifier_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        **learned,
         "classifier": chosen,
         "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
         **extra,
@@ -286,24 +376,23 @@ def _next_version(directory: Path) -> int:
     return max(existing, default=0) + 1
 
 
-def _decision_latency_us(
-    classifier: EscalationClassifier, features: npt.NDArray[np.float32]
-) -> dict[str, float]:
-    single = features[:1]
+def _decision_latency_us(policy: ScoringPolicy, test: SplitOutputs) -> dict[str, float]:
+    """Median per-item cost of the features and the policy's score, batch 1, in process."""
+    probabilities, inputs = test.edge_probabilities[:1], test.inputs[:1]
+    single = router_features(probabilities, inputs)
     for _ in range(200):
-        classifier.score(single)
+        policy.score(single)
     runs = []
     for _ in range(7):
         started = time.perf_counter()
         for _ in range(500):
-            classifier.score(single)
+            policy.score(single)
         runs.append((time.perf_counter() - started) / 500 * 1e6)
     feature_runs = []
-    probabilities, images = features[:1, 6:], np.zeros((1, 1, 28, 28), np.uint8)
     for _ in range(7):
         started = time.perf_counter()
         for _ in range(500):
-            router_features(probabilities, images)
+            router_features(probabilities, inputs)
         feature_runs.append((time.perf_counter() - started) / 500 * 1e6)
     return {
         "classifier_us_median": float(np.median(runs)),
@@ -357,8 +446,9 @@ def evaluation_report(
         "policy": {
             k: metadata[k]
             for k in ("pair", "version", "classifier", "label", "target", "threshold")
-        },
-        "test_split": "t10k (10,000), used only here",
+        }
+        | {"kind": metadata.get("kind", LEARNED)},
+        "test_split": f"test ({len(test.labels):,}), used only here",
         "edge_only": {"accuracy": edge_accuracy, "cloud_share": 0.0, "cost_per_1000_micros": 0},
         "cloud_only": {
             "accuracy": cloud_accuracy,
@@ -437,7 +527,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{latency['features_us_median']:.1f} µs + classifier "
         f"{latency['classifier_us_median']:.1f} µs.",
         "",
-        "Regenerate: `.venv/bin/python -m training.train_policy --target "
+        f"Regenerate: `hybridmesh policy evaluate --pair {policy['pair']} --version "
+        f"{policy['version']}` (this policy, nothing retrained); a new version: `hybridmesh "
+        f"policy train --pair {policy['pair']} --target "
         f"{policy['target']['kind']}={policy['target']['value']}`.",
     ]
     return "\n".join(lines)
@@ -478,7 +570,7 @@ def write_report(report: dict[str, Any], base: Path) -> None:
     axis.set_xlim(0, 60)
     axis.set_xlabel("cloud share (% of requests escalated)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_title("Fashion-MNIST: accuracy against cloud share (test split)")
+    axis.set_title(f"{report['policy']['pair']}: accuracy against cloud share (test split)")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -487,4 +579,4 @@ def write_report(report: dict[str, Any], base: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,9 +26,40 @@ from workload.model_store import (
     versions,
 )
 
-__all__ = ["CatalogError", "ModelPair", "ModelStoreError", "check_against_store", "load_catalog"]
+__all__ = [
+    "CatalogError",
+    "DataSource",
+    "ModelPair",
+    "ModelStoreError",
+    "check_against_store",
+    "load_catalog",
+]
 
-PAIR_KEYS = frozenset({"edge_model", "cloud_model", "input", "output", "output_kind", "anonymiser"})
+PAIR_KEYS = frozenset(
+    {"edge_model", "cloud_model", "input", "output", "output_kind", "anonymiser", "data"}
+)
+DATA_KEYS = frozenset({"loader", "npz", "seed", "router_train", "calibration"})
+# The built-in labelled data sets (workload.pair_data.BUILTIN_LOADERS).
+BUILTIN_LOADERS = frozenset({"fashion-mnist"})
+DEFAULT_DATA_SEED = 20260611
+DEFAULT_FRACTIONS = (0.4, 0.3)  # router-train, calibration; the rest is the test split
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a pair's labelled data comes from (the router policy's training data).
+
+    Either a built-in ``loader`` (e.g. ``fashion-mnist``: its own fixed splits), or an
+    ``npz`` file with ``inputs`` (the pair's input dtype and shape) and integer
+    ``labels``, cut by one permutation seeded with ``seed`` into disjoint router-train,
+    calibration and test splits (``router_train`` and ``calibration`` are fractions;
+    the test split is the rest). A relative ``npz`` path is relative to the catalog file.
+    """
+
+    loader: str | None = None
+    npz: Path | None = None
+    seed: int = DEFAULT_DATA_SEED
+    fractions: tuple[float, float] = DEFAULT_FRACTIONS
 
 
 class CatalogError(Exception):
@@ -44,6 +75,8 @@ class ModelPair:
     output: TensorEntry
     output_kind: str
     anonymiser: str
+    # None: the pair declares no labelled data (no router policy can be trained for it).
+    data: DataSource | None = None
 
     def check_against(self, manifest: ModelManifest) -> None:
         """Raise CatalogError unless ``manifest`` honours this pair's tensor contract."""
@@ -72,7 +105,43 @@ def _tensor(raw: Any, where: str) -> TensorEntry:
     return entry
 
 
-def _pair(name: str, entry: Any, where: str) -> ModelPair:
+def _data(raw: Any, where: str, base: Path) -> DataSource:
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: must be a table")
+    unknown = sorted(set(raw) - DATA_KEYS)
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {unknown}; known: {sorted(DATA_KEYS)}")
+    if ("loader" in raw) == ("npz" in raw):
+        raise CatalogError(f"{where}: needs exactly one of loader (built-in) or npz (a file)")
+    if "loader" in raw:
+        if raw["loader"] not in BUILTIN_LOADERS:
+            raise CatalogError(
+                f"{where}: unknown loader {raw['loader']!r}; built-in: {sorted(BUILTIN_LOADERS)}"
+            )
+        extra = sorted(set(raw) - {"loader"})
+        if extra:
+            raise CatalogError(f"{where}: {extra} apply to npz data only")
+        return DataSource(loader=str(raw["loader"]))
+    try:
+        seed = int(raw.get("seed", DEFAULT_DATA_SEED))
+        fractions = (
+            float(raw.get("router_train", DEFAULT_FRACTIONS[0])),
+            float(raw.get("calibration", DEFAULT_FRACTIONS[1])),
+        )
+    except (TypeError, ValueError) as error:
+        raise CatalogError(f"{where}: {error}") from error
+    if not all(0.0 < f < 1.0 for f in fractions) or sum(fractions) >= 1.0:
+        raise CatalogError(
+            f"{where}: router_train and calibration must be fractions in (0, 1) that leave "
+            "a test split (sum < 1)"
+        )
+    path = Path(str(raw["npz"]))
+    return DataSource(
+        npz=path if path.is_absolute() else base / path, seed=seed, fractions=fractions
+    )
+
+
+def _pair(name: str, entry: Any, where: str, base: Path = Path(".")) -> ModelPair:
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: must be a table")
     # A misspelt optional key would silently fall back to its default: refuse it.
@@ -88,6 +157,7 @@ def _pair(name: str, entry: Any, where: str) -> ModelPair:
             output=_tensor(entry["output"], f"{where}.output"),
             output_kind=str(entry.get("output_kind", "logits")),
             anonymiser=str(entry.get("anonymiser", "strip-attributes")),
+            data=_data(entry["data"], f"{where}.data", base) if "data" in entry else None,
         )
     except KeyError as error:
         raise CatalogError(f"{where}: missing {error}") from error
@@ -105,7 +175,10 @@ def load_catalog(path: Path) -> dict[str, ModelPair]:
     tables = raw.get("pairs", {})
     if not isinstance(tables, dict):
         raise CatalogError(f"{path}: pairs must be a table of [pairs.<name>] tables")
-    pairs = {name: _pair(name, entry, f"{path}: pairs.{name}") for name, entry in tables.items()}
+    pairs = {
+        name: _pair(name, entry, f"{path}: pairs.{name}", path.parent)
+        for name, entry in tables.items()
+    }
     if not pairs:
         raise CatalogError(f"{path}: no [pairs.<name>] entries")
     return pairs
@@ -128,6 +201,12 @@ def check_against_store(pairs: dict[str, ModelPair], store: Path) -> dict[str, M
     return manifests
 
 
+def _describe(data: DataSource | None) -> str:
+    if data is None:
+        return "none declared"
+    return f"loader {data.loader}" if data.loader else f"npz {data.npz} (seed {data.seed})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--catalog", type=Path, default=Path("models/catalog.toml"))
@@ -143,7 +222,8 @@ def main() -> None:
         edge, cloud = manifests[pair.edge_model], manifests[pair.cloud_model]
         sys.stdout.write(
             f"{pair.name}: edge {edge.name} v{edge.version}, cloud {cloud.name} v{cloud.version}"
-            f", input {pair.input.name} {pair.input.datatype} {list(pair.input.shape)}\n"
+            f", input {pair.input.name} {pair.input.datatype} {list(pair.input.shape)}"
+            f", data {_describe(pair.data)}\n"
         )
 
 

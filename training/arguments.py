@@ -1,0 +1,141 @@
+"""The command-line arguments of the policy lifecycle (``hybridmesh policy train |
+evaluate | retrain``, ``python -m training.train_policy``, ``python -m training.retrain``):
+light to import, so ``hybridmesh --help`` does not load the training libraries."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Reports go to <DEFAULT_RESULTS>/<pair>/: no pair's report overwrites another's.
+DEFAULT_RESULTS = Path("results/policies")
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    kind, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if kind not in {"cloud-share", "edge-error"} or not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError("target is cloud-share=<0..1> or edge-error=<0..1>")
+    return kind, number
+
+
+def add_pair_arguments(parser: argparse.ArgumentParser, *, default_pair: str | None) -> None:
+    """Where a pair, its models and its policies are: shared by train, evaluate, retrain."""
+    parser.add_argument(
+        "--pair",
+        required=default_pair is None,
+        default=default_pair,
+        help="the catalog pair (its name in models/catalog.toml)"
+        + (f"; default {default_pair}" if default_pair else ""),
+    )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        default=Path("models/catalog.toml"),
+        help="the pair catalog: models, tensors, output kind, data (default %(default)s)",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=Path("models/store"),
+        help="the model store holding both models (default %(default)s)",
+    )
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        default=Path("models/policies"),
+        help="policy root: versions live in <policies>/<pair>/<version>/ (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cloud-price-micros",
+        type=int,
+        default=1500,
+        help="price of one cloud item in micro-USD, for the cost figures (default %(default)s)",
+    )
+
+
+def add_report_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="report base path, written as .json, .md and .png "
+        f"(default results/policies/<pair>/{name})",
+    )
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, default_pair: str | None) -> None:
+    add_pair_arguments(parser, default_pair=default_pair)
+    parser.add_argument(
+        "--target",
+        type=parse_target,
+        default=("cloud-share", 0.2),
+        help="the ONE operator target the threshold is chosen for on the calibration split: "
+        "cloud-share=<0..1> (at most this share escalates) or edge-error=<0..1> (at most "
+        "this error among answers kept on the edge); default cloud-share=0.2",
+    )
+    parser.add_argument(
+        "--label",
+        choices=["cloud-fixes-edge", "edge-wrong"],
+        default="cloud-fixes-edge",
+        help="what the classifier learns to predict (default %(default)s)",
+    )
+    parser.add_argument(
+        "--version", type=int, help="policy version to write (default: the next free one)"
+    )
+    add_report_argument(parser, "evaluation")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_pair: str | None) -> None:
+    add_pair_arguments(parser, default_pair=default_pair)
+    parser.add_argument(
+        "--version", type=int, help="policy version to evaluate (default: the newest)"
+    )
+    add_report_argument(parser, "evaluation")
+
+
+def report_base(args: argparse.Namespace, name: str) -> Path:
+    """The report's base path: ``--report`` or ``results/policies/<pair>/<name>``, so no
+    pair's report overwrites another's."""
+    base: Path = args.report or DEFAULT_RESULTS / args.pair / name
+    return base
+
+
+def add_retrain_arguments(parser: argparse.ArgumentParser, *, default_pair: str | None) -> None:
+    add_pair_arguments(parser, default_pair=default_pair)
+    parser.add_argument(
+        "--outbox",
+        type=Path,
+        required=True,
+        help="the router's outbox (SQLite) holding the reconciled examples",
+    )
+    parser.add_argument(
+        "--target-cloud-share",
+        type=float,
+        default=0.2,
+        help="the cloud share both policies are compared (and the candidate calibrated) at "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.0,
+        help="held-out accuracy the candidate must gain over the serving policy "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the candidate policy (and retrain.json) under this directory instead "
+        "of <policies>/<pair>/",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="where the comparison goes as JSON (default results/policies/<pair>/retrain.json, "
+        "or <out>/retrain.json)",
+    )
+    parser.add_argument("--registry-root", type=Path, help="publish and promote here when better")
+    parser.add_argument("--keys", type=Path, help="the operator's key directory (to sign)")
