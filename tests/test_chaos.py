@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from hybridmesh.common.v1 import routing_pb2
+from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions
 from router_service.config import RouterSettings
@@ -66,6 +66,9 @@ PACE_S = 0.02  # each caller's pause between calls: load, not synchronisation
 BASELINE_S = 3.0
 FAULT_S = 6.0
 WAN_MS = 40
+# Quiet services, as in production: audit and intake records are written whatever the
+# log level (docs: the product brief's "Trust and the ecosystem").
+MESH_LOG_LEVEL = "warning"
 WAN_BEYOND_DEADLINE_MS = 2500
 # While callers cancel: a WAN slow enough that a cancel lands mid-escalation, and a
 # cloud call left running would be seen running on in Envoy's access log.
@@ -147,6 +150,7 @@ class Chaos:
     # Wall-clock intervals in which the edge could not answer (fault to recovery).
     edge_faults: list[tuple[float, float]] = field(default_factory=list)
     stopped: list[int] = field(default_factory=list)  # process groups SIGSTOPped now
+    killed_triton: int = 0
 
     def pid(self, part: str) -> int:
         return self.mesh.processes[part].pid
@@ -211,14 +215,14 @@ def _aborts(percent: int) -> Callable[[Chaos], Awaitable[None]]:
 
 
 async def _kill_triton(chaos: Chaos) -> None:
-    os.killpg(chaos.pid("triton"), signal.SIGKILL)
+    chaos.killed_triton = chaos.pid("triton")
+    os.killpg(chaos.killed_triton, signal.SIGKILL)
 
 
 async def _triton_restarted(chaos: Chaos) -> None:
     """The local mesh's supervisor restarts Triton by itself; wait for its new process."""
-    killed = chaos.mesh.processes["triton"]
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while chaos.mesh.processes["triton"] is killed:
+    while chaos.pid("triton") == chaos.killed_triton:
         assert time.monotonic() < deadline, "the supervisor did not restart Triton"
         await asyncio.sleep(0.1)
 
@@ -463,7 +467,10 @@ def check_outcomes(chaos: Chaos, audit: dict[str, list[dict[str, Any]]]) -> list
     """A failure only when no tier may answer; every answer in time and consistent."""
     problems = []
     for call in chaos.calls:
-        where = f"{call.request_id} ({call.phase}, {call.code}, {call.details[:200]!r})"
+        where = (
+            f"{call.request_id} ({call.phase}, {_hints(call)}, {call.latency_s:.3f} s, "
+            f"{call.code}, {call.details[:200]!r})"
+        )
         if call.code == "CANCELLED" and call.cancelled_at is not None:
             continue
         try:
@@ -487,8 +494,24 @@ def check_outcomes(chaos: Chaos, audit: dict[str, list[dict[str, Any]]]) -> list
                 cloud_price_micros=CLOUD_PRICE,
             )
         except (AssertionError, KeyError) as error:
-            problems.append(f"{where}: {str(error)[:400]}")
+            problems.append(f"{where}: {_brief(error)}")
     return problems
+
+
+def _hints(call: CallRecord) -> str:
+    privacy = routing_pb2.PrivacyClass.Name(call.privacy).removeprefix("PRIVACY_CLASS_")  # type: ignore[arg-type]
+    preference = routing_pb2.RoutePreference.Name(call.preference)  # type: ignore[arg-type]
+    return (
+        f"{privacy} {preference.removeprefix('ROUTE_PREFERENCE_')} "
+        f"batch {call.batch} deadline {call.deadline_s} s"
+    )
+
+
+def _brief(error: BaseException) -> str:
+    """An assertion's message and failed expression, each cut short."""
+    lines = str(error).splitlines()
+    checked = [line for line in lines if line.startswith("assert ")]
+    return " | ".join([lines[0][:300] if lines else repr(error), *checked[:1]])
 
 
 def check_privacy(chaos: Chaos, audit_records: list[dict[str, Any]]) -> list[str]:
@@ -577,6 +600,27 @@ def phase_summary(chaos: Chaos) -> list[dict[str, Any]]:
     return rows
 
 
+def slowest(chaos: Chaos, count: int = 5) -> list[dict[str, Any]]:
+    """The answers that took the largest share of their deadline, with their decision."""
+    answered = sorted(
+        (c for c in chaos.calls if c.code == "OK"), key=lambda c: c.latency_s / c.deadline_s
+    )
+    rows = []
+    for call in answered[-count:]:
+        decision = router_service_pb2.InferResponse.FromString(call.reply).decision
+        rows.append(
+            {
+                "request_id": call.request_id,
+                "phase": call.phase,
+                "deadline_s": call.deadline_s,
+                "latency_s": round(call.latency_s, 3),
+                "reason": decision_pb2.DecisionReason.Name(decision.reason),
+                "explanation": decision.explanation,
+            }
+        )
+    return rows
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     header = (
         "phase | requests | answered | failed | policy-refused | cancelled | degraded "
@@ -603,7 +647,7 @@ async def test_the_mesh_survives_chaos(tmp_path: Path) -> None:
             repository_root=REPO,
             random_ports=True,
             wan_delay_ms=WAN_MS,
-            log_level="warning",
+            log_level=MESH_LOG_LEVEL,
         )
     )
     try:
@@ -629,6 +673,12 @@ async def test_the_mesh_survives_chaos(tmp_path: Path) -> None:
         "phases": rows,
         "times": {name: asdict(times) for name, times in chaos.times.items()},
         "cancelled_cloud_calls_ran_on_s": sorted(run_on),
+        "slowest_answers": slowest(chaos),
+        "failed_calls": [
+            {**asdict(c), "reply": None} | {"hints": _hints(c)}
+            for c in chaos.calls
+            if c.code not in ("OK", "CANCELLED")
+        ],
         "breaker_transitions": breaker_transitions(mesh),
         "problems": {
             "outcomes": outcomes,
