@@ -104,52 +104,55 @@ class Fault:
     resumes: tuple[int, ...]
 
 
-def _wan(delay_ms: int) -> Change:
+def set_wan(delay_ms: int) -> Change:
     async def change(mesh: LocalMesh, load: LoadControl) -> None:
         await asyncio.to_thread(mesh.wan.set_delay, delay_ms)
 
     return change
 
 
-def _failures(percent: int) -> Change:
+def fail_percent(percent: int) -> Change:
     async def change(mesh: LocalMesh, load: LoadControl) -> None:
         await asyncio.to_thread(mesh.wan.set_failure_percent, percent)
 
     return change
 
 
-def _kill(part: str) -> Change:
+def kill_part(part: str) -> Change:
     async def kill(mesh: LocalMesh, load: LoadControl) -> None:
         await mesh.kill(part)
 
     return kill
 
 
-def _restart(part: str) -> Change:
+def restart_part(part: str) -> Change:
     async def restart(mesh: LocalMesh, load: LoadControl) -> None:
         await mesh.restart(part)
 
     return restart
 
 
-def _hang(part: str) -> Change:
-    """SIGSTOP the part's process group: its socket still accepts, nothing answers."""
+def signal_part(part: str, signum: signal.Signals) -> Change:
+    """SIGSTOP (a hang: its socket still accepts, nothing answers) or SIGCONT the part's
+    process group; the stopped ones are kept in ``load.stopped``."""
 
-    async def hang(mesh: LocalMesh, load: LoadControl) -> None:
+    async def send(mesh: LocalMesh, load: LoadControl) -> None:
         pid = mesh.processes[part].pid
-        os.killpg(pid, signal.SIGSTOP)
-        load.stopped.append(pid)
+        os.killpg(pid, signum)
+        if signum == signal.SIGSTOP:
+            load.stopped.append(pid)
+        elif pid in load.stopped:
+            load.stopped.remove(pid)
 
-    return hang
+    return send
 
 
-def _resume(part: str) -> Change:
-    async def resume(mesh: LocalMesh, load: LoadControl) -> None:
-        pid = mesh.processes[part].pid
-        os.killpg(pid, signal.SIGCONT)
-        load.stopped.remove(pid)
-
-    return resume
+def continue_stopped(load: LoadControl) -> None:
+    """SIGCONT whatever a scenario left stopped (on any way out)."""
+    for pid in load.stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGCONT)
+    load.stopped.clear()
 
 
 def _cancelling(share: float) -> Change:
@@ -166,48 +169,48 @@ FAULTS = {
         Fault(
             "cloud_killed",
             "cloud service SIGKILLed, restarted later",
-            _kill("cloud"),
-            _restart("cloud"),
+            kill_part("cloud"),
+            restart_part("cloud"),
             "cloud",
             CLOUD_TIERS,
         ),
         Fault(
             "wan_spike",
             "emulated WAN delay 2,000 ms (beyond the 1 s deadline), back to 40 ms later",
-            _wan(2000),
-            _wan(WAN_MS),
+            set_wan(2000),
+            set_wan(WAN_MS),
             "cloud",
             CLOUD_TIERS,
         ),
         Fault(
             "cloud_failing_20pct",
             "Envoy fails 20 % of cloud calls with UNAVAILABLE, then 0 %",
-            _failures(20),
-            _failures(0),
+            fail_percent(20),
+            fail_percent(0),
             "cloud",
             CLOUD_TIERS,
         ),
         Fault(
             "edge_killed",
             "edge node SIGKILLed, restarted later",
-            _kill("edge"),
-            _restart("edge"),
+            kill_part("edge"),
+            restart_part("edge"),
             "edge",
             (routing_pb2.TIER_EDGE,),
         ),
         Fault(
             "edge_hung",
             "edge node SIGSTOPped (hung: connections accepted, nothing answered), SIGCONT later",
-            _hang("edge"),
-            _resume("edge"),
+            signal_part("edge", signal.SIGSTOP),
+            signal_part("edge", signal.SIGCONT),
             "edge",
             (routing_pb2.TIER_EDGE,),
         ),
         Fault(
             "cloud_hung",
             "cloud service SIGSTOPped (hung behind Envoy), SIGCONT later",
-            _hang("cloud"),
-            _resume("cloud"),
+            signal_part("cloud", signal.SIGSTOP),
+            signal_part("cloud", signal.SIGCONT),
             "cloud",
             CLOUD_TIERS,
         ),
@@ -466,9 +469,7 @@ async def run_fault(fault: Fault, args: argparse.Namespace, directory: Path) -> 
         # Envoy writes its access log every second; the after-phase is far longer.
         access_log = read_access_log(Path(mesh.audit_logs["envoy_access"]))
     finally:
-        for pid in control.stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGCONT)
+        continue_stopped(control)
         await mesh.down()
     timeline = {
         "injected_at_s": injected,

@@ -44,6 +44,16 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from bench.fault_bench import (
+    Change,
+    LoadControl,
+    continue_stopped,
+    fail_percent,
+    kill_part,
+    restart_part,
+    set_wan,
+    signal_part,
+)
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions
@@ -144,74 +154,25 @@ class Chaos:
     mesh: LocalMesh
     stub: router_service_pb2_grpc.RouterServiceAsyncStub
     phase: str = "baseline"
-    cancel_share: float = 0.0
+    # The share of calls cancelled mid-flight, and the process groups stopped now.
+    load: LoadControl = field(default_factory=LoadControl)
     calls: list[CallRecord] = field(default_factory=list)
     times: dict[str, PhaseTimes] = field(default_factory=dict)
     # Wall-clock intervals in which the edge could not answer (fault to recovery).
     edge_faults: list[tuple[float, float]] = field(default_factory=list)
-    stopped: list[int] = field(default_factory=list)  # process groups SIGSTOPped now
     killed_triton: int = 0
 
     def pid(self, part: str) -> int:
         return self.mesh.processes[part].pid
 
-    async def stop(self, part: str) -> None:
-        pid = self.pid(part)
-        os.killpg(pid, signal.SIGSTOP)
-        self.stopped.append(pid)
 
-    async def cont(self, part: str) -> None:
-        pid = self.pid(part)
-        os.killpg(pid, signal.SIGCONT)
-        self.stopped.remove(pid)
+def _on(change: Change) -> Callable[[Chaos], Awaitable[None]]:
+    """A fault bench change (``bench/fault_bench.py``) applied to the chaos mesh."""
 
-    def continue_all(self) -> None:
-        for pid in self.stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGCONT)
-        self.stopped.clear()
+    async def apply(chaos: Chaos) -> None:
+        await change(chaos.mesh, chaos.load)
 
-
-def _kill(part: str) -> Callable[[Chaos], Awaitable[None]]:
-    async def kill(chaos: Chaos) -> None:
-        await chaos.mesh.kill(part)
-
-    return kill
-
-
-def _restart(part: str) -> Callable[[Chaos], Awaitable[None]]:
-    async def restart(chaos: Chaos) -> None:
-        await chaos.mesh.restart(part)
-
-    return restart
-
-
-def _stop(part: str) -> Callable[[Chaos], Awaitable[None]]:
-    async def stop(chaos: Chaos) -> None:
-        await chaos.stop(part)
-
-    return stop
-
-
-def _cont(part: str) -> Callable[[Chaos], Awaitable[None]]:
-    async def cont(chaos: Chaos) -> None:
-        await chaos.cont(part)
-
-    return cont
-
-
-def _wan(delay_ms: int) -> Callable[[Chaos], Awaitable[None]]:
-    async def change(chaos: Chaos) -> None:
-        await asyncio.to_thread(chaos.mesh.wan.set_delay, delay_ms)
-
-    return change
-
-
-def _aborts(percent: int) -> Callable[[Chaos], Awaitable[None]]:
-    async def change(chaos: Chaos) -> None:
-        await asyncio.to_thread(chaos.mesh.wan.set_failure_percent, percent)
-
-    return change
+    return apply
 
 
 async def _kill_triton(chaos: Chaos) -> None:
@@ -228,42 +189,42 @@ async def _triton_restarted(chaos: Chaos) -> None:
 
 
 async def _start_cancelling(chaos: Chaos) -> None:
-    await _wan(CANCEL_WAN_MS)(chaos)
-    chaos.cancel_share = CANCEL_SHARE
+    await set_wan(CANCEL_WAN_MS)(chaos.mesh, chaos.load)
+    chaos.load.cancel_share = CANCEL_SHARE
 
 
 async def _stop_cancelling(chaos: Chaos) -> None:
-    chaos.cancel_share = 0.0
-    await _wan(WAN_MS)(chaos)
+    chaos.load.cancel_share = 0.0
+    await set_wan(WAN_MS)(chaos.mesh, chaos.load)
 
 
 PHASES = (
     Phase(
         "cloud_killed",
         "cloud service SIGKILLed, restarted",
-        _kill("cloud"),
-        _restart("cloud"),
+        _on(kill_part("cloud")),
+        _on(restart_part("cloud")),
         opens_cloud_breaker=True,
     ),
     Phase(
         "cloud_hung",
         "cloud service SIGSTOPped, then SIGCONT",
-        _stop("cloud"),
-        _cont("cloud"),
+        _on(signal_part("cloud", signal.SIGSTOP)),
+        _on(signal_part("cloud", signal.SIGCONT)),
         opens_cloud_breaker=True,
     ),
     Phase(
         "edge_killed",
         "edge node SIGKILLed, restarted",
-        _kill("edge"),
-        _restart("edge"),
+        _on(kill_part("edge")),
+        _on(restart_part("edge")),
         edge_faulted=True,
     ),
     Phase(
         "edge_hung",
         "edge node SIGSTOPped, then SIGCONT",
-        _stop("edge"),
-        _cont("edge"),
+        _on(signal_part("edge", signal.SIGSTOP)),
+        _on(signal_part("edge", signal.SIGCONT)),
         edge_faulted=True,
     ),
     Phase(
@@ -275,15 +236,15 @@ PHASES = (
     Phase(
         "wan_beyond_deadline",
         f"Envoy delays every cloud call {WAN_BEYOND_DEADLINE_MS} ms (beyond every deadline)",
-        _wan(WAN_BEYOND_DEADLINE_MS),
-        _wan(WAN_MS),
+        _on(set_wan(WAN_BEYOND_DEADLINE_MS)),
+        _on(set_wan(WAN_MS)),
         opens_cloud_breaker=True,
     ),
     Phase(
         "envoy_abort_20pct",
         "Envoy aborts 20 % of cloud calls with grpc status 14",
-        _aborts(20),
-        _aborts(0),
+        _on(fail_percent(20)),
+        _on(fail_percent(0)),
     ),
     Phase(
         "triton_killed",
@@ -347,7 +308,7 @@ async def _caller(chaos: Chaos, number: int, stop: asyncio.Event) -> None:
             batch=batch,
             started=time.time(),
         )
-        cancel = rng.random() < chaos.cancel_share
+        cancel = rng.random() < chaos.load.cancel_share
         cancel_after = rng.uniform(*CANCEL_AFTER_S) if cancel else 0.0
         request = _request(
             IMAGES[first : first + batch], record.request_id, record.privacy, record.preference
@@ -436,7 +397,7 @@ async def run_chaos(chaos: Chaos) -> None:
             chaos.phase = f"{phase.name}:after"
     finally:
         stop.set()
-        chaos.continue_all()
+        continue_stopped(chaos.load)
         await asyncio.gather(*callers, return_exceptions=True)
 
 
