@@ -177,6 +177,10 @@ def splice_faults(page: str, faults: dict[str, Any], section: list[str]) -> str:
     ]
     fresh = [_goal_row(g["goal"], g["measured"], g["met"]) for g in fault_goals(faults)]
     lines[goals_at + 4 : table_end] = kept + fresh
+    if ANALYSIS.exists():  # the hand-written analysis, as it is now
+        analysis = ANALYSIS.read_text().strip().splitlines()
+        if analysis and analysis[0] in lines:
+            lines[lines.index(analysis[0]) :] = analysis
     return "\n".join(lines) + "\n"
 
 
