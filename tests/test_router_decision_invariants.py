@@ -17,22 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridmesh.common.v1 import decision_pb2, routing_pb2
+from hybridmesh.common.v1 import routing_pb2
 from router_service.breaker import CallOutcome, CircuitBreaker
-from router_service.decision import CLOUD_SERVED_REASONS, CLOUD_UNREACHABLE
+from tests.decision_checks import check_decision, check_policy_refusal, policy_forbids, transfers
 from tests.scripted_tiers import CONFIDENT, HARD, ScriptedMesh, answer, fail, hang, request
 
-R = decision_pb2
 CLOUD_PRICE = 1500
 EDGE_LABEL, CLOUD_LABEL = 3, 7
-DEGRADING = frozenset(
-    {
-        R.DECISION_REASON_CLOUD_BREAKER_OPEN,
-        R.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK,
-        R.DECISION_REASON_DEADLINE_TOO_SHORT,
-        R.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK,
-    }
-)
 STEPS = {
     "answer": answer(),
     "unavailable": fail(grpc.StatusCode.UNAVAILABLE, "scripted unavailable"),
@@ -117,7 +108,6 @@ async def test_every_decision_agrees_with_itself_and_with_what_was_sent(
     mesh.edge.tier.script(STEPS[case.edge])
     mesh.cloud.tier.script(STEPS[case.cloud])
     rid = f"inv-{id(case)}-{len(mesh.cloud.tier.calls)}"
-    sensitive = case.privacy == routing_pb2.PRIVACY_CLASS_SENSITIVE
     rpc = request(
         case.kinds, mesh, request_id=rid, privacy=case.privacy, preference=case.preference
     )
@@ -128,49 +118,30 @@ async def test_every_decision_agrees_with_itself_and_with_what_was_sent(
         return
     finally:
         del held
-    decision, predictions = reply.decision, list(reply.predictions)
-    audited = [a for a in mesh.audited(rid) if a.get("purpose") != "reconciliation"]
+    audited = transfers(mesh.audited(rid))
     received = [c for c in mesh.cloud.tier.calls if c.request_id == rid and not c.reconciliation]
-    items_sent = sum(int(str(a["items"])) for a in audited)
-
-    # What left the site: said, billed and audited alike.
-    assert decision.data_left_site == bool(audited)
-    assert decision.cost.cloud_micros == CLOUD_PRICE * items_sent
-    assert decision.cost.cloud_micros <= decision.cost.all_cloud_micros
+    check_decision(
+        reply,
+        audited=audited,
+        privacy=case.privacy,
+        preference=case.preference,
+        cloud_price_micros=CLOUD_PRICE,
+    )
+    # What the scripted cloud received, and which answer each item carries.
     assert len(received) <= len(audited)
-    if sensitive or case.preference == routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY:
-        assert not audited and not received
     if case.breaker in ("open", "half_open_full"):
         assert not audited  # the breaker sent nothing
-    # Each item's tier, reason and answer agree.
-    tiers = {p.served_by for p in predictions}
-    assert decision.served_by == (
-        tiers.pop() if len(tiers) == 1 else routing_pb2.TIER_EDGE_AND_CLOUD
-    )
-    for prediction in predictions:
+    for prediction in reply.predictions:
         label = prediction.classification.top_k[0].class_index
-        if prediction.served_by == routing_pb2.TIER_CLOUD:
-            assert prediction.reason in CLOUD_SERVED_REASONS
-            assert label == CLOUD_LABEL
-        else:
-            assert prediction.served_by == routing_pb2.TIER_EDGE
-            assert prediction.reason not in CLOUD_SERVED_REASONS
-            assert label == EDGE_LABEL
-        if sensitive:
-            assert prediction.reason == R.DECISION_REASON_PRIVACY_SENSITIVE
-    cloud_served = [p for p in predictions if p.served_by == routing_pb2.TIER_CLOUD]
-    assert decision.reason == (cloud_served or predictions)[0].reason
-    assert bool(decision.cloud_model.name) == bool(cloud_served)
-    assert decision.degraded == any(p.reason in DEGRADING for p in predictions)
-    owed = [p for p in predictions if p.reason in CLOUD_UNREACHABLE]
-    assert decision.queued_for_reconciliation == (bool(owed) and not sensitive)
+        cloud = prediction.served_by == routing_pb2.TIER_CLOUD
+        assert label == (CLOUD_LABEL if cloud else EDGE_LABEL)
 
 
 def _check_refusal(mesh: ScriptedMesh, case: Case, rid: str, error: grpc.aio.AioRpcError) -> None:
     """A request fails only when policy forbids it or no tier could answer."""
     sensitive = case.privacy == routing_pb2.PRIVACY_CLASS_SENSITIVE
-    if sensitive and case.preference == routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY:
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    if policy_forbids(case.privacy, case.preference):
+        check_policy_refusal(error.code(), error.details() or "")
         return
     assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert case.edge != "answer" or case.cloud == "hang", error.details()
