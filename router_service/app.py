@@ -285,8 +285,9 @@ class RouterNode:
                     # Back from down: probe now instead of waiting out the open period.
                     tiers[name].breaker.health_restored()
                 self.tier_up[name] = up
-                # A tier known to be down is skipped while the other can answer.
-                tiers[name].health.up = up
+                if tiers[name].health.observe(up):
+                    # Known down: no live call pays to find out (Envoy-style ejection).
+                    tiers[name].breaker.health_lost()
             now_serving = any(self.tier_up.values())
             if now_serving != serving:
                 serving = now_serving

@@ -208,6 +208,14 @@ class CircuitBreaker:
             return Permit(self._epoch, probe=True)
         return None
 
+    def health_lost(self) -> None:
+        """The target's own health check says it cannot serve (NOT_SERVING or no answer,
+        twice in a row): the breaker opens now, before live calls pay for finding out,
+        as Envoy's active health checking ejects a host. ``health_restored`` half-opens
+        it again; the probes decide."""
+        if self._state is not BreakerState.OPEN:
+            self._open(self._clock())
+
     def health_restored(self) -> None:
         """The target's own health check turned SERVING again: an open breaker moves to
         half-open now instead of waiting out its (possibly doubled) open period, as

@@ -59,6 +59,6 @@ class InProcessEdgeTier:
             except ServiceError as error:
                 raise LocalCallError(error.code, error.message) from error
 
-        response, elapsed = await guarded_call("edge", self.breaker, send)
+        response, elapsed = await guarded_call("edge", self.breaker, send, timeout_s=timeout_s)
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)

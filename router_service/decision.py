@@ -330,9 +330,10 @@ def _explain(
     return "; ".join(parts)
 
 
-def edge_first_settlement(plan: EscalationPlan) -> Settlement:
+def edge_first_settlement(plan: EscalationPlan, items_already_sent: int = 0) -> Settlement:
     """The progressive stream's first answer: every item as the edge answered it, before
-    the cloud is asked; it makes no claim yet about the cloud (nothing billed or owed)."""
+    the cloud's answer; nothing owed yet. ``items_already_sent``: a hedge already took
+    the data out (and is billed), so the first message says so too."""
     return Settlement(
         items=tuple(
             ItemDecision(EDGE, reason, score)
@@ -340,8 +341,8 @@ def edge_first_settlement(plan: EscalationPlan) -> Settlement:
         ),
         degraded=False,
         owed=(),
-        data_left_site=False,
-        cloud_items_billed=0,
+        data_left_site=items_already_sent > 0,
+        cloud_items_billed=items_already_sent,
         explanation=(
             f"edge answer first; escalating {len(plan.escalate)} of {len(plan.scores)} "
             f"item(s) (score {max(plan.scores):.3f} vs threshold {plan.threshold:.3f}, "

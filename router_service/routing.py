@@ -48,6 +48,7 @@ from router_service.decision import (
 )
 from router_service.escalation import ScoringPolicy
 from router_service.features import router_features
+from router_service.latency import RollingLatency
 from router_service.metrics import RouterMetrics
 from router_service.outbox import OutboxItem, Priority
 from router_service.policy import PolicyVerdict, RequestConstraints, Situation, evaluate
@@ -107,6 +108,8 @@ class _Facts:
     cloud: TierAnswer | None = None
     hedge: asyncio.Task[TierAnswer] | None = None
     hedge_reason: str = ""
+    # When the last tier call ended (the router's own tail is measured from here).
+    calls_ended_at: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def attempted(self, purpose: Purpose) -> CloudAttempt | None:
@@ -148,6 +151,8 @@ class Router:
             default_reserve_s=settings.fallback_reserve_default_s,
             reserve_margin_s=settings.outbox_write_reserve_s,
         )
+        # The router's own time from the last tier call's end to its answer.
+        self._tail = RollingLatency()
         self._prices = Prices(
             settings.currency_code, settings.edge_price_micros, settings.cloud_price_micros
         )
@@ -188,8 +193,11 @@ class Router:
                 span.set_attribute(attributes.CANCELLED, True)
                 raise
             finally:
-                if facts.hedge is not None and not facts.hedge.done():
-                    facts.hedge.cancel()
+                hedge = facts.hedge
+                if hedge is not None and not hedge.done():
+                    hedge.cancel()
+                elif hedge is not None and not hedge.cancelled():
+                    hedge.exception()  # retrieved, whatever became of the request
             settlement = settle(
                 routed.batch,
                 routed.constraints,
@@ -200,6 +208,8 @@ class Router:
             )
             queued = await self._queue_owed(routed, facts, settlement)
             response = self._respond(routed, facts, settlement, final=True, queued=queued)
+            if facts.calls_ended_at is not None:
+                self._tail.observe(self._clock() - facts.calls_ended_at)
             annotate(span, response.decision)
             if self._metrics is not None:
                 self._metrics.record(response.decision, [p.served_by for p in response.predictions])
@@ -213,7 +223,9 @@ class Router:
         everything = tuple(range(routed.batch))
         if routed.verdict.cloud_first:
             # Asked for: no cap from the cloud's history, only the edge's reserve kept.
-            timeout = self._budget.leaving_reserve(self._remaining(routed), self.edge.latency.p95)
+            timeout = self._budget.leaving_reserve(
+                self._remaining(routed) - self._answer_reserve_s(), self.edge.latency.p95
+            )
             if await self._call_cloud(routed, facts, Purpose.CLOUD_ONLY, everything, timeout):
                 return
         else:
@@ -226,7 +238,11 @@ class Router:
             self._resolve_hedge(facts, routed.batch, rows=())
             return
         if on_edge_answer is not None:
-            on_edge_answer(self._respond(routed, facts, edge_first_settlement(plan), final=False))
+            # A hedge already went out: the first message says so (and bills it).
+            hedged = routed.batch if facts.hedge is not None else 0
+            on_edge_answer(
+                self._respond(routed, facts, edge_first_settlement(plan, hedged), final=False)
+            )
         if facts.hedge is not None:
             await self._await_hedge(facts, routed.batch, plan.escalate)
             return
@@ -246,7 +262,10 @@ class Router:
         if self.edge.health.known_down and cloud_can_take_over:
             facts.edge_failure = EdgeFailure("edge node is down (health check); not called")
             return False
-        remaining = self._remaining(routed)
+        # Kept back even with no fallback: time to say, within the deadline, that no
+        # tier could answer (UNAVAILABLE naming each), rather than let the caller's
+        # deadline expire with no reason.
+        remaining = self._remaining(routed) - self._answer_reserve_s()
         if remaining <= 0:
             raise DeadlineExceededError("the deadline passed before the edge could be called")
         edge_call = asyncio.create_task(
@@ -281,8 +300,11 @@ class Router:
             facts.edge_failure = EdgeFailure(_why(error))
             return False
         finally:
+            facts.calls_ended_at = self._clock()
             if not edge_call.done():
                 edge_call.cancel()
+            elif not edge_call.cancelled():
+                edge_call.exception()  # retrieved: a loser's failure is not "never retrieved"
         facts.timings["edge"] = facts.edge.elapsed_s
         return True
 
@@ -311,6 +333,10 @@ class Router:
         assert facts.edge_failure is not None
         edge_why = facts.edge_failure.detail
         blocked = routed.verdict.cloud_blocked_reason
+        if blocked == decision_pb2.DECISION_REASON_DEADLINE_TOO_SHORT:
+            # Only a forecast (the cloud's p95 against the budget): with the edge gone it
+            # is the one chance left, so the cloud gets whatever remains.
+            blocked = None
         earlier = facts.attempted(Purpose.CLOUD_ONLY)
         if blocked is not None:
             cloud_why = f"may not serve ({decision_pb2.DecisionReason.Name(blocked)})"
@@ -341,7 +367,9 @@ class Router:
         items: tuple[int, ...],
         timeout_s: float,
     ) -> bool:
-        """Send ``items`` to the cloud; True when it answered (they are cloud-served)."""
+        """Send ``items`` to the cloud; True when it answered (they are cloud-served).
+        A cloud known down by its health check is refused by its breaker (opened by the
+        health watch), so nothing is sent."""
         if timeout_s <= 0:
             facts.attempts.append(CloudAttempt(purpose, items, AttemptResult.NO_TIME, "no time"))
             return False
@@ -368,6 +396,8 @@ class Router:
         except TierUnavailableError as error:
             facts.attempts.append(CloudAttempt(purpose, items, _result_of(error), _why(error)))
             return False
+        finally:
+            facts.calls_ended_at = self._clock()
         rows = tuple((index, row) for row, index in enumerate(items))
         facts.attempts.append(CloudAttempt(purpose, items, AttemptResult.ANSWERED, rows=rows))
         self._adopt(facts, answer)
@@ -548,11 +578,18 @@ class Router:
     def _remaining(self, routed: _Routed) -> float:
         return routed.deadline - self._clock()
 
+    def _answer_reserve_s(self) -> float:
+        """Time kept back from the last tier attempt to finish the request after it
+        (settle, outbox write, response): twice the router's own p99 of that tail, at
+        least ``outbox_write_reserve_s``. Under load the tail grows, and so does this."""
+        tail_p99 = self._tail.quantile(0.99)
+        return max(self._settings.outbox_write_reserve_s, 2.0 * tail_p99 if tail_p99 else 0.0)
+
     def _cloud_timeout(self, routed: _Routed) -> float:
         """An escalation ends early enough that a failure still leaves time to store the
         items in the outbox and answer with the edge's result within the deadline."""
         remaining = self._remaining(routed)
-        return max(remaining - self._settings.outbox_write_reserve_s, remaining / 2)
+        return max(remaining - self._answer_reserve_s(), remaining / 2)
 
     def _adopt(self, facts: _Facts, answer: TierAnswer) -> None:
         facts.cloud = answer

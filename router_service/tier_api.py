@@ -87,17 +87,28 @@ def never_connected(code: grpc.StatusCode, detail: str) -> bool:
 
 
 class TierHealth:
-    """The tier's own grpc.health.v1 as last seen by the router's health watch.
+    """The tier's own grpc.health.v1 as seen by the router's health watch.
 
-    ``up`` is None until the first check: unknown is not down, so the tier is tried.
+    Unknown (no check yet) is not down. ``known_down`` after ``DOWN_AFTER`` failed
+    checks in a row, so one slow check on a busy host does not take a tier out.
     """
+
+    DOWN_AFTER = 2
 
     def __init__(self) -> None:
         self.up: bool | None = None
+        self._consecutive_down = 0
+
+    def observe(self, up: bool) -> bool:
+        """Record one check; True when this check makes the tier known to be down."""
+        was_down = self.known_down
+        self.up = up
+        self._consecutive_down = 0 if up else self._consecutive_down + 1
+        return self.known_down and not was_down
 
     @property
     def known_down(self) -> bool:
-        return self.up is False
+        return self._consecutive_down >= self.DOWN_AFTER
 
 
 class EdgeTierApi(Protocol):

@@ -54,6 +54,7 @@ async def guarded_call(
     send: Callable[[], Awaitable[ResponseT]],
     *,
     background: bool = False,
+    timeout_s: float | None = None,
 ) -> tuple[ResponseT, float]:
     """One call through the tier's breaker; every permitted call is recorded exactly once,
     with its permit. ``background`` work (outbox replays) is refused while half-open."""
@@ -66,7 +67,16 @@ async def guarded_call(
     try:
         response = await send()
     except (grpc.aio.AioRpcError, LocalCallError) as error:
-        breaker.record(permit, outcome_of(error.code()), time.perf_counter() - started)
+        outcome = outcome_of(error.code())
+        if (
+            error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            and timeout_s is not None
+            and timeout_s < breaker.config.slow_call_s
+        ):
+            # The caller's short deadline, not the tier: a call given less than the
+            # tier's own SLO to answer says nothing about its health.
+            outcome = CallOutcome.IGNORED
+        breaker.record(permit, outcome, time.perf_counter() - started)
         detail = error.details() or ""
         failure = Failure.NOT_SENT if never_connected(error.code(), detail) else Failure.FAILED
         raise TierUnavailableError(tier, error.code(), detail, failure=failure) from error
@@ -106,7 +116,10 @@ class EdgeTier:
             top_k=top_k,
         )
         response, elapsed = await guarded_call(
-            "edge", self.breaker, lambda: self._stub.Infer(request, timeout=timeout_s)
+            "edge",
+            self.breaker,
+            lambda: self._stub.Infer(request, timeout=timeout_s),
+            timeout_s=timeout_s,
         )
         self.latency.observe(elapsed)
         return TierAnswer(response.model, response.outputs, response.classifications, elapsed)
@@ -186,7 +199,7 @@ class CloudTier:
 
         try:
             response, elapsed = await guarded_call(
-                "cloud", self.breaker, send, background=background
+                "cloud", self.breaker, send, background=background, timeout_s=timeout_s
             )
         except TierUnavailableError as error:
             if error.failure is Failure.NOT_SENT and error.code is not None:

@@ -53,18 +53,20 @@ class Admission:
     ) -> AsyncIterator[None]:
         """Hold one in-flight slot; wait for it at most ``wait_budget_s`` (None: as long
         as it takes, for callers whose own deadline cancels them). ``shed_when_late``:
-        refuse at once (RESOURCE_EXHAUSTED) when the expected wait already exceeds the
-        budget, rather than queue a request whose deadline cannot be met."""
+        refuse at once (RESOURCE_EXHAUSTED) when every slot is taken and the expected wait
+        plus the mean time a slot is held exceed the budget, rather than queue a request
+        whose deadline cannot be met."""
         if self._slots.locked() and self.queued >= self._max_queued:
             raise ResourceExhaustedError(
                 f"{self.queued} requests already wait for a free slot to {self._resource}",
                 retry_after_ms=self._retry_after_ms,
             )
         if shed_when_late and wait_budget_s is not None:
-            expected = self.expected_wait_s()
-            if expected > wait_budget_s:
+            # The request must wait its turn and then be served, both before its deadline.
+            expected = self.expected_wait_s() + self.mean_hold_s
+            if self._slots.locked() and expected > wait_budget_s:
                 raise ResourceExhaustedError(
-                    f"overloaded: ~{expected * 1e3:.0f} ms to wait for {self._resource}, "
+                    f"overloaded: ~{expected * 1e3:.0f} ms to wait for and use {self._resource}, "
                     f"more than the {max(wait_budget_s, 0.0) * 1e3:.0f} ms the deadline leaves",
                     retry_after_ms=self._retry_after_ms,
                 )

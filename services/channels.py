@@ -149,6 +149,57 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._inner.intercept_unary_unary(continuation, details, request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._inner.intercept_unary_stream(continuation, details, request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._inner.intercept_stream_unary(continuation, details, request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._inner.intercept_stream_stream(continuation, details, request_iterator)
+
+
+_KINDS: tuple[tuple[type, type], ...] = (
+    (grpc.aio.UnaryUnaryClientInterceptor, _UnaryUnary),
+    (grpc.aio.UnaryStreamClientInterceptor, _UnaryStream),
+    (grpc.aio.StreamUnaryClientInterceptor, _StreamUnary),
+    (grpc.aio.StreamStreamClientInterceptor, _StreamStream),
+)
+
+
+def per_call_kind(interceptor: Any) -> list[Any]:
+    """One interceptor per call kind it implements: grpc.aio files an interceptor under
+    the first kind it is an instance of only, so one object implementing all four
+    would guard unary-unary calls alone (streams would go unchecked)."""
+    return [adapter(interceptor) for kind, adapter in _KINDS if isinstance(interceptor, kind)]
+
+
 class ChannelFactory:
     """Creates grpc.aio channels with the mesh's options and interceptors."""
 
@@ -160,9 +211,9 @@ class ChannelFactory:
         # The deadline check runs first, so a refused call never opens a span; the
         # cancellation guard runs last, next to the wire.
         self._interceptors: list[Any] = [
-            DeadlineRequiredInterceptor(),
+            *per_call_kind(DeadlineRequiredInterceptor()),
             *interceptors,
-            CancelOnLeaveInterceptor(),
+            *per_call_kind(CancelOnLeaveInterceptor()),
         ]
         self._max_message_bytes = max_message_bytes
 

@@ -7,9 +7,12 @@ import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,7 +20,13 @@ from opentelemetry.trace import SpanKind, format_trace_id
 
 from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
-from services.channels import ChannelFactory, MissingDeadlineError
+from services.channels import (
+    CancelOnLeaveInterceptor,
+    ChannelFactory,
+    DeadlineRequiredInterceptor,
+    MissingDeadlineError,
+    per_call_kind,
+)
 from services.config import ServiceSettings
 from services.logging import configure_logging
 from services.server import ServiceHost, ServiceRegistration
@@ -168,3 +177,29 @@ def test_settings_read_their_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None
 def test_grpc_import_is_the_real_one() -> None:
     # Guards against a stub grpc on the path: these tests must run the real runtime.
     assert grpc.__version__.startswith("1.81")
+
+
+# grpc.aio files an interceptor under the first call kind it implements only: the mesh's
+# client interceptors are registered once per kind, so streaming calls are guarded too.
+
+
+def test_each_interceptor_is_registered_for_every_kind_it_implements() -> None:
+    assert len(per_call_kind(DeadlineRequiredInterceptor())) == 4
+    assert len(per_call_kind(CancelOnLeaveInterceptor())) == 2
+
+
+@pytest_asyncio.fixture
+async def health_channel() -> AsyncIterator[grpc.aio.Channel]:
+    """A ChannelFactory channel to a real server's grpc.health.v1."""
+    host = ServiceHost(ServiceSettings(port=0, shutdown_grace_seconds=0), [])
+    await host.start()
+    channel = ChannelFactory().create(host.address)
+    yield channel
+    await channel.close(None)
+    await host.stop(0)
+
+
+async def test_a_streaming_call_without_a_deadline_is_refused(health_channel: Any) -> None:
+    watch = health_pb2_grpc.HealthStub(health_channel).Watch(health_pb2.HealthCheckRequest())
+    with pytest.raises(MissingDeadlineError, match="Health/Watch"):
+        await watch.read()

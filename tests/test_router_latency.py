@@ -38,3 +38,22 @@ def test_a_refresh_uses_every_sample_in_the_window() -> None:
         latency.observe(milliseconds / 1000)
     assert latency.quantile(0.5) == pytest.approx(0.0505)
     assert latency.p95 == pytest.approx(0.09505)
+
+
+def test_old_samples_expire_so_a_burst_of_slow_calls_cannot_refuse_a_tier_for_good() -> None:
+    """A few 2 s calls made the cloud's p95 2 s; the router then refused it
+    (DEADLINE_TOO_SHORT) and added no samples: with an age limit the figure expires."""
+    clock = [0.0]
+    latency = RollingLatency(
+        capacity=200, minimum_samples=20, refresh_every=10, max_age_s=30.0, clock=lambda: clock[0]
+    )
+    for _ in range(30):
+        latency.observe(0.04)
+    for _ in range(4):
+        latency.observe(2.0)
+    p95 = latency.p95
+    assert p95 is not None and p95 > 1.0
+    clock[0] = 29.0
+    assert latency.p95 == p95  # still within the age limit
+    clock[0] = 31.0
+    assert latency.p95 is None  # nothing recent: unknown, so the tier is tried again

@@ -77,12 +77,35 @@ async def test_an_edge_its_health_check_reports_down_is_skipped(scripted: Script
     assert reply.decision.served_by == routing_pb2.TIER_CLOUD
     assert "health check" in reply.decision.explanation
     assert len(scripted.edge.tier.calls) == calls_before
-    # SENSITIVE data has nowhere else to go: the edge is still tried.
-    sensitive = await scripted.stub.Infer(
-        request([CONFIDENT], scripted, request_id="down-s", privacy=SENSITIVE), timeout=2
-    )
-    assert sensitive.decision.served_by == routing_pb2.TIER_EDGE
-    assert not sensitive.decision.data_left_site
+    # Known down opens the edge's breaker (Envoy-style ejection): SENSITIVE data, with
+    # nowhere else to go, is refused at once, naming each tier and why.
+    assert scripted.router.router.edge.breaker.state is BreakerState.OPEN
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await scripted.stub.Infer(
+            request([CONFIDENT], scripted, request_id="down-s", privacy=SENSITIVE), timeout=2
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = refused.value.details() or ""
+    assert "edge: edge circuit breaker is open" in details
+    assert "PRIVACY_SENSITIVE" in details
+    assert len(scripted.edge.tier.calls) == calls_before
+    # SERVING again: half-open, probes decide, the edge answers again.
+    await scripted.edge.set_serving(True)
+    await wait_until(lambda: not scripted.router.router.edge.health.known_down)
+    back = await scripted.stub.Infer(request([CONFIDENT], scripted, request_id="back"), timeout=2)
+    assert back.decision.served_by == routing_pb2.TIER_EDGE
+
+
+async def test_a_cloud_its_health_check_reports_down_is_not_called(
+    scripted: ScriptedMesh,
+) -> None:
+    await scripted.cloud.set_serving(False)
+    await wait_until(lambda: scripted.router.router.cloud.health.known_down)
+    reply = await scripted.stub.Infer(request([HARD], scripted, request_id="cdown"), timeout=2)
+    assert reply.decision.served_by == routing_pb2.TIER_EDGE
+    assert reply.predictions[0].reason == R.DECISION_REASON_CLOUD_BREAKER_OPEN
+    assert not reply.decision.data_left_site and reply.decision.queued_for_reconciliation
+    assert not [c for c in scripted.cloud.tier.calls if c.request_id == "cdown"]
 
 
 async def test_when_no_tier_can_answer_the_error_names_each(scripted: ScriptedMesh) -> None:
