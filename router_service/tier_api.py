@@ -80,10 +80,12 @@ class TierUnavailableError(Exception):
 
 
 def never_connected(code: grpc.StatusCode, detail: str) -> bool:
-    """True when a failed call never reached the peer, so none of its data left."""
-    return code == grpc.StatusCode.UNAVAILABLE and any(
-        marker in detail for marker in NEVER_CONNECTED_MARKERS
-    )
+    """True when a failed call never reached the peer, so none of its data left.
+
+    Only gRPC's own message counts, which starts with the marker: a peer that was reached
+    may quote an inner failure ("Triton unreachable: failed to connect to all addresses")
+    and the data did reach it."""
+    return code == grpc.StatusCode.UNAVAILABLE and detail.startswith(NEVER_CONNECTED_MARKERS)
 
 
 class TierHealth:

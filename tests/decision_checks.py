@@ -36,8 +36,17 @@ def _line(message: Message) -> str:
 
 
 def transfers(records: Sequence[AuditRecord]) -> list[AuditRecord]:
-    """The audit records a request's own routing wrote (outbox replays are not its)."""
-    return [r for r in records if r.get("purpose") != "reconciliation"]
+    """The transfers a request's own routing made (outbox replays are not its): its
+    "off-site transfer" records, less those a "not sent" record of the same span says
+    never left (the cloud could not be reached at all)."""
+    not_sent = {r.get("span_id") for r in records if r.get("event") == "off-site transfer not sent"}
+    return [
+        r
+        for r in records
+        if r.get("event") == "off-site transfer"
+        and r.get("purpose") != "reconciliation"
+        and r.get("span_id") not in not_sent
+    ]
 
 
 def check_decision(

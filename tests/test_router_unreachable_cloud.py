@@ -73,3 +73,10 @@ async def test_the_never_connected_markers_match_real_grpc_failures() -> None:
         await server.stop(0)
     # A failure reported by a reached peer is not mistaken for one.
     assert not never_connected(grpc.StatusCode.UNAVAILABLE, "scripted unavailable")
+
+
+def test_a_reached_peer_quoting_an_inner_connect_failure_is_not_mistaken() -> None:
+    """The cloud service was reached and says Triton is unreachable: the data did leave."""
+    quoted = "Triton unreachable: failed to connect to all addresses; last error: ..."
+    assert not never_connected(grpc.StatusCode.UNAVAILABLE, quoted)
+    assert never_connected(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; x")

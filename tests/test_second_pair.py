@@ -58,11 +58,18 @@ output_kind = "probabilities"
 """
 
 
-def cli(*arguments: str, cwd: Path, module: str = "localmesh.cli") -> str:
+def cli(
+    *arguments: str, cwd: Path, module: str = "localmesh.cli", state_dir: Path | None = None
+) -> str:
+    """Run the CLI; ``state_dir``: the local mesh whose operator `hybridmesh registry`
+    calls as (its token and signing keys)."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    if state_dir is not None:
+        environment["HYBRIDMESH_STATE_DIR"] = str(state_dir)
     result = subprocess.run(
         [sys.executable, "-m", module, *arguments],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=environment,
         capture_output=True,
         text=True,
         timeout=300,
@@ -216,7 +223,7 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
         "--keys", str(state_dir / "operator"), *ref, str(operator / DIGITS / "3"),
         cwd=running.base,
     )  # fmt: skip
-    cli("registry", "promote", "--registry", registry, *ref, cwd=running.base)
+    cli("registry", "promote", "--registry", registry, *ref, cwd=running.base, state_dir=state_dir)
     deadline = time.monotonic() + 60
     while (after := await policy_versions(running.stub))[DIGITS] != "3":
         assert time.monotonic() < deadline, after
@@ -237,5 +244,5 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
     assert "edge fashion-edge v1, cloud fashion-cloud v1, policy v1" in lines[FASHION]
     assert "cloud digits-cloud v1, policy v3" in lines[DIGITS]
     assert "policy max-softmax-default" in lines[NO_POLICY]
-    sites = cli("registry", "sites", "--registry", registry, cwd=REPO)
+    sites = cli("registry", "sites", "--registry", registry, cwd=REPO, state_dir=state_dir)
     assert f"{DIGITS} v3" in sites and f"{FASHION} v1" in sites and "fashion-edge v1" in sites
