@@ -18,7 +18,7 @@ help:
 	@echo "make bench  - set up, then benchmarks and faults under load (~10 min)"
 	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
 	@echo "make protos - regenerate Python code from protos/"
-	@echo "make k8s-smoke - run the edge and cloud overlays with podman kube play (~5 min, first ~10)"
+	@echo "make k8s-smoke - run the edge and cloud overlays with podman kube play (~30 s cached, first ~3 min)"
 	@echo "make models - retrain the Fashion-MNIST models into a new store version (minutes)"
 
 $(STAMPS):
