@@ -195,10 +195,12 @@ class EdgeNode:
             try:
                 if self.models is None and self._first_fetch is not None:
                     settings = self.settings
-                    await fetch_promoted(
-                        self._first_fetch, settings.model_store, settings.served_models
-                    )
-                    await self._load_models()
+                    try:
+                        await fetch_promoted(
+                            self._first_fetch, settings.model_store, settings.served_models
+                        )
+                    finally:  # an unreachable registry does not stop a retry of the store
+                        await self._load_models()
                 if self.models is not None:
                     self.updater = self.updater or self._updater(self.models)
                     await self.updater.poll_once()

@@ -270,6 +270,7 @@ def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
             # ignores hostAliases in a pod without network: the names are in an
             # /etc/hosts of our own, mounted into every container (below).
             "securityContext": copy.deepcopy(first["securityContext"]),
+            # A crash fails the smoke test (its log is shown) instead of restarting.
             "restartPolicy": "Never",
             "containers": [],
             "volumes": [{"name": "hosts", "hostPath": {"path": str(hosts), "type": "File"}}],
@@ -515,6 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             edge_site(edge, work, played)
             cloud_tier(cloud, work, played)
+        except BaseException:
+            for name in podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split():
+                if name.startswith(PREFIX):
+                    sys.stdout.write(f"--- last lines of {name}:\n{logs(name)[-2000:]}\n")
+            raise
         finally:
             if not args.keep:
                 teardown(played)
