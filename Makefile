@@ -11,13 +11,14 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo bench up down test lint protos models clean
+.PHONY: help setup demo bench up down test lint protos models clean k8s-smoke
 
 help:
 	@echo "make demo   - set up, then run hybridmesh on the embedded local mesh"
 	@echo "make bench  - set up, then benchmarks and faults under load (~10 min)"
 	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
 	@echo "make protos - regenerate Python code from protos/"
+	@echo "make k8s-smoke - run the edge and cloud overlays with podman kube play (~30 s cached, first ~3 min)"
 	@echo "make models - retrain the Fashion-MNIST models into a new store version (minutes)"
 
 $(STAMPS):
@@ -64,6 +65,14 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The k8s manifests as committed, run with podman (tools/k8s_smoke.py): renders both
+# overlays, builds the image offline on a cached debootstrap base, plays the edge site and
+# the cloud tier, checks them, tears down. Not in `make test` (see README, Deploying).
+k8s-smoke: $(STAMPS)/venv
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq podman debootstrap; }
+	$(PY) tools/k8s_smoke.py
 
 # The main job: the whole mesh as real processes on loopback, the test split through it.
 demo: setup

@@ -52,6 +52,8 @@ class CloudNode:
         self._inference: CloudInference | None = None
         self._models: dict[str, TritonModel] = {}
         self._triton_ready = False
+        # Why it is not serving; None until the first check (so the first reason is logged).
+        self._not_ready_reason: str | None = None
         self._published: dict[str, bool] = {}
         self._publish_lock = asyncio.Lock()
         self._publishing: set[asyncio.Task[None]] = set()
@@ -100,7 +102,10 @@ class CloudNode:
 
     def inference(self) -> CloudInference:
         if self._inference is None:
-            raise UnavailableError(f"Triton at {self.settings.triton_url} has not been ready yet")
+            raise UnavailableError(
+                self._not_ready_reason
+                or f"Triton at {self.settings.triton_url} has not been ready yet"
+            )
         return self._inference
 
     async def start(self) -> int:
@@ -135,11 +140,14 @@ class CloudNode:
             except Exception:
                 # A bug here must not freeze health at its last value.
                 _log.exception("triton readiness check failed")
-                await self._publish(False)
+                await self._publish(False, "triton readiness check failed (see the error above)")
             await asyncio.sleep(self.settings.health_poll_s)
 
     async def _check_triton(self) -> None:
-        ready = await self.triton.is_ready(self._model_names, self.settings.health_check_timeout_s)
+        reason = await self.triton.not_ready_reason(
+            self._model_names, self.settings.health_check_timeout_s
+        )
+        ready = not reason
         if ready and not self._triton_ready:
             # (Re)load the model metadata on every return: a restarted Triton may serve
             # other versions or tensors than the one before.
@@ -151,6 +159,7 @@ class CloudNode:
             except ServiceError as error:
                 _log.warning("model metadata unavailable", error=str(error))
                 ready = False
+                reason = f"model metadata unavailable: {error}"
             else:
                 facts = await asyncio.to_thread(model_facts, self.settings, models)
                 self._models = {m.name: m for m in models}
@@ -169,12 +178,18 @@ class CloudNode:
                     models=[f"{m.name}:{m.served_version}" for m in models],
                     labelled=sorted(facts),
                 )
-        await self._publish(ready)
+        await self._publish(ready, reason)
 
-    async def _publish(self, ready: bool) -> None:
-        if ready != self._triton_ready:
-            self._triton_ready = ready
-            _log.info("triton readiness", ready=ready, triton=self.settings.triton_url)
+    async def _publish(self, ready: bool, reason: str) -> None:
+        """Readiness follows Triton; each change of it, or of the reason it is not
+        serving, is logged once with the reason (not at every poll)."""
+        if ready != self._triton_ready or reason != self._not_ready_reason:
+            if ready:
+                _log.info("serving: triton ready", triton=self.settings.triton_url)
+            else:
+                _log.warning("not serving", reason=reason, triton=self.settings.triton_url)
+        self._triton_ready = ready
+        self._not_ready_reason = reason
         await self._publish_health()
 
     def _observe_infer(self, model: str, error: ServiceError | None) -> None:

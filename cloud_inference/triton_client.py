@@ -22,6 +22,7 @@ from services.errors import (
     ResourceExhaustedError,
     ServiceError,
     UnavailableError,
+    clip,
 )
 
 DEFAULT_RETRY_AFTER_MS = 50
@@ -159,15 +160,19 @@ class TritonClient:
 
     async def is_ready(self, models: list[str], timeout_s: float = 1.0) -> bool:
         """Triton is live and every one of ``models`` is ready."""
+        return not await self.not_ready_reason(models, timeout_s)
+
+    async def not_ready_reason(self, models: list[str], timeout_s: float = 1.0) -> str:
+        """Why Triton cannot serve ``models`` ("" when it is live and all are ready)."""
         try:
             if not await self._client.is_server_live(client_timeout=timeout_s):
-                return False
+                return f"Triton at {self.url} is not live"
             for model in models:
                 if not await self._client.is_model_ready(model, client_timeout=timeout_s):
-                    return False
-        except InferenceServerException:
-            return False
-        return True
+                    return f"model {model} is not ready on Triton at {self.url}"
+        except InferenceServerException as error:
+            return f"Triton at {self.url} unreachable: {clip(str(error), 300)}"
+        return ""
 
     async def model(self, name: str, timeout_s: float = 2.0) -> TritonModel:
         """The model's tensors, versions and batch limit, from Triton itself."""

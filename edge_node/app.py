@@ -8,6 +8,7 @@ import contextlib
 import grpc
 
 from edge_node.admin import EdgeAdminServicer, UpdateEvents
+from edge_node.bootstrap import fetch_promoted
 from edge_node.canary import CanaryMargins, GoldenSet
 from edge_node.config import EdgeSettings
 from edge_node.inference import EdgeInference
@@ -16,7 +17,9 @@ from edge_node.servicer import EdgeServicer
 from edge_node.updater import MODEL_KIND, EdgeUpdater, UpdateReport, UpdaterSettings
 from hybridmesh.edge.v1 import edge_admin_pb2_grpc, edge_service_pb2_grpc
 from ota.registry_client import RegistryClient, SiteServes
+from ota.seed import seed_versions
 from ota.signatures import load_trusted_keys
+from ota.updates import SiteUpdates
 from services.auth import (
     CallerAuthenticator,
     ControlPlaneAuth,
@@ -47,6 +50,7 @@ class EdgeNode:
         self.updater: EdgeUpdater | None = None
         self._registry_channel: grpc.aio.Channel | None = None
         self._registry: RegistryClient | None = None
+        self._first_fetch: SiteUpdates | None = None
         self._stop_updates = asyncio.Event()
         self._updates: asyncio.Task[None] | None = None
         self.events = UpdateEvents()
@@ -95,36 +99,51 @@ class EdgeNode:
         return self._inference
 
     async def start(self) -> int:
-        """Start serving; health turns SERVING once every model is loaded and verified."""
+        """Start serving; health turns SERVING once every model is loaded and verified.
+        With a registry, polling starts whether or not the store loaded: an empty or
+        refused store is retried at every poll (seeded, or fetched from the registry)."""
         port = await self.host.start()
+        await self._load_models()
+        if self.settings.registry_target:
+            self._start_updates()
+        return port
+
+    async def _load_models(self) -> bool:
+        settings = self.settings
         try:
+            if settings.seed_store is not None:
+                seeded = await asyncio.to_thread(
+                    seed_versions, settings.seed_store, settings.model_store, settings.served_models
+                )
+                if seeded:
+                    _log.info(
+                        "model store seeded from the image", versions=[str(p) for p in seeded]
+                    )
             models = await asyncio.to_thread(
                 LocalModels.load,
-                self.settings.model_store,
-                self.settings.intra_op_threads,
-                self.settings.served_models,
+                settings.model_store,
+                settings.intra_op_threads,
+                settings.served_models,
             )
-        except ModelStoreError as error:
+        except (ModelStoreError, OSError) as error:
             # Stay up and NOT_SERVING with the reason, rather than crash-loop: the
             # operator sees why in health, in every refused call and in the log.
             self._not_ready_reason = f"model store refused: {error}"
             _log.error("model store refused", error=str(error))
-            return port
+            return False
         self.models = models
         self._inference = EdgeInference(
             models, self.settings, self._telemetry.tracer("hybridmesh.edge_node")
         )
         await self.host.set_serving(EDGE_SERVICE_NAME, True)
-        if self.settings.registry_target:
-            self._start_updates(models)
         _log.info(
             "models loaded",
             models=[f"{m.name}:{m.version}" for m in models.all()],
             address=self.host.address,
         )
-        return port
+        return True
 
-    def _start_updates(self, models: LocalModels) -> None:
+    def _start_updates(self) -> None:
         settings = self.settings
         if settings.golden_set is None or not settings.trusted_keys:
             raise ValueError("over-the-air updates need golden_set and trusted_keys")
@@ -135,7 +154,20 @@ class EdgeNode:
         self._registry = RegistryClient(
             self._registry_channel, bearer_metadata(read_token(settings.registry_token_file))
         )
-        self.updater = EdgeUpdater(
+        self._first_fetch = SiteUpdates(
+            self._registry,
+            MODEL_KIND,
+            settings.update_staging,
+            load_trusted_keys(list(settings.trusted_keys)),
+        )
+        if self.models is not None:
+            self.updater = self._updater(self.models)
+        self._updates = asyncio.create_task(self._update_loop())
+
+    def _updater(self, models: LocalModels) -> EdgeUpdater:
+        settings = self.settings
+        assert self._registry is not None and settings.golden_set is not None
+        return EdgeUpdater(
             self._registry,
             models,
             UpdaterSettings(
@@ -151,7 +183,6 @@ class EdgeNode:
             GoldenSet.load(settings.golden_set),
             on_report=self._on_update,
         )
-        self._updates = asyncio.create_task(self._update_loop())
 
     def _on_update(self, report: UpdateReport) -> None:
         self.events.record(report)
@@ -178,11 +209,20 @@ class EdgeNode:
             _log.warning("site report failed", code=error.code().name)
 
     async def _update_loop(self) -> None:
-        assert self.updater is not None
         await self._report_site()
         while not self._stop_updates.is_set():
             try:
-                await self.updater.poll_once()
+                if self.models is None and self._first_fetch is not None:
+                    settings = self.settings
+                    try:
+                        await fetch_promoted(
+                            self._first_fetch, settings.model_store, settings.served_models
+                        )
+                    finally:  # an unreachable registry does not stop a retry of the store
+                        await self._load_models()
+                if self.models is not None:
+                    self.updater = self.updater or self._updater(self.models)
+                    await self.updater.poll_once()
             except (grpc.aio.AioRpcError, OSError) as error:
                 _log.warning("update poll failed", error=str(error))
             await self._report_site()

@@ -24,6 +24,10 @@ class EdgeSettings(ServiceSettings):
     model_store: Path = Path("models/store")
     # Names of the models to serve from the store; empty serves every model in it.
     served_models: tuple[str, ...] = ()
+    # A read-only store shipped in the image (/app/models/store): at start, and at each
+    # poll while the store is refused, each served model with no version in model_store
+    # gets the seed's newest version (ota.seed). Unset: nothing is seeded.
+    seed_store: Path | None = None
     # onnxruntime sizes its pool from the host, not the cgroup (onnxruntime#29510):
     # always set it. One thread per session run; parallelism comes from compute_slots.
     intra_op_threads: int = Field(default=1, ge=1)

@@ -16,6 +16,7 @@ from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from hybridmesh.edge.v1 import edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from ota.registry_client import RegistryClient, SiteServes
+from ota.seed import seed_versions
 from ota.signatures import load_trusted_keys
 from router_service.anonymisers import anonymiser
 from router_service.audit import AUDIT_STREAM, TransferAudit
@@ -86,6 +87,11 @@ class RouterNode:
         self._cloud_channel = factory.create(
             settings.cloud_target, credentials=mtls_credentials(settings.cloud_tls_dir)
         )
+        if settings.policies_seed is not None:
+            for seeded in seed_versions(
+                settings.policies_seed, settings.policies_dir, [pair.name for pair in pairs]
+            ):
+                _log.info("router policy seeded from the image", directory=str(seeded))
         meter = telemetry.meter("hybridmesh.router")
         breaker_state = meter.create_up_down_counter(
             "hybridmesh.breaker.open", description="1 while a tier's breaker is open"

@@ -80,6 +80,11 @@ class RouterSettings(ServiceSettings):
     # each pair's highest version. A pair with none is served by the explicit max-softmax
     # default below (router_service/escalation.py), named "max-softmax-default".
     policies_dir: Path = Path("models/policies")
+    # The policies shipped in the image (/app/models/policies) when policies_dir is a
+    # writable volume (a site): at start, each pair with no version under policies_dir
+    # gets the seed's newest version (ota.seed), so over-the-air policies can be
+    # installed beside it. Unset: nothing is seeded.
+    policies_seed: Path | None = None
     # The default policy escalates an item when 1 - its top-1 probability reaches this.
     default_max_softmax_threshold: float = Field(default=0.3, gt=0, lt=1)
     # Used when the call carries no gRPC deadline and the hints no budget.

@@ -29,6 +29,7 @@ COMPONENT_BASES = {
     "cloud-mtls": ["router"],
     "ota-updates": ["router", "edge-node"],
     "tracing": ["router", "edge-node", "cloud-inference", "registry"],
+    "otel-collector": ["router", "edge-node"],
     "jaeger": [],
 }
 
@@ -95,7 +96,12 @@ def test_our_services_use_native_grpc_probes_and_trace(resources: list[dict[str,
         assert "grpc" in container["readinessProbe"]
         assert container["livenessProbe"]["grpc"]["service"] == "liveness"
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        # Each overlay's collector: Jaeger in the cloud, the site's collector at the edge.
+        collector = {d["metadata"]["name"] for d in _deployments(resources)} & {
+            "jaeger",
+            "otel-collector",
+        }
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{collector.pop()}:4317"
 
 
 def test_labels_and_no_committed_secrets(resources: list[dict[str, Any]]) -> None:
@@ -108,7 +114,7 @@ def test_labels_and_no_committed_secrets(resources: list[dict[str, Any]]) -> Non
 def test_edge_overlay_has_edge_parts_only() -> None:
     edge = {d["metadata"]["name"] for d in _deployments(build(REPO / "deploy/k8s/overlays/edge"))}
     cloud = {d["metadata"]["name"] for d in _deployments(build(REPO / "deploy/k8s/overlays/cloud"))}
-    assert edge == {"router", "edge-node"}
+    assert edge == {"router", "edge-node", "otel-collector"}
     assert cloud == {"envoy", "cloud-inference", "triton", "jaeger", "registry"}
 
 
@@ -276,3 +282,41 @@ def test_one_secret_recipe_in_readme_and_overlay_header(overlay: Path) -> None:
     # "kubectl -n <namespace> create secret <type> <name> ...": the name.
     created = {command.split(" create secret ")[1].split()[1] for command in header}
     assert created == _referenced_secrets(build(overlay))
+
+
+def test_the_site_collector_forwards_over_the_sites_mtls_link() -> None:
+    """The edge collector's pipeline uses only components it defines, listens where its
+    Service points, and exports to the cloud address with the mounted client certificate."""
+    edge = build(REPO / "deploy/k8s/overlays/edge")
+    (config_map,) = (r for r in edge if r["metadata"]["name"].startswith("otel-collector-"))
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    service = config["service"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(service["pipelines"]["traces"][kind]) <= set(config[kind]), kind
+    assert set(service["extensions"]) <= set(config["extensions"])
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    exporter = config["exporters"]["otlp/cloud"]
+    router = _env(_container(edge, "router"))
+    assert exporter["endpoint"] == router["HYBRIDMESH_ROUTER_CLOUD_TARGET"]
+    mounts = _mounts(edge, "otel-collector")
+    for key in ("ca_file", "cert_file", "key_file"):
+        tls = _volume_under(mounts, exporter["tls"][key])
+        assert tls["secret"]["secretName"] == "cloud-client-tls"
+    container = _container(edge, "otel-collector")
+    assert container["args"] == [f"--config={next(iter(mounts))}/config.yaml"]
+    assert (
+        _volume_under(mounts, "/etc/otelcol/config.yaml")["configMap"]["name"]
+        == (config_map["metadata"]["name"])
+    )
+
+
+def test_a_site_seeds_its_volumes_from_the_image() -> None:
+    """The edge store and the router's policy roots live on the PVCs, seeded from what
+    the image ships (/app/models), so over-the-air updates can install beside them."""
+    edge = build(REPO / "deploy/k8s/overlays/edge")
+    node, router = _env(_container(edge, "edge-node")), _env(_container(edge, "router"))
+    assert node["HYBRIDMESH_EDGE_SEED_STORE"] == "/app/models/store"
+    assert router["HYBRIDMESH_ROUTER_POLICIES_SEED"] == "/app/models/policies"
+    policies = _volume_under(_mounts(edge, "router"), str(router["HYBRIDMESH_ROUTER_POLICIES_DIR"]))
+    assert "persistentVolumeClaim" in policies
+    assert (REPO / "models/store/fashion-edge").is_dir() and (REPO / "models/policies").is_dir()
