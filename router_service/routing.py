@@ -64,6 +64,10 @@ from services.validation import check_duration
 
 __all__ = ["PairSpec", "Router"]
 
+# Share of the remaining budget every last attempt leaves for the answer (see
+# Router._answer_reserve_s): 25 ms of a 0.5 s deadline, 100 ms of 2 s.
+ANSWER_RESERVE_SHARE = 0.05
+
 EdgeAnswerListener = Callable[[router_service_pb2.InferResponse], None]
 
 
@@ -224,7 +228,8 @@ class Router:
         if routed.verdict.cloud_first:
             # Asked for: no cap from the cloud's history, only the edge's reserve kept.
             timeout = self._budget.leaving_reserve(
-                self._remaining(routed) - self._answer_reserve_s(), self.edge.latency.p95
+                self._remaining(routed) - self._answer_reserve_s(self._remaining(routed)),
+                self.edge.latency.p95,
             )
             if await self._call_cloud(routed, facts, Purpose.CLOUD_ONLY, everything, timeout):
                 return
@@ -265,7 +270,8 @@ class Router:
         # Kept back even with no fallback: time to say, within the deadline, that no
         # tier could answer (UNAVAILABLE naming each), rather than let the caller's
         # deadline expire with no reason.
-        remaining = self._remaining(routed) - self._answer_reserve_s()
+        remaining = self._remaining(routed)
+        remaining -= self._answer_reserve_s(remaining)
         if remaining <= 0:
             raise DeadlineExceededError("the deadline passed before the edge could be called")
         edge_call = asyncio.create_task(
@@ -578,18 +584,24 @@ class Router:
     def _remaining(self, routed: _Routed) -> float:
         return routed.deadline - self._clock()
 
-    def _answer_reserve_s(self) -> float:
+    def _answer_reserve_s(self, remaining_s: float) -> float:
         """Time kept back from the last tier attempt to finish the request after it
-        (settle, outbox write, response): twice the router's own p99 of that tail, at
-        least ``outbox_write_reserve_s``. Under load the tail grows, and so does this."""
+        (settle, outbox write, response, or the error naming each tier): twice the
+        router's own p99 of that tail, at least ``outbox_write_reserve_s`` and
+        ``ANSWER_RESERVE_SHARE`` of what remains (event-loop lag on a busy host grows
+        with the load, not with the work, and the tail p99 sees only finished calls)."""
         tail_p99 = self._tail.quantile(0.99)
-        return max(self._settings.outbox_write_reserve_s, 2.0 * tail_p99 if tail_p99 else 0.0)
+        return max(
+            self._settings.outbox_write_reserve_s,
+            2.0 * tail_p99 if tail_p99 else 0.0,
+            ANSWER_RESERVE_SHARE * remaining_s,
+        )
 
     def _cloud_timeout(self, routed: _Routed) -> float:
         """An escalation ends early enough that a failure still leaves time to store the
         items in the outbox and answer with the edge's result within the deadline."""
         remaining = self._remaining(routed)
-        return max(remaining - self._answer_reserve_s(), remaining / 2)
+        return max(remaining - self._answer_reserve_s(remaining), remaining / 2)
 
     def _adopt(self, facts: _Facts, answer: TierAnswer) -> None:
         facts.cloud = answer
