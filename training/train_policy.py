@@ -79,6 +79,7 @@ from workload.catalog import CatalogError, ModelPair, check_against_store, load_
 from workload.pair_data import load_pair_split
 
 SHARES = np.linspace(0.0, 1.0, 401)
+DEFAULT_POLICIES = Path("models/policies")
 SEED = 11
 # The max-softmax baseline's name among the candidates (policy kind max-softmax).
 MAX_SOFTMAX_CANDIDATE = "max_softmax"
@@ -452,6 +453,7 @@ def evaluate_policy(
         decision_us=decision_us,
         price=price,
         intervals=intervals,
+        root=policy_dir.parent.parent,
     )
     write_report(report, report_base(args, "evaluation"))
     return report
@@ -546,6 +548,7 @@ def evaluation_report(
     decision_us: dict[str, float],
     price: int,
     intervals: dict[str, Any] | None = None,
+    root: Path = DEFAULT_POLICIES,
 ) -> dict[str, Any]:
     test_curves = curves(scores, test)
     edge_accuracy = float(test.edge_correct.mean())
@@ -585,7 +588,11 @@ def evaluation_report(
             k: metadata[k]
             for k in ("pair", "version", "classifier", "label", "target", "threshold")
         }
-        | {"kind": metadata.get("kind", LEARNED), "views": metadata.get("views", [])},
+        | {
+            "kind": metadata.get("kind", LEARNED),
+            "views": metadata.get("views", []),
+            "root": str(root),
+        },
         "test_split": f"test ({len(test.labels):,}), used only here",
         "edge_only": {"accuracy": edge_accuracy, "cloud_share": 0.0, "cost_per_1000_micros": 0},
         "cloud_only": {
@@ -662,15 +669,17 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += _interval_lines(report)
     latency = report["decision_latency"]
+    root = policy.get("root", str(DEFAULT_POLICIES))
+    where = "" if root == str(DEFAULT_POLICIES) else f" --policies {root}"
     lines += [
         "",
         f"Decision latency in process (median of 7 x 500, batch 1): features "
         f"{latency['features_us_median']:.1f} µs + classifier "
         f"{latency['classifier_us_median']:.1f} µs.",
         "",
-        f"Regenerate: `hybridmesh policy evaluate --pair {policy['pair']} --version "
+        f"Regenerate: `hybridmesh policy evaluate --pair {policy['pair']}{where} --version "
         f"{policy['version']}` (this policy, nothing retrained); a new version: `hybridmesh "
-        f"policy train --pair {policy['pair']} --target "
+        f"policy train --pair {policy['pair']}{where} --target "
         f"{policy['target']['kind']}={policy['target']['value']}`.",
     ]
     return "\n".join(lines)
