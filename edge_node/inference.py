@@ -25,6 +25,7 @@ from services.classification import softmax, top_k
 from services.errors import InvalidArgumentError
 from services.request_ids import check_request_id
 from services.tensors import InputSpec, decode_inputs, encode_tensor
+from services.views import UnknownViewError, apply_view, view_output_name
 
 # gRFC A6 pushback when every compute slot is busy and the wait queue is full.
 RETRY_AFTER_MS = 50
@@ -41,6 +42,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(seconds * 1e9))
     return duration
+
+
+def run_with_views(
+    model: LoadedModel, arrays: dict[str, npt.NDArray[np.generic]], views: tuple[str, ...]
+) -> dict[str, npt.NDArray[np.float32]]:
+    """The model's outputs, plus ``<classification output>_view_<view>`` for each
+    requested test-time view (the model run once more on the transformed input)."""
+    outputs = model.run(arrays)
+    for view in views:
+        seen = model.run({name: apply_view(view, value) for name, value in arrays.items()})
+        name = view_output_name(model.classification_output, view)
+        outputs[name] = seen[model.classification_output]
+    return outputs
 
 
 class EdgeInference:
@@ -78,6 +92,11 @@ class EdgeInference:
             max_batch_size=min(self._limits.max_batch_size, model.max_batch_size),
             max_payload_bytes=self._limits.max_payload_bytes,
         )
+        for view in request.views:
+            try:
+                apply_view(view, next(iter(arrays.values()))[:0])
+            except UnknownViewError as error:
+                raise InvalidArgumentError(str(error), field="views") from error
         return model, arrays
 
     async def infer(self, request: edge_service_pb2.InferRequest) -> edge_service_pb2.InferResponse:
@@ -96,11 +115,12 @@ class EdgeInference:
             # No wait budget: the caller's deadline cancels a request that waits too long.
             async with self._admission.slot():
                 started = time.perf_counter()
-                if model.compute_us <= self._inline_max_us:
-                    outputs = model.run(arrays)
+                views = tuple(request.views)
+                if model.compute_us * (1 + len(views)) <= self._inline_max_us:
+                    outputs = run_with_views(model, arrays, views)
                 else:
                     # to_thread, not run_in_executor: the span and log context follow it.
-                    outputs = await asyncio.to_thread(model.run, arrays)
+                    outputs = await asyncio.to_thread(run_with_views, model, arrays, views)
                 finished = time.perf_counter()
 
             scores = outputs[model.classification_output]

@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from router_service.features import SUMMARY_FEATURES, VIEW_FEATURES, feature_names
+
 POLICY_FILE = "policy.json"
 CLASSIFIER_FILE = "classifier.onnx"
 POLICY_SCHEMA = "hybridmesh.router-policy/v1"
@@ -45,6 +47,9 @@ class PolicyMetadata:
     target: dict[str, Any]
     calibration: dict[str, Any]
     pair: str
+    # Test-time views (services.views) whose edge outputs the features include, in
+    # order; a policy with views needs the edge tier to return them (``<output>_view_<v>``).
+    views: tuple[str, ...] = ()
 
 
 def read_policy_metadata(directory: Path) -> PolicyMetadata:
@@ -58,18 +63,33 @@ def read_policy_metadata(directory: Path) -> PolicyMetadata:
         kind = str(raw.get("kind", LEARNED))
         if kind not in (LEARNED, MAX_SOFTMAX):
             raise PolicyArtifactError(f"{directory}: unknown policy kind {kind!r}")
+        names = tuple(str(name) for name in raw["feature_names"])
+        views = tuple(str(view) for view in raw.get("views", []))
+        if kind == LEARNED:
+            _check_feature_names(directory, names, views)
         return PolicyMetadata(
             kind=kind,
             version=str(raw["version"]),
             threshold=float(raw["threshold"]),
-            feature_names=tuple(raw["feature_names"]),
+            feature_names=names,
             classifier_sha256=str(raw.get("classifier_sha256", "")),
             target=dict(raw["target"]),
             calibration=dict(raw["calibration"]),
             pair=str(raw["pair"]),
+            views=views,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise PolicyArtifactError(f"{directory}: bad field {error}") from error
+
+
+def _check_feature_names(directory: Path, names: tuple[str, ...], views: tuple[str, ...]) -> None:
+    """A learned policy's features must be computable from what it declares: its names
+    are exactly ``features.feature_names(classes, views)`` for its declared views."""
+    classes = len(names) - len(SUMMARY_FEATURES) - len(VIEW_FEATURES) * len(views)
+    if classes < 1 or list(names) != feature_names(classes, views):
+        raise PolicyArtifactError(
+            f"{directory}: feature names are not the feature set of views {list(views)}"
+        )
 
 
 def latest_policy(root: Path) -> Path:

@@ -57,6 +57,15 @@ def add_pair_arguments(parser: argparse.ArgumentParser, *, default_pair: str | N
     )
 
 
+def add_resamples_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=2000,
+        help="paired-bootstrap resamples for the ratio intervals (default %(default)s)",
+    )
+
+
 def add_report_argument(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--report",
@@ -85,6 +94,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, default_pair: str | 
     parser.add_argument(
         "--version", type=int, help="policy version to write (default: the next free one)"
     )
+    add_resamples_argument(parser)
     add_report_argument(parser, "evaluation")
 
 
@@ -93,6 +103,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser, *, default_pair: str
     parser.add_argument(
         "--version", type=int, help="policy version to evaluate (default: the newest)"
     )
+    add_resamples_argument(parser)
     add_report_argument(parser, "evaluation")
 
 

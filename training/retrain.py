@@ -42,6 +42,7 @@ from router_service.policy_updater import POLICY_KIND
 from services.classification import to_probabilities
 from services.errors import InvalidArgumentError
 from services.tensors import DATATYPE_BY_KSERVE_NAME, decode_tensor
+from services.views import apply_view
 from training.arguments import DEFAULT_RESULTS, add_retrain_arguments
 from training.calibration import operating_point, threshold_for_cloud_share
 from training.train_policy import (
@@ -82,8 +83,11 @@ class Comparison:
         return self.candidate_accuracy > self.serving_accuracy + self.min_gain
 
 
-def reconciled_examples(outbox: Path, pair: ModelPair, edge_model: Path) -> Examples:
-    """Features and "the cloud disagreed" labels of the pair's reconciled items."""
+def reconciled_examples(
+    outbox: Path, pair: ModelPair, edge_model: Path, views: tuple[str, ...] = ()
+) -> Examples:
+    """Features and "the cloud disagreed" labels of the pair's reconciled items (with
+    the edge model run on each of ``views`` too, as the router does)."""
     store = Outbox(outbox, max_items=1, synchronous="NORMAL")
     try:
         items = [item for item in store.reconciled() if item.pair == pair.name]
@@ -93,8 +97,15 @@ def reconciled_examples(outbox: Path, pair: ModelPair, edge_model: Path) -> Exam
         return Examples(np.zeros((0, 0), np.float32), np.zeros(0, np.bool_))
     inputs = np.concatenate([_decode(item.input, pair) for item in items])
     output = run_model(edge_model, pair, inputs)
-    probabilities = to_probabilities(output, pair.output_kind == "probabilities")
-    features = router_features(probabilities, inputs)
+    as_probabilities = pair.output_kind == "probabilities"
+    probabilities = to_probabilities(output, as_probabilities)
+    view_outputs = {
+        view: to_probabilities(
+            run_model(edge_model, pair, apply_view(view, inputs)), as_probabilities
+        )
+        for view in views
+    }
+    features = router_features(probabilities, inputs, view_outputs)
     labels = np.array([not item.agrees for item in items], dtype=np.bool_)
     return Examples(features, labels)
 
@@ -138,6 +149,7 @@ def _half(outputs: SplitOutputs, parity: int) -> SplitOutputs:
         outputs.edge_probabilities[index],
         outputs.edge_correct[index],
         outputs.cloud_correct[index],
+        {view: values[index] for view, values in outputs.view_probabilities.items()},
     )
 
 
@@ -154,8 +166,10 @@ def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
     train = split_outputs(models, "router_train")
     calibration = split_outputs(models, "calibration")
     half_a, half_b = _half(calibration, 0), _half(calibration, 1)
-    learned = reconciled_examples(args.outbox, models.pair, models.edge)
-    features, labels = train.features, train.cloud_fixes_edge
+    # The candidate sees what the serving policy sees: its declared views.
+    views = serving.metadata.views
+    learned = reconciled_examples(args.outbox, models.pair, models.edge, views)
+    features, labels = train.features_for(views), train.cloud_fixes_edge
     if learned.count:
         features = np.concatenate([features, learned.features])
         labels = np.concatenate([labels, learned.labels])
@@ -164,12 +178,15 @@ def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
     classifier.fit(features, labels)
 
     def scores(half: SplitOutputs) -> npt.NDArray[np.float32]:
-        result: npt.NDArray[np.float32] = classifier.predict_proba(half.features)[:, 1]
+        result: npt.NDArray[np.float32] = classifier.predict_proba(half.features_for(views))[:, 1]
         return result.astype(np.float32)
 
     share = args.target_cloud_share
     serving_accuracy, serving_share = _at_share(
-        serving.score(half_a.features), serving.score(half_b.features), half_b, share
+        serving.score(half_a.features_for(views)),
+        serving.score(half_b.features_for(views)),
+        half_b,
+        share,
     )
     candidate_accuracy, candidate_share = _at_share(scores(half_a), scores(half_b), half_b, share)
     comparison = Comparison(
@@ -244,7 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     serving = latest_policy(args.policies / args.pair)
     version = int(serving.name) + 1
     directory = (args.out or args.policies / args.pair) / str(version)
-    calibration_scores = classifier.predict_proba(calibration.features)[:, 1].astype(np.float32)
+    views = load_policy(serving).metadata.views
+    calibration_features = calibration.features_for(views)
+    calibration_scores = classifier.predict_proba(calibration_features)[:, 1].astype(np.float32)
     threshold = threshold_for_cloud_share(calibration_scores, args.target_cloud_share)
     expected = operating_point(
         calibration_scores,
@@ -257,10 +276,12 @@ def _run(args: argparse.Namespace) -> int:
         directory,
         classifier,
         _classifier_kind(serving),
-        calibration.features[:1],
+        calibration_features[:1],
         pair=args.pair,
         version=version,
         threshold=threshold,
+        num_classes=calibration.edge_probabilities.shape[1],
+        views=views,
         extra={
             "label": "cloud-fixes-edge (router-train) + cloud-disagreed (reconciled)",
             "target": {"kind": "cloud-share", "value": args.target_cloud_share},

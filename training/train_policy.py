@@ -7,10 +7,17 @@ the router-train, calibration and test splits of the pair's declared data
 (``workload.pair_data``), fits the classifier on router-train, picks the classifier and
 the threshold on calibration for the ONE operator target, writes a versioned policy to
 ``<policies>/<pair>/<version>/`` and the evaluation report (the test split, used only for
-reporting) to ``results/policies/<pair>/evaluation.{json,md,png}``. A learned classifier
-ships only when it beats the max-softmax baseline on calibration; otherwise the policy is
-``max-softmax``, named as such. ``hybridmesh policy evaluate --pair NAME`` re-evaluates
-an existing policy version without training anything.
+reporting) to ``results/policies/<pair>/evaluation.{json,md,png}``.
+
+The ship rule (``training.comparison``): every candidate classifier is fitted twice,
+on router-train and on calibration, and scores the split it was not fitted on, so the
+pooled held-out data is both splits and no item is scored by a router fitted on it. A
+learned classifier ships only when the paired-bootstrap interval of its cloud-share
+ratio to max-softmax (at 50, 75, 90 and 95 % of the accuracy gap) lies below 1.0 at
+every level; otherwise the policy is ``max-softmax``, named as such. The shipped
+classifier is then fitted on router-train and its threshold chosen on calibration.
+``hybridmesh policy evaluate --pair NAME`` re-evaluates an existing policy version
+without training anything.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from skl2onnx import to_onnx
+from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -44,8 +52,9 @@ from router_service.escalation import (
     latest_policy,
     load_policy,
 )
-from router_service.features import SUMMARY_FEATURES, feature_names, router_features
+from router_service.features import feature_names, router_features
 from services.classification import to_probabilities
+from services.views import apply_view
 from training.arguments import add_train_arguments, report_base
 from training.calibration import (
     OperatingPoint,
@@ -56,10 +65,21 @@ from training.calibration import (
     threshold_for_cloud_share,
     threshold_for_edge_error,
 )
+from training.comparison import (
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    GAP_LEVELS,
+    RESAMPLES,
+    Comparison,
+    bonferroni,
+    compare,
+    ship_choice,
+)
 from workload.catalog import CatalogError, ModelPair, check_against_store, load_catalog
 from workload.pair_data import load_pair_split
 
 SHARES = np.linspace(0.0, 1.0, 401)
+DEFAULT_POLICIES = Path("models/policies")
 SEED = 11
 # The max-softmax baseline's name among the candidates (policy kind max-softmax).
 MAX_SOFTMAX_CANDIDATE = "max_softmax"
@@ -101,10 +121,25 @@ class SplitOutputs:
     edge_probabilities: npt.NDArray[np.float32]
     edge_correct: npt.NDArray[np.bool_]
     cloud_correct: npt.NDArray[np.bool_]
+    # Each declared view's edge probabilities, in the pair's declared order.
+    view_probabilities: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
     @property
     def features(self) -> npt.NDArray[np.float32]:
-        return router_features(self.edge_probabilities, self.inputs)
+        return router_features(self.edge_probabilities, self.inputs, self.view_probabilities)
+
+    def features_for(self, views: tuple[str, ...]) -> npt.NDArray[np.float32]:
+        """The features of a policy that declares ``views`` (a subset of the pair's)."""
+        return router_features(
+            self.edge_probabilities,
+            self.inputs,
+            {view: self.view_probabilities[view] for view in views},
+        )
+
+    @property
+    def max_softmax(self) -> npt.NDArray[np.float32]:
+        result: npt.NDArray[np.float32] = 1.0 - self.edge_probabilities.max(axis=1)
+        return result.astype(np.float32)
 
     @property
     def cloud_fixes_edge(self) -> npt.NDArray[np.bool_]:
@@ -129,6 +164,13 @@ def split_outputs(models: PairModels, split: str) -> SplitOutputs:
     data = load_pair_split(models.pair, split)
     edge_output = run_model(models.edge, models.pair, data.inputs)
     cloud_output = run_model(models.cloud, models.pair, data.inputs)
+    probabilities = models.pair.output_kind == "probabilities"
+    views = {
+        view: to_probabilities(
+            run_model(models.edge, models.pair, apply_view(view, data.inputs)), probabilities
+        )
+        for view in models.pair.views
+    }
     return SplitOutputs(
         inputs=data.inputs,
         labels=data.labels,
@@ -137,6 +179,7 @@ def split_outputs(models: PairModels, split: str) -> SplitOutputs:
         ),
         edge_correct=edge_output.argmax(axis=1) == data.labels,
         cloud_correct=cloud_output.argmax(axis=1) == data.labels,
+        view_probabilities=views,
     )
 
 
@@ -204,47 +247,116 @@ def run_cli(command: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _selection_scores(classifier: Any, outputs: SplitOutputs, name: str) -> npt.NDArray[np.float32]:
-    if name == MAX_SOFTMAX_CANDIDATE:
-        return baseline_scores(outputs)["max_softmax"]
-    scores: npt.NDArray[np.float32] = classifier.predict_proba(outputs.features)[:, 1]
-    return scores.astype(np.float32)
+def labels_for(outputs: SplitOutputs, label: str) -> npt.NDArray[np.bool_]:
+    """What a classifier learns: the cloud fixes the edge, or the edge is wrong."""
+    result: npt.NDArray[np.bool_] = (
+        outputs.cloud_fixes_edge if label == "cloud-fixes-edge" else ~outputs.edge_correct
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The ship rule's evidence: every candidate against max-softmax on pooled held-out
+    items, and the candidate that ships (None: max-softmax ships)."""
+
+    comparisons: dict[str, Comparison]
+    shipped: str | None
+    items: str
+    confidence: float
+    resamples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.items,
+            "confidence": self.confidence,
+            "resamples": self.resamples,
+            "seed": BOOTSTRAP_SEED,
+            "rule": "a learned classifier ships only when the upper bound of its ratio's "
+            "interval is below 1.0 at every gap level; else max-softmax",
+            "candidates": {name: c.as_dict() for name, c in self.comparisons.items()},
+            "shipped": self.shipped or MAX_SOFTMAX_CANDIDATE,
+        }
+
+
+def held_out_comparison(
+    first: SplitOutputs,
+    second: SplitOutputs,
+    label: str,
+    *,
+    resamples: int = RESAMPLES,
+    candidates: dict[str, Any] | None = None,
+) -> HeldOut:
+    """Two-fold cross-fitting: each candidate is fitted on ``first`` to score
+    ``second`` and on ``second`` to score ``first``; the pooled scores are compared with
+    max-softmax (paired bootstrap, Bonferroni over the candidates)."""
+    candidates = candidate_classifiers() if candidates is None else candidates
+    for outputs in (first, second):
+        labels = labels_for(outputs, label)
+        if labels.all() or not labels.any():
+            raise CatalogError(
+                f"every item of a {len(labels):,}-item split has the same label ({label}); "
+                "a classifier cannot learn from that (more data, or the other --label)"
+            )
+    scores: dict[str, npt.NDArray[np.float32]] = {
+        MAX_SOFTMAX_CANDIDATE: np.concatenate([first.max_softmax, second.max_softmax])
+    }
+    for name, classifier in candidates.items():
+        on_first = clone(classifier).fit(first.features, labels_for(first, label))
+        on_second = clone(classifier).fit(second.features, labels_for(second, label))
+        scores[name] = np.concatenate(
+            [
+                on_second.predict_proba(first.features)[:, 1],
+                on_first.predict_proba(second.features)[:, 1],
+            ]
+        ).astype(np.float32)
+    confidence = bonferroni(len(candidates), CONFIDENCE)
+    comparisons = compare(
+        scores,
+        MAX_SOFTMAX_CANDIDATE,
+        np.concatenate([first.edge_correct, second.edge_correct]),
+        np.concatenate([first.cloud_correct, second.cloud_correct]),
+        resamples=resamples,
+        confidence=confidence,
+    )
+    return HeldOut(
+        comparisons=comparisons,
+        shipped=ship_choice(comparisons),
+        items=f"router-train ({len(first.labels):,}) + calibration ({len(second.labels):,}), "
+        "each scored by the candidates fitted on the other",
+        confidence=confidence,
+        resamples=resamples,
+    )
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     models = pair_models(args.catalog, args.pair, args.store)
     train_out = split_outputs(models, "router_train")
     calibration = split_outputs(models, "calibration")
-    labels = (
-        train_out.cloud_fixes_edge if args.label == "cloud-fixes-edge" else ~train_out.edge_correct
-    )
+    labels = labels_for(train_out, args.label)
     if labels.all() or not labels.any():
         raise CatalogError(
             f"pair {args.pair}: every router-train item has the same label ({args.label}); "
             "a classifier cannot learn from that (more data, or the other --label)"
         )
 
-    # Model selection on the calibration split, never on test. A learned classifier must
-    # beat the max-softmax baseline there, else the policy is max-softmax.
-    fitted: dict[str, Any] = {}
-    selection = {}
-    for name, classifier in candidate_classifiers().items():
-        classifier.fit(train_out.features, labels)
-        fitted[name] = classifier
-    fitted[MAX_SOFTMAX_CANDIDATE] = None
-    for name, classifier in fitted.items():
-        scores = _selection_scores(classifier, calibration, name)
-        curve = accuracy_curve(scores, calibration.edge_correct, calibration.cloud_correct, SHARES)
-        selection[name] = area_under_curve(curve)
-    learned = max(
-        (name for name in fitted if name != MAX_SOFTMAX_CANDIDATE),
-        key=lambda name: selection[name],
-    )
-    chosen = (
-        learned if selection[learned] > selection[MAX_SOFTMAX_CANDIDATE] else MAX_SOFTMAX_CANDIDATE
-    )
-
-    calibration_scores = _selection_scores(fitted[chosen], calibration, chosen)
+    # The ship rule on pooled held-out data (router-train and calibration, each scored
+    # by candidates fitted on the other), never on test.
+    try:
+        held_out = held_out_comparison(
+            train_out, calibration, args.label, resamples=getattr(args, "resamples", RESAMPLES)
+        )
+    except CatalogError as error:
+        raise CatalogError(f"pair {args.pair}: {error}") from error
+    chosen = held_out.shipped or MAX_SOFTMAX_CANDIDATE
+    views = models.pair.views if chosen != MAX_SOFTMAX_CANDIDATE else ()
+    classifier: Any = None
+    if chosen != MAX_SOFTMAX_CANDIDATE:
+        classifier = candidate_classifiers()[chosen].fit(train_out.features_for(views), labels)
+        calibration_scores = classifier.predict_proba(calibration.features_for(views))[:, 1]
+        calibration_scores = calibration_scores.astype(np.float32)
+    else:
+        calibration_scores = calibration.max_softmax
     kind, value = args.target
     if kind == "cloud-share":
         threshold = threshold_for_cloud_share(calibration_scores, value)
@@ -262,20 +374,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     policy_dir = args.policies / args.pair / str(version)
     write_policy(
         policy_dir,
-        fitted[chosen],
+        classifier,
         chosen,
-        train_out.features[:1],
+        train_out.features_for(views)[:1],
         pair=args.pair,
         version=version,
         threshold=threshold,
+        num_classes=train_out.edge_probabilities.shape[1],
+        views=views,
         extra={
             "label": args.label,
             "target": {"kind": kind, "value": value},
             "calibration": {
                 "split": f"calibration ({len(calibration.labels):,})",
                 "expected": expected.as_dict(),
-                "model_selection": selection,
             },
+            "held_out_comparison": held_out.as_dict(),
             "models": models.names,
             "command": f"hybridmesh policy train --pair {args.pair} --target {kind}={value}",
         },
@@ -302,9 +416,27 @@ def evaluate_policy(
             f"{policy_dir}: policy is for pair {deployed.metadata.pair!r}, not {models.pair.name!r}"
         )
     metadata = json.loads((policy_dir / POLICY_FILE).read_text())
+    views = deployed.metadata.views
     test = split_outputs(models, "test")
-    test_scores = deployed.score(test.features)
+    test_scores = deployed.score(test.features_for(views))
     decision_us = _decision_latency_us(deployed, test)
+    # The artifact itself against max-softmax, with intervals: on calibration (held out
+    # from its fit: train fits on router-train) and on test (the final table).
+    calibration = split_outputs(models, "calibration")
+    resamples = getattr(args, "resamples", RESAMPLES)
+    intervals = {
+        name: compare(
+            {
+                "policy": deployed.score(outputs.features_for(views)),
+                MAX_SOFTMAX_CANDIDATE: outputs.max_softmax,
+            },
+            MAX_SOFTMAX_CANDIDATE,
+            outputs.edge_correct,
+            outputs.cloud_correct,
+            resamples=resamples,
+        )["policy"].as_dict()
+        for name, outputs in (("calibration", calibration), ("test", test))
+    }
     price = args.cloud_price_micros
     at_threshold = operating_point(
         test_scores,
@@ -320,6 +452,8 @@ def evaluate_policy(
         metadata=metadata,
         decision_us=decision_us,
         price=price,
+        intervals=intervals,
+        root=policy_dir.parent.parent,
     )
     write_report(report, report_base(args, "evaluation"))
     return report
@@ -334,6 +468,8 @@ def write_policy(
     pair: str,
     version: int,
     threshold: float,
+    num_classes: int,
+    views: tuple[str, ...] = (),
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Write a policy version directory: policy.json and, for a learned policy, the
@@ -359,7 +495,8 @@ def write_policy(
         "pair": pair,
         "version": str(version),
         "threshold": threshold,
-        "feature_names": feature_names(sample_features.shape[1] - len(SUMMARY_FEATURES)),
+        "feature_names": feature_names(num_classes, views),
+        "views": list(views),
         **learned,
         "classifier": chosen,
         "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
@@ -377,9 +514,11 @@ def _next_version(directory: Path) -> int:
 
 
 def _decision_latency_us(policy: ScoringPolicy, test: SplitOutputs) -> dict[str, float]:
-    """Median per-item cost of the features and the policy's score, batch 1, in process."""
+    """Median per-item cost of the features (with the policy's views) and the policy's
+    score, batch 1, in process. The views' extra edge runs are not included."""
     probabilities, inputs = test.edge_probabilities[:1], test.inputs[:1]
-    single = router_features(probabilities, inputs)
+    views = {view: test.view_probabilities[view][:1] for view in policy.metadata.views}
+    single = router_features(probabilities, inputs, views)
     for _ in range(200):
         policy.score(single)
     runs = []
@@ -392,7 +531,7 @@ def _decision_latency_us(policy: ScoringPolicy, test: SplitOutputs) -> dict[str,
     for _ in range(7):
         started = time.perf_counter()
         for _ in range(500):
-            router_features(probabilities, inputs)
+            router_features(probabilities, inputs, views)
         feature_runs.append((time.perf_counter() - started) / 500 * 1e6)
     return {
         "classifier_us_median": float(np.median(runs)),
@@ -408,13 +547,15 @@ def evaluation_report(
     metadata: dict[str, Any],
     decision_us: dict[str, float],
     price: int,
+    intervals: dict[str, Any] | None = None,
+    root: Path = DEFAULT_POLICIES,
 ) -> dict[str, Any]:
     test_curves = curves(scores, test)
     edge_accuracy = float(test.edge_correct.mean())
     cloud_accuracy = float(test.cloud_correct.mean())
     gap = cloud_accuracy - edge_accuracy
     levels = []
-    for closed in (0.5, 0.75, 0.9):
+    for closed in GAP_LEVELS:
         target = edge_accuracy + closed * gap
         needed = {name: share_needed(curve, SHARES, target) for name, curve in test_curves.items()}
         baselines = [
@@ -447,7 +588,11 @@ def evaluation_report(
             k: metadata[k]
             for k in ("pair", "version", "classifier", "label", "target", "threshold")
         }
-        | {"kind": metadata.get("kind", LEARNED)},
+        | {
+            "kind": metadata.get("kind", LEARNED),
+            "views": metadata.get("views", []),
+            "root": str(root),
+        },
         "test_split": f"test ({len(test.labels):,}), used only here",
         "edge_only": {"accuracy": edge_accuracy, "cloud_share": 0.0, "cost_per_1000_micros": 0},
         "cloud_only": {
@@ -461,6 +606,8 @@ def evaluation_report(
         "accuracy_at_cloud_share": table,
         "equal_accuracy_levels": levels,
         "decision_latency": decision_us,
+        "held_out_comparison": metadata.get("held_out_comparison"),
+        "intervals": intervals or {},
         "curves": {"shares": SHARES.tolist(), **{k: v.tolist() for k, v in test_curves.items()}},
     }
     report["markdown"] = markdown(report)
@@ -520,19 +667,89 @@ def markdown(report: dict[str, Any]) -> str:
             f"{cell('max_softmax')} | {cell('entropy')} | {cell('random')} | {cell('oracle')} | "
             f"{'n/a' if ratio is None else f'{ratio:.2f}x'} |"
         )
+    lines += _interval_lines(report)
     latency = report["decision_latency"]
+    root = policy.get("root", str(DEFAULT_POLICIES))
+    where = "" if root == str(DEFAULT_POLICIES) else f" --policies {root}"
     lines += [
         "",
         f"Decision latency in process (median of 7 x 500, batch 1): features "
         f"{latency['features_us_median']:.1f} µs + classifier "
         f"{latency['classifier_us_median']:.1f} µs.",
         "",
-        f"Regenerate: `hybridmesh policy evaluate --pair {policy['pair']} --version "
+        f"Regenerate: `hybridmesh policy evaluate --pair {policy['pair']}{where} --version "
         f"{policy['version']}` (this policy, nothing retrained); a new version: `hybridmesh "
-        f"policy train --pair {policy['pair']} --target "
+        f"policy train --pair {policy['pair']}{where} --target "
         f"{policy['target']['kind']}={policy['target']['value']}`.",
     ]
     return "\n".join(lines)
+
+
+def _ratio_cell(level: dict[str, float]) -> str:
+    return (
+        f"{level['share'] * 100:.1f} % vs {level['baseline_share'] * 100:.1f} % = "
+        f"{level['ratio']:.2f}x [{level['low']:.2f}, {level['high']:.2f}]"
+    )
+
+
+def _comparison_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per router: at each gap level its share vs max-softmax's, the ratio and
+    its interval; the verdict of the ship rule."""
+    levels = next(iter(rows.values()))["levels"]
+    header = " | ".join(f"{level['gap_closed'] * 100:.0f} % of the gap" for level in levels)
+    lines = [
+        f"| router | {header} | beats max-softmax |",
+        "| --- |" + " --- |" * (len(levels) + 1),
+    ]
+    for name, row in rows.items():
+        cells = " | ".join(_ratio_cell(level) for level in row["levels"])
+        lines.append(f"| {name} | {cells} | {'yes' if row['beats_baseline'] else 'no'} |")
+    return lines
+
+
+def _interval_lines(report: dict[str, Any]) -> list[str]:
+    """The ship rule's evidence and the paired-bootstrap intervals, as markdown."""
+    lines: list[str] = []
+    held_out = report.get("held_out_comparison")
+    policy = report["policy"]
+    if held_out:
+        first = next(iter(held_out["candidates"].values()))
+        lines += [
+            "",
+            "## Ship rule: candidates against max-softmax on pooled held-out data",
+            "",
+            f"Data: {held_out['data']} ({first['items']:,} items; the test split is not "
+            f"used). Cell: cloud share the router needs vs max-softmax's, their ratio and its "
+            f"{held_out['confidence'] * 100:.1f} % paired-bootstrap interval "
+            f"({held_out['resamples']:,} resamples, seed {held_out['seed']}; 95 % "
+            f"Bonferroni-adjusted over {len(held_out['candidates'])} candidates). Rule: "
+            f"{held_out['rule']}.",
+            "",
+            *_comparison_table(held_out["candidates"]),
+            "",
+            f"Shipped: **{held_out['shipped']}** (policy kind `{policy['kind']}`"
+            + (f", views {policy['views']}" if policy["views"] else "")
+            + ").",
+        ]
+    intervals = report.get("intervals") or {}
+    if intervals:
+        first = next(iter(intervals.values()))
+        lines += [
+            "",
+            "## This policy against max-softmax, with intervals",
+            "",
+            f"Cell as above; 95 % paired-bootstrap interval, {first['resamples']:,} resamples. "
+            "Calibration is held out from the policy's fit (it picks only the threshold); "
+            "test is used for nothing else.",
+            "",
+            *_comparison_table(
+                {
+                    f"v{policy['version']} on {split} ({row['items']:,})": row
+                    for split, row in intervals.items()
+                }
+            ),
+        ]
+    return lines
 
 
 def write_report(report: dict[str, Any], base: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.views import MIN_RANK, VIEWS
 from workload.model_store import (
     KSERVE_DATATYPES,
     OUTPUT_KINDS,
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 PAIR_KEYS = frozenset(
-    {"edge_model", "cloud_model", "input", "output", "output_kind", "anonymiser", "data"}
+    {"edge_model", "cloud_model", "input", "output", "output_kind", "anonymiser", "data", "views"}
 )
 DATA_KEYS = frozenset({"loader", "npz", "seed", "router_train", "calibration"})
 # The built-in labelled data sets (workload.pair_data.BUILTIN_LOADERS).
@@ -77,6 +78,9 @@ class ModelPair:
     anonymiser: str
     # None: the pair declares no labelled data (no router policy can be trained for it).
     data: DataSource | None = None
+    # Label-preserving test-time views (services.views) the edge tier runs too, whose
+    # outputs are router features; () for a pair without such a transform.
+    views: tuple[str, ...] = ()
 
     def check_against(self, manifest: ModelManifest) -> None:
         """Raise CatalogError unless ``manifest`` honours this pair's tensor contract."""
@@ -158,12 +162,28 @@ def _pair(name: str, entry: Any, where: str, base: Path = Path(".")) -> ModelPai
             output_kind=str(entry.get("output_kind", "logits")),
             anonymiser=str(entry.get("anonymiser", "strip-attributes")),
             data=_data(entry["data"], f"{where}.data", base) if "data" in entry else None,
+            views=_views(entry.get("views", []), f"{where}.views"),
         )
     except KeyError as error:
         raise CatalogError(f"{where}: missing {error}") from error
     if pair.output_kind not in OUTPUT_KINDS:
         raise CatalogError(f"{where}: output_kind must be one of {sorted(OUTPUT_KINDS)}")
+    for view in pair.views:
+        if len(pair.input.shape) < MIN_RANK[view]:
+            raise CatalogError(
+                f"{where}.views: {view!r} needs an input of rank >= {MIN_RANK[view]}; "
+                f"{pair.input.name} is {list(pair.input.shape)}"
+            )
     return pair
+
+
+def _views(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(view, str) for view in raw):
+        raise CatalogError(f"{where}: must be a list of view names")
+    unknown = sorted(set(raw) - set(VIEWS))
+    if unknown or len(set(raw)) != len(raw):
+        raise CatalogError(f"{where}: unknown or repeated views {raw}; known: {sorted(VIEWS)}")
+    return tuple(raw)
 
 
 def load_catalog(path: Path) -> dict[str, ModelPair]:

@@ -27,7 +27,7 @@ from hybridmesh.common.v1 import model_pb2 as hybridmesh_dot_common_dot_v1_dot_m
 from hybridmesh.common.v1 import tensor_pb2 as hybridmesh_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hybridmesh/edge/v1/edge_service.proto\x12\x12hybridmesh.edge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a hybridmesh/common/v1/model.proto\x1a!hybridmesh/common/v1/tensor.proto\"\x8e\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\r\"\xa0\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12-\n\x07outputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12=\n\x0f\x63lassifications\x18\x04 \x03(\x0b\x32$.hybridmesh.common.v1.Classification\x12/\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nqueue_time\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.hybridmesh.common.v1.ModelInfo2\xb8\x01\n\x0b\x45\x64geService\x12L\n\x05Infer\x12 .hybridmesh.edge.v1.InferRequest\x1a!.hybridmesh.edge.v1.InferResponse\x12[\n\nListModels\x12%.hybridmesh.edge.v1.ListModelsRequest\x1a&.hybridmesh.edge.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hybridmesh/edge/v1/edge_service.proto\x12\x12hybridmesh.edge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a hybridmesh/common/v1/model.proto\x1a!hybridmesh/common/v1/tensor.proto\"\x9d\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\r\n\x05views\x18\x05 \x03(\t\"\xa0\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.hybridmesh.common.v1.ModelRef\x12-\n\x07outputs\x18\x03 \x03(\x0b\x32\x1c.hybridmesh.common.v1.Tensor\x12=\n\x0f\x63lassifications\x18\x04 \x03(\x0b\x32$.hybridmesh.common.v1.Classification\x12/\n\x0c\x63ompute_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\nqueue_time\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.hybridmesh.common.v1.ModelInfo2\xb8\x01\n\x0b\x45\x64geService\x12L\n\x05Infer\x12 .hybridmesh.edge.v1.InferRequest\x1a!.hybridmesh.edge.v1.InferResponse\x12[\n\nListModels\x12%.hybridmesh.edge.v1.ListModelsRequest\x1a&.hybridmesh.edge.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hybridmesh.edge.v1.edge_ser
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=163
-  _globals['_INFERREQUEST']._serialized_end=305
-  _globals['_INFERRESPONSE']._serialized_start=308
-  _globals['_INFERRESPONSE']._serialized_end=596
-  _globals['_LISTMODELSREQUEST']._serialized_start=598
-  _globals['_LISTMODELSREQUEST']._serialized_end=617
-  _globals['_LISTMODELSRESPONSE']._serialized_start=619
-  _globals['_LISTMODELSRESPONSE']._serialized_end=688
-  _globals['_EDGESERVICE']._serialized_start=691
-  _globals['_EDGESERVICE']._serialized_end=875
+  _globals['_INFERREQUEST']._serialized_end=320
+  _globals['_INFERRESPONSE']._serialized_start=323
+  _globals['_INFERRESPONSE']._serialized_end=611
+  _globals['_LISTMODELSREQUEST']._serialized_start=613
+  _globals['_LISTMODELSREQUEST']._serialized_end=632
+  _globals['_LISTMODELSRESPONSE']._serialized_start=634
+  _globals['_LISTMODELSRESPONSE']._serialized_end=703
+  _globals['_EDGESERVICE']._serialized_start=706
+  _globals['_EDGESERVICE']._serialized_end=890
 # @@protoc_insertion_point(module_scope)

@@ -31,6 +31,7 @@ class InferRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    VIEWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Request id, propagated from the router for correlation."""
     top_k: _builtins.int
@@ -43,6 +44,14 @@ class InferRequest(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
         """Input tensors; the first dimension is the batch."""
 
+    @_builtins.property
+    def views(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Label-preserving test-time views to run the model on as well (e.g. "hflip": the
+        input mirrored left-right). Each adds the output tensor
+        "<classification output>_view_<view>" (same shape and kind as the model's own),
+        which the router uses as features. Unknown views are INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -50,10 +59,11 @@ class InferRequest(_message.Message):
         model: _model_pb2.ModelRef | None = ...,
         inputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         top_k: _builtins.int = ...,
+        views: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "request_id", b"request_id", "top_k", b"top_k", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
