@@ -23,6 +23,7 @@ from router_service.audit import AUDIT_STREAM, TransferAudit
 from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
+from router_service.controller_metrics import register_controller_metrics
 from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics
 from router_service.outbox import Outbox
@@ -157,6 +158,7 @@ class RouterNode:
             metrics=RouterMetrics(meter),
             reconciler=self.reconciler,
         )
+        register_controller_metrics(meter, self.router.controllers)
         servicer = RouterServicer(
             self.router,
             self.reconciler,

@@ -87,6 +87,10 @@ class RouterSettings(ServiceSettings):
     policies_seed: Path | None = None
     # The default policy escalates an item when 1 - its top-1 probability reaches this.
     default_max_softmax_threshold: float = Field(default=0.3, gt=0, lt=1)
+    # Hold the operator's ONE cloud-share target online (router_service/
+    # threshold_controller.py): each pair's threshold follows a sliding window of its
+    # scores, a bounded step at a time. Unset: the policy's calibrated threshold, fixed.
+    controller_target_share: float | None = Field(default=None, ge=0, le=1)
     # Used when the call carries no gRPC deadline and the hints no budget.
     default_budget_s: float = Field(default=1.0, gt=0)
     # Circuit breaker per tier: HYBRIDMESH_ROUTER_BREAKER_EDGE__<FIELD>,

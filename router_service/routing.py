@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from hybridmesh.common.v1 import decision_pb2
+from hybridmesh.common.v1 import decision_pb2, tensor_pb2
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.breaker import BreakerState
 from router_service.budget import AttemptBudget
@@ -55,12 +55,14 @@ from router_service.policy import PolicyVerdict, RequestConstraints, Situation, 
 from router_service.reconciler import Reconciler, sampled
 from router_service.request_validation import PairSpec, validate_request
 from router_service.response import Prices, annotate, build_response, tensor_array
+from router_service.threshold_controller import ControllerSettings, ThresholdController
 from router_service.tier_api import CloudTierApi, EdgeTierApi, TierAnswer, TierUnavailableError
 from services import attributes
 from services.classification import softmax
 from services.errors import DeadlineExceededError, UnavailableError
 from services.tensors import encode_tensor
 from services.validation import check_duration
+from services.views import view_output_name
 
 __all__ = ["PairSpec", "Router"]
 
@@ -86,6 +88,8 @@ class _Routed:
     # The pair's policy this request started with: an over-the-air swap mid-request
     # does not mix one version's threshold with another's scores.
     policy: ScoringPolicy
+    # The threshold in force: the policy's, or the pair's online controller's.
+    threshold: float
 
     @property
     def batch(self) -> int:
@@ -112,6 +116,9 @@ class _Facts:
     cloud: TierAnswer | None = None
     hedge: asyncio.Task[TierAnswer] | None = None
     hedge_reason: str = ""
+    # The edge's outputs for the policy's test-time views (router features only; never
+    # in the response): output name -> tensor.
+    view_outputs: dict[str, tensor_pb2.Tensor] = field(default_factory=dict)
     # When the last tier call ended (the router's own tail is measured from here).
     calls_ended_at: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -148,6 +155,17 @@ class Router:
         self._tracer = tracer
         self._metrics = metrics
         self._clock = clock
+        # The operator's cloud-share target held online, per pair (threshold_controller.py);
+        # none unless ``controller_target_share`` is set.
+        target = settings.controller_target_share
+        self._controller_settings = (
+            ControllerSettings(target_share=target) if target is not None else None
+        )
+        self.controllers: dict[str, ThresholdController] = (
+            {name: self._new_controller(policy) for name, policy in self.policies.items()}
+            if self._controller_settings is not None
+            else {}
+        )
         self._budget = AttemptBudget(
             floor_s=settings.attempt_floor_s,
             p99_multiple=settings.attempt_p99_multiple,
@@ -166,10 +184,21 @@ class Router:
         return sorted(self._pairs)
 
     def install_policy(self, pair: str, policy: ScoringPolicy) -> None:
-        """Swap one pair's policy (over-the-air update); the other pairs' stay as they are."""
+        """Swap one pair's policy (over-the-air update); the other pairs' stay as they are.
+        The pair's threshold controller, if any, restarts from the new policy's threshold."""
         if pair not in self._pairs or policy.metadata.pair != pair:
             raise ValueError(f"policy for {policy.metadata.pair!r} cannot serve pair {pair!r}")
         self.policies = {**self.policies, pair: policy}
+        if pair in self.controllers:
+            self.controllers[pair] = self._new_controller(policy)
+
+    def _threshold_for(self, pair: str) -> float:
+        controller = self.controllers.get(pair)
+        return controller.threshold if controller is not None else self.policies[pair].threshold
+
+    def _new_controller(self, policy: ScoringPolicy) -> ThresholdController:
+        assert self._controller_settings is not None
+        return ThresholdController(self._controller_settings, policy.threshold, self._clock)
 
     async def infer(
         self,
@@ -281,6 +310,7 @@ class Router:
                 inputs=routed.request.inputs,
                 top_k=routed.top_k,
                 timeout_s=remaining,
+                views=routed.policy.metadata.views,
             )
         )
         racing: asyncio.Task[TierAnswer] | None = None
@@ -301,7 +331,9 @@ class Router:
             if not await self._first_answer(edge_call, racing):
                 facts.edge_failure = EdgeFailure("edge slower than the cloud, which answered")
                 return False
-            facts.edge = edge_call.result()
+            facts.edge, facts.view_outputs = _split_views(
+                edge_call.result(), routed.policy.metadata.views
+            )
         except TierUnavailableError as error:
             facts.edge_failure = EdgeFailure(_why(error))
             return False
@@ -470,15 +502,24 @@ class Router:
     def _plan(self, routed: _Routed, facts: _Facts) -> EscalationPlan:
         assert facts.edge is not None
         started = self._clock()
-        probabilities = _probabilities(routed.pair, facts.edge)
-        scores = routed.policy.score(router_features(probabilities, routed.inputs))
+        probabilities = _probabilities(routed.pair, facts.edge.outputs[0])
+        views = {
+            view: _probabilities(
+                routed.pair, facts.view_outputs[view_output_name(facts.edge.outputs[0].name, view)]
+            )
+            for view in routed.policy.metadata.views
+        }
+        scores = routed.policy.score(router_features(probabilities, routed.inputs, views))
         facts.timings["classifier"] = self._clock() - started
+        controller = self.controllers.get(routed.pair.name)
+        if controller is not None:
+            controller.observe(scores.tolist())
         return plan_escalation(
             routed.verdict,
             routed.constraints,
             scores,
             probabilities.max(axis=1),
-            routed.policy.threshold,
+            routed.threshold,
             routed.policy.version,
             cloud_already_failed=facts.attempted(Purpose.CLOUD_ONLY) is not None,
         )
@@ -551,6 +592,7 @@ class Router:
             started=started,
             deadline=deadline,
             policy=self.policies[pair.name],
+            threshold=self._threshold_for(pair.name),
         )
         span.set_attributes(
             {
@@ -630,7 +672,7 @@ class Router:
             edge=facts.edge,
             # The cloud model is named when its answer is in the response.
             cloud=facts.cloud if final and any(i.cloud_row >= 0 for i in settled.items) else None,
-            threshold=routed.policy.threshold,
+            threshold=routed.threshold,
             policy_version=routed.policy.version,
             prices=self._prices,
             timings=timings,
@@ -639,9 +681,25 @@ class Router:
         )
 
 
-def _probabilities(pair: PairSpec, edge: TierAnswer) -> npt.NDArray[np.float32]:
-    scores = tensor_array(edge.outputs[0]).astype(np.float32)
+def _probabilities(pair: PairSpec, output: tensor_pb2.Tensor) -> npt.NDArray[np.float32]:
+    scores = tensor_array(output).astype(np.float32)
     return scores if pair.outputs_probabilities else softmax(scores)
+
+
+def _split_views(
+    answer: TierAnswer, views: Sequence[str]
+) -> tuple[TierAnswer, dict[str, tensor_pb2.Tensor]]:
+    """The edge answer without its view outputs, and those outputs by name: the views
+    feed the router's features and never reach the caller."""
+    if not views:
+        return answer, {}
+    names = {view_output_name(answer.outputs[0].name, view) for view in views}
+    kept = [tensor for tensor in answer.outputs if tensor.name not in names]
+    extra = {tensor.name: tensor for tensor in answer.outputs if tensor.name in names}
+    missing = names - set(extra)
+    if missing:
+        raise UnavailableError(f"the edge did not return the view output(s) {sorted(missing)}")
+    return dataclasses.replace(answer, outputs=kept), extra
 
 
 def _why(error: TierUnavailableError) -> str:

@@ -126,6 +126,7 @@ class EdgeTierApi(Protocol):
         inputs: Sequence[tensor_pb2.Tensor],
         top_k: int,
         timeout_s: float,
+        views: Sequence[str] = (),
     ) -> TierAnswer: ...
 
 

@@ -108,12 +108,14 @@ class EdgeTier:
         inputs: Sequence[tensor_pb2.Tensor],
         top_k: int,
         timeout_s: float,
+        views: Sequence[str] = (),
     ) -> TierAnswer:
         request = edge_service_pb2.InferRequest(
             request_id=request_id,
             model=model_pb2.ModelRef(name=model),
             inputs=inputs,
             top_k=top_k,
+            views=list(views),
         )
         response, elapsed = await guarded_call(
             "edge",

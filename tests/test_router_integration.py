@@ -14,6 +14,7 @@ from localmesh.triton import TritonServer
 from services.errors import field_violations
 from services.tensors import encode_tensor
 from tests.mesh_fixtures import (
+    REPO,
     Mesh,
     any_edge_mesh,
     easy_and_hard,
@@ -29,6 +30,7 @@ from workload.fashion_mnist import load_split
 __all__ = ["any_edge_mesh", "mesh", "mesh_triton"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 IMAGES = load_split("test").images[:500]
+CANDIDATE_POLICY = REPO / "models/policy-candidates/fashion-mnist/2"
 EASY, HARD = easy_and_hard(IMAGES, 6)
 
 
@@ -291,3 +293,25 @@ async def test_a_colocated_edge_runs_in_the_routers_process_with_its_own_span(
         assert not any(name.endswith("EdgeService/Infer") for name in spans)  # no gRPC hop
     finally:
         await stop_mesh(colocated)
+
+
+async def test_a_policy_with_a_test_time_view_gets_the_edges_view_output(
+    mesh_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The hflip candidate policy (issue 18): the router asks the edge for the view, its
+    features use it, the decision names the policy, and the caller never sees the view."""
+    import shutil
+
+    policies = tmp_path_factory.mktemp("policies")
+    shutil.copytree(CANDIDATE_POLICY, policies / "fashion-mnist" / "2")
+    for mode in ("remote", "in-process"):
+        viewed = await start_mesh(mesh_triton.grpc_url, edge_mode=mode, policies_dir=policies)
+        try:
+            for index in EASY[:2] + HARD[:2]:
+                reply = await viewed.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
+                assert reply.decision.policy_version == "2"
+                assert [tensor.name for tensor in reply.outputs] == ["logits"]
+            easy = await viewed.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+            assert easy.decision.served_by == routing_pb2.TIER_EDGE
+        finally:
+            await stop_mesh(viewed)

@@ -94,3 +94,28 @@ async def test_each_decision_names_its_own_pairs_policy(tmp_path: Path) -> None:
         assert router.policies["fashion-mnist"].version == "1"
         with pytest.raises(ValueError, match="cannot serve"):
             router.install_policy("fashion-mnist", replacement)
+
+
+async def test_the_online_controller_sets_the_threshold_each_decision_reports(
+    tmp_path: Path,
+) -> None:
+    """controller_target_share (issue 18): the pair's threshold follows its scores toward
+    the target share; every decision reports the threshold actually used."""
+    policies = tmp_path / "policies"
+    shutil.copytree(COMMITTED, policies / "fashion-mnist" / "1")
+    async with scripted_mesh(tmp_path, policies_dir=policies, controller_target_share=0.5) as mesh:
+        router = mesh.router.router
+        controller = router.controllers["fashion-mnist"]
+        calibrated = router.policies["fashion-mnist"].threshold
+        assert controller.threshold == pytest.approx(calibrated)
+        thresholds = set()
+        for index in range(260):  # half hard, half confident: the target is 50 %
+            kinds = [HARD if index % 2 else CONFIDENT]
+            reply = await mesh.stub.Infer(request(kinds, mesh, request_id=f"c{index}"), timeout=2)
+            thresholds.add(round(reply.decision.threshold, 6))
+        assert controller.state().updates > 0
+        assert controller.threshold != pytest.approx(calibrated)
+        assert len(thresholds) > 1  # decisions reported the moving threshold
+        # A new policy restarts the pair's controller from its own threshold.
+        router.install_policy("fashion-mnist", MaxSoftmaxPolicy.default("fashion-mnist", 0.4))
+        assert router.controllers["fashion-mnist"].threshold == pytest.approx(0.4)
