@@ -20,6 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from services.errors import clip
+
 ViewFunction = Callable[[npt.NDArray[np.generic]], npt.NDArray[np.generic]]
 
 
@@ -40,7 +42,7 @@ class UnknownViewError(ValueError):
 def apply_view(name: str, inputs: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     """``inputs`` (batch first) seen through view ``name``."""
     if name not in VIEWS:
-        raise UnknownViewError(f"unknown view {name!r}; views: {sorted(VIEWS)}")
+        raise UnknownViewError(f"unknown view {clip(name)!r}; views: {sorted(VIEWS)}")
     if inputs.ndim < MIN_RANK[name]:
         raise UnknownViewError(
             f"view {name!r} needs an input of rank >= {MIN_RANK[name]}, got {inputs.shape}"

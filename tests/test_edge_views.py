@@ -45,3 +45,14 @@ async def test_an_unknown_view_is_invalid_argument(running_edge: RunningEdge) ->
         await running_edge.stub.Infer(request, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "rotate" in (raised.value.details() or "")
+
+
+def test_an_unknown_view_name_is_echoed_cut_short() -> None:
+    """A 10 KB view name (the fuzz test found it echoed whole) is cut to 128 characters."""
+    import pytest
+
+    from services.views import UnknownViewError, apply_view
+
+    with pytest.raises(UnknownViewError) as raised:
+        apply_view("é" * 10_000, np.zeros((1, 1, 2, 2), dtype=np.uint8))
+    assert len(str(raised.value)) < 300
