@@ -43,6 +43,10 @@ TRITON_HOME = Path(pytriton.__file__).parent / "tritonserver"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
+# Starts tried when the picked gRPC port was taken before Triton bound it.
+PORT_ATTEMPTS = 3
+
+
 class TritonStartError(RuntimeError):
     """Triton exited or did not become ready; the message carries the log tail."""
 
@@ -105,6 +109,8 @@ class TritonServer:
         self.model_repository = model_repository
         self.run_dir = run_dir
         self.grpc_port = grpc_port or free_port()
+        # A port we picked may be taken by another process between picking and binding.
+        self._port_picked = grpc_port is None
         self.otlp_http_endpoint = otlp_http_endpoint
         self.ready_timeout_s = ready_timeout_s
         self.log_path = run_dir / "triton.log"
@@ -241,13 +247,22 @@ class TritonServer:
         _log.info("triton stopped", pid=process.pid, returncode=process.returncode)
 
     async def __aenter__(self) -> TritonServer:
-        self.start_process()
-        try:
-            await self.wait_ready()
-        except BaseException:
-            await self.stop(grace_s=2.0)
-            raise
-        return self
+        for attempt in range(PORT_ATTEMPTS):
+            self.start_process()
+            try:
+                await self.wait_ready()
+            except TritonStartError as error:
+                await self.stop(grace_s=2.0)
+                lost_race = "already in use" in str(error) and self._port_picked
+                if not lost_race or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.grpc_port = free_port()  # another process took it first
+                continue
+            except BaseException:
+                await self.stop(grace_s=2.0)
+                raise
+            return self
+        raise AssertionError("unreachable")
 
     async def __aexit__(
         self,

@@ -69,6 +69,7 @@ __all__ = ["PairSpec", "Router"]
 # Share of the remaining budget every last attempt leaves for the answer (see
 # Router._answer_reserve_s): 25 ms of a 0.5 s deadline, 100 ms of 2 s.
 ANSWER_RESERVE_SHARE = 0.05
+ANSWER_RESERVE_CAP = 0.25
 
 EdgeAnswerListener = Callable[[router_service_pb2.InferResponse], None]
 
@@ -633,11 +634,14 @@ class Router:
         ``ANSWER_RESERVE_SHARE`` of what remains (event-loop lag on a busy host grows
         with the load, not with the work, and the tail p99 sees only finished calls)."""
         tail_p99 = self._tail.quantile(0.99)
-        return max(
+        reserve = max(
             self._settings.outbox_write_reserve_s,
             2.0 * tail_p99 if tail_p99 else 0.0,
             ANSWER_RESERVE_SHARE * remaining_s,
         )
+        # Never more than a quarter of what remains: a tail p99 inflated by a stall must
+        # not leave the attempt itself no time (it would refuse work it could do).
+        return min(reserve, ANSWER_RESERVE_CAP * max(remaining_s, 0.0))
 
     def _cloud_timeout(self, routed: _Routed) -> float:
         """An escalation ends early enough that a failure still leaves time to store the

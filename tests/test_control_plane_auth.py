@@ -418,12 +418,17 @@ def test_the_ingress_rbac_is_the_rule_table() -> None:
     """Envoy admits to the registry exactly what services.access_rules allows each role."""
     policies = _rbac_policies()
     registry = f"/{CONTROL_PLANE_SERVICES[0]}/"
-    site_paths = {
+    site_exact = {
         p["url_path"]["path"]["exact"]
         for p in policies["site"]["permissions"]
         if "exact" in p["url_path"]["path"]
     }
+    site_paths = {path for path in site_exact if path.startswith(registry)}
     assert site_paths == {registry + m for m in methods_for(Role.SITE, CONTROL_PLANE_SERVICES[0])}
+    # Beside the control plane, a site may only export its traces (the edge collector).
+    assert site_exact - site_paths == {
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    }
     (operator,) = policies["operator"]["permissions"]
     assert operator["url_path"]["path"] == {"prefix": registry}
     (principal,) = policies["operator"]["principals"]
