@@ -180,8 +180,8 @@ async def test_a_signed_update_under_load_switches_with_zero_failed_requests(fle
         check = await admin(channel).CheckForUpdates(
             edge_admin_pb2.CheckForUpdatesRequest(), timeout=30
         )
-        # Under load after the switch: answers from version 2 are coming in.
-        await eventually(lambda: versions.count("2") >= len(callers), 30)
+        # Under load after the switch, for the 50 answers from version 2 asserted below.
+        await eventually(lambda: versions.count("2") > 50, 30)
         stop.set()
         await asyncio.gather(*callers)
     assert failures == []
