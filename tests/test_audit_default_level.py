@@ -16,7 +16,7 @@ import pytest
 from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from router_service.audit import content_sha256
-from tests.mesh_fixtures import infer_request
+from tests.helpers.requests import router_request
 from workload.fashion_mnist import load_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_one_cloud_only_request_leaves_one_audit_and_one_intake_record(tmp_path:
         state = json.loads((tmp_path / "state.json").read_text())
         logs = state["audit_logs"]
         assert records(logs["router_audit"]) == [] and records(logs["cloud_intake"]) == []
-        request = infer_request(
+        request = router_request(
             load_split("test").images[:1], preference=routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY
         )
         request.request_id = "audit-default-level"

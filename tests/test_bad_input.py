@@ -43,9 +43,11 @@ from services.privacy import ANONYMISER_NAMES
 from services.server import ServiceHost
 from services.telemetry import create_telemetry
 from services.validation import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
-from tests.control_plane import make_credentials, operator_or_reporting_site, token_channel
-from tests.edge_fixtures import RunningEdge, image_request
-from tests.mesh_fixtures import start_health_only_cloud
+from tests.helpers.credentials import make_credentials, operator_or_reporting_site, token_channel
+from tests.helpers.edge_node import RunningEdge
+from tests.helpers.requests import edge_request
+from tests.helpers.scripted_tiers import start_health_only_cloud
+from tests.helpers.waiting import eventually
 
 ONE = np.zeros((1, 1, 28, 28), dtype=np.uint8)
 LONG = "m" * 10_000
@@ -84,7 +86,7 @@ def _short(error: grpc.aio.AioRpcError) -> None:
 async def test_edge_unknown_datatype_is_invalid_argument(
     running_edge: RunningEdge, datatype: int
 ) -> None:
-    request = image_request(ONE)
+    request = edge_request(ONE)
     request.inputs[0].datatype = datatype  # type: ignore[assignment]
     refused = await _status_of(running_edge.stub.Infer(request, timeout=5))
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -121,21 +123,21 @@ async def test_edge_unknown_methods_are_unimplemented(running_edge: RunningEdge,
 async def test_edge_long_names_are_cut_short_and_keep_their_status(
     running_edge: RunningEdge,
 ) -> None:
-    missing = await _status_of(running_edge.stub.Infer(image_request(ONE, model=LONG), timeout=5))
+    missing = await _status_of(running_edge.stub.Infer(edge_request(ONE, model=LONG), timeout=5))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
     _short(missing)
 
-    version = await _status_of(running_edge.stub.Infer(image_request(ONE, version=LONG), timeout=5))
+    version = await _status_of(running_edge.stub.Infer(edge_request(ONE, version=LONG), timeout=5))
     assert version.code() == grpc.StatusCode.NOT_FOUND
     _short(version)
 
-    tensor = image_request(ONE)
+    tensor = edge_request(ONE)
     tensor.inputs[0].name = LONG
     unknown = await _status_of(running_edge.stub.Infer(tensor, timeout=5))
     assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT
     _short(unknown)
 
-    request_id = image_request(ONE)
+    request_id = edge_request(ONE)
     request_id.request_id = LONG
     bad_id = await _status_of(running_edge.stub.Infer(request_id, timeout=5))
     assert bad_id.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -153,7 +155,7 @@ async def test_edge_long_names_are_cut_short_and_keep_their_status(
 async def test_edge_serves_after_the_bad_input(running_edge: RunningEdge) -> None:
     await _raw_call(running_edge.channel, "/hybridmesh.edge.v1.EdgeService/Infer", GARBAGE)
     await _raw_call(running_edge.channel, "/hybridmesh.edge.v1.EdgeService/Nope", b"")
-    reply = await running_edge.stub.Infer(image_request(ONE), timeout=5)
+    reply = await running_edge.stub.Infer(edge_request(ONE), timeout=5)
     assert reply.classifications
 
 
@@ -180,7 +182,7 @@ class RunningRegistry:
 
 
 async def _start_registry(root: Path) -> RunningRegistry:
-    # The operator's token, and each reporting site's own (tests/control_plane.py).
+    # The operator's token, and each reporting site's own (tests/helpers/credentials.py).
     credentials = make_credentials(root.parent / "credentials", ("s1", "edge-odd", "edge-ok"))
     node = RegistryNode(
         RegistrySettings(
@@ -357,11 +359,12 @@ async def envoy_ingress(tmp_path: Path) -> AsyncIterator[tuple[grpc.aio.Channel,
     )
     try:
         control = WanControl(ports.admin)
-        for _ in range(200):
-            if await asyncio.to_thread(control.ready):
-                break
+
+        async def envoy_ready() -> bool:
             assert envoy.returncode is None, "envoy exited; see envoy.log"
-            await asyncio.sleep(0.05)
+            return await asyncio.to_thread(control.ready)
+
+        await eventually(envoy_ready, 10, "envoy not ready; see envoy.log")
         credentials = grpc.ssl_channel_credentials(
             root_certificates=certificates.ca.read_bytes(),
             private_key=certificates.client_key.read_bytes(),
@@ -381,12 +384,12 @@ def _lines(path: Path) -> list[str]:
 
 async def _access_lines(log: Path, count: int) -> list[dict[str, str]]:
     """The access log's lines once ``count`` are there (Envoy flushes it every second)."""
-    for _ in range(100):
-        lines = await asyncio.to_thread(_lines, log)
-        if len(lines) >= count:
-            return [json.loads(line) for line in lines]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{log} has fewer than {count} lines")
+
+    async def written() -> bool:
+        return len(await asyncio.to_thread(_lines, log)) >= count
+
+    await eventually(written, 5, f"{log} has fewer than {count} lines")
+    return [json.loads(line) for line in await asyncio.to_thread(_lines, log)]
 
 
 async def test_envoy_routes_only_the_cloud_services_and_the_rest_is_unimplemented(

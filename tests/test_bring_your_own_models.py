@@ -1,5 +1,5 @@
 """A second, independent model pair (scikit-learn digits, trained in seconds,
-``tests/digits_pair.py``) goes through the same catalog, store, edge node and Triton
+``tests/helpers/digits_pair.py``) goes through the same catalog, store, edge node and Triton
 repository code: configuration, not code. Its policy and the whole mesh:
 ``tests/test_policy_cli.py``, ``tests/test_second_pair.py``."""
 
@@ -20,7 +20,7 @@ from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.digits_pair import build_digits_pair
+from tests.helpers.digits_pair import build_digits_pair
 from workload.catalog import load_catalog
 from workload.model_store import latest_versions
 from workload.triton_repository import write_repository

@@ -15,7 +15,7 @@ over every call:
   log) nor in the router's audit log of off-site transfers;
 - a cancelled call sends nothing after the cancel: its cloud call (Envoy's access log)
   ends within ~100 ms of it, and no transfer of it is audited after it;
-- the decision invariants (``tests/decision_checks.py``) hold on every answer;
+- the decision invariants (``tests/helpers/decision_invariants.py``) hold on every answer;
 - the cloud breaker opens during the cloud outages and every breaker is CLOSED after
   each fault.
 
@@ -59,13 +59,14 @@ from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions
 from router_service.config import RouterSettings
 from services.tensors import encode_tensor
-from tests.decision_checks import (
+from tests.helpers.decision_invariants import (
     check_decision,
     check_no_tier_could_answer,
     check_policy_refusal,
     policy_forbids,
     transfers,
 )
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
 pytestmark = pytest.mark.slow
@@ -182,10 +183,11 @@ async def _kill_triton(chaos: Chaos) -> None:
 
 async def _triton_restarted(chaos: Chaos) -> None:
     """The local mesh's supervisor restarts Triton by itself; wait for its new process."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while chaos.pid("triton") == chaos.killed_triton:
-        assert time.monotonic() < deadline, "the supervisor did not restart Triton"
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: chaos.pid("triton") != chaos.killed_triton,
+        RECOVERY_TIMEOUT_S,
+        "the supervisor did not restart Triton",
+    )
 
 
 async def _start_cancelling(chaos: Chaos) -> None:
@@ -363,25 +365,31 @@ async def _probe(chaos: Chaos, preference: int, tier: int) -> bool:
 
 async def wait_recovered(chaos: Chaos) -> None:
     """Both breakers CLOSED, the edge answering EDGE_ONLY and the cloud CLOUD_ONLY."""
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while not (
-        breaker_state(chaos, "cloud") == "closed"
-        and breaker_state(chaos, "edge") == "closed"
-        and await _probe(chaos, routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY, routing_pb2.TIER_EDGE)
-        and await _probe(chaos, routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY, routing_pb2.TIER_CLOUD)
-    ):
-        assert time.monotonic() < deadline, (
+
+    async def recovered() -> bool:
+        return (
+            breaker_state(chaos, "cloud") == "closed"
+            and breaker_state(chaos, "edge") == "closed"
+            and await _probe(chaos, routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY, routing_pb2.TIER_EDGE)
+            and await _probe(chaos, routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY, routing_pb2.TIER_CLOUD)
+        )
+
+    await eventually(
+        recovered,
+        RECOVERY_TIMEOUT_S,
+        lambda: (
             f"not recovered after {chaos.phase}: cloud breaker "
             f"{breaker_state(chaos, 'cloud')}, edge breaker {breaker_state(chaos, 'edge')}"
-        )
-        await asyncio.sleep(0.1)
+        ),
+    )
 
 
 async def run_chaos(chaos: Chaos) -> None:
     stop = asyncio.Event()
     callers = [asyncio.create_task(_caller(chaos, n, stop)) for n in range(CALLERS)]
     try:
-        await asyncio.sleep(BASELINE_S)  # the latency histories fill
+        # A fixed-length baseline under load: the latency histories fill.
+        await asyncio.sleep(BASELINE_S)
         for phase in PHASES:
             times = chaos.times[phase.name] = PhaseTimes()
             chaos.phase = phase.name
@@ -413,10 +421,11 @@ async def flush_access_log(chaos: Chaos) -> None:
     reply = await chaos.stub.Infer(request, timeout=5)
     assert reply.decision.served_by == routing_pb2.TIER_CLOUD, reply.decision
     access_log = chaos.mesh.audit_logs["envoy_access"]
-    deadline = time.monotonic() + 10
-    while not any(r.get("request_id") == request_id for r in _json_lines(access_log)):
-        assert time.monotonic() < deadline, "the sentinel never reached Envoy's access log"
-        await asyncio.sleep(0.2)
+    await eventually(
+        lambda: any(r.get("request_id") == request_id for r in _json_lines(access_log)),
+        10,
+        "the sentinel never reached Envoy's access log",
+    )
 
 
 def _edge_faulted_during(chaos: Chaos, call: CallRecord) -> bool:

@@ -4,38 +4,20 @@ long echoed names; none of it reaches Triton or costs more than a refusal."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
-import pytest_asyncio
 
 from hybridmesh.common.v1 import routing_pb2
-from localmesh.triton import TritonServer
 from services.errors import ELLIPSIS, field_violations
 from services.privacy import ANONYMISER_NAMES
-from tests.test_cloud_support import (
-    AUTH,
-    RunningCloud,
-    cloud_settings,
-    cloud_triton,
-    infer_request,
-    start_cloud,
-)
+from tests.helpers.cloud_service import AUTH, RunningCloud
+from tests.helpers.requests import cloud_request
 
-__all__ = ["cloud_triton"]
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 LONG = "m" * 10_000
 SERVICE = "/hybridmesh.cloud.v1.CloudService"
 RAW = (None, None)  # identity serializers: raw bytes in and out
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def cloud(cloud_triton: TritonServer) -> AsyncIterator[RunningCloud]:
-    running = await start_cloud(cloud_settings(cloud_triton.grpc_url))
-    yield running
-    await running.stop()
 
 
 async def _refused(cloud: RunningCloud, request: object) -> grpc.aio.AioRpcError:
@@ -46,11 +28,11 @@ async def _refused(cloud: RunningCloud, request: object) -> grpc.aio.AioRpcError
 
 @pytest.mark.parametrize("value", [42, -1, 99])
 async def test_unknown_enum_values_are_invalid_argument(cloud: RunningCloud, value: int) -> None:
-    privacy = await _refused(cloud, infer_request(privacy=value))
+    privacy = await _refused(cloud, cloud_request(privacy=value))
     assert privacy.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "privacy_class" in field_violations(privacy)
 
-    datatype = infer_request()
+    datatype = cloud_request()
     datatype.inputs[0].datatype = value  # type: ignore[assignment]
     refused = await _refused(cloud, datatype)
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -61,13 +43,13 @@ async def test_unknown_enum_values_are_invalid_argument(cloud: RunningCloud, val
 async def test_an_anonymiser_the_edge_does_not_have_is_invalid_argument(
     cloud: RunningCloud, privacy: int
 ) -> None:
-    refused = await _refused(cloud, infer_request(privacy=privacy, anonymiser="trust-me"))
+    refused = await _refused(cloud, cloud_request(privacy=privacy, anonymiser="trust-me"))
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "anonymiser" in field_violations(refused)
     # A known one is still accepted.
     for name in sorted(ANONYMISER_NAMES):
         answer = await cloud.stub.Infer(
-            infer_request(privacy=privacy, anonymiser=name), timeout=5, metadata=AUTH
+            cloud_request(privacy=privacy, anonymiser=name), timeout=5, metadata=AUTH
         )
         assert answer.classifications
 
@@ -86,23 +68,23 @@ async def test_bad_bytes_and_unknown_methods(cloud: RunningCloud) -> None:
 
 
 async def test_long_names_are_cut_short_and_keep_their_status(cloud: RunningCloud) -> None:
-    missing = await _refused(cloud, infer_request(model=LONG))
+    missing = await _refused(cloud, cloud_request(model=LONG))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
-    version = await _refused(cloud, infer_request(version=LONG))
+    version = await _refused(cloud, cloud_request(version=LONG))
     assert version.code() == grpc.StatusCode.NOT_FOUND
-    tensor = infer_request()
+    tensor = cloud_request()
     tensor.inputs[0].name = LONG
     unknown = await _refused(cloud, tensor)
     assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT
-    anonymiser = await _refused(cloud, infer_request(anonymiser=LONG))
+    anonymiser = await _refused(cloud, cloud_request(anonymiser=LONG))
     assert anonymiser.code() == grpc.StatusCode.INVALID_ARGUMENT
     for error in (missing, version, unknown, anonymiser):
         details = error.details() or ""
         assert LONG not in details and ELLIPSIS in details and len(details) < 500
-    request_id = infer_request()
+    request_id = cloud_request()
     request_id.request_id = LONG
     bad_id = await _refused(cloud, request_id)
     assert bad_id.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id" in field_violations(bad_id)
     # The service is unharmed.
-    assert (await cloud.stub.Infer(infer_request(), timeout=5, metadata=AUTH)).classifications
+    assert (await cloud.stub.Infer(cloud_request(), timeout=5, metadata=AUTH)).classifications

@@ -15,19 +15,20 @@ import pytest
 
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from localmesh.triton import TritonServer, free_port
-from tests.test_cloud_support import (
+from tests.helpers.cloud_service import (
     AUTH,
-    CLOUD_MODEL,
     IMAGES,
     NOT_SERVING,
     SERVING,
     SLOW_MODEL,
     cloud_settings,
-    eventually,
-    infer_request,
     start_cloud,
+    toy_executions,
+    triton_checks,
     write_cloud_repository,
 )
+from tests.helpers.requests import CLOUD_MODEL, cloud_request
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +44,11 @@ async def test_triton_killed_in_flight_gives_unavailable_then_recovers(tmp_path:
         # One slow request executes, the rest queue in Triton: all are in flight.
         in_flight = [
             asyncio.ensure_future(
-                running.stub.Infer(infer_request(model=SLOW_MODEL), timeout=5, metadata=AUTH)
+                running.stub.Infer(cloud_request(model=SLOW_MODEL), timeout=5, metadata=AUTH)
             )
             for _ in range(6)
         ]
-        await asyncio.sleep(0.3)
+        await eventually(lambda: toy_executions(tmp_path / "repository", SLOW_MODEL) > 0)
         assert not any(call.done() for call in in_flight)
         started = time.monotonic()
         doomed.kill()
@@ -57,14 +58,14 @@ async def test_triton_killed_in_flight_gives_unavailable_then_recovers(tmp_path:
         assert {r.code() for r in results} == {grpc.StatusCode.UNAVAILABLE}  # type: ignore[union-attr]
 
         with pytest.raises(grpc.aio.AioRpcError) as after:
-            await running.stub.Infer(infer_request(), timeout=3, metadata=AUTH)
+            await running.stub.Infer(cloud_request(), timeout=3, metadata=AUTH)
         assert after.value.code() == grpc.StatusCode.UNAVAILABLE
         await eventually(lambda: running.health_is(NOT_SERVING), timeout_s=5)
 
         # Triton comes back on the same address: health and answers come back with it.
         async with TritonServer(tmp_path / "repository", tmp_path / "run-2", grpc_port=port):
             await eventually(lambda: running.health_is(SERVING), timeout_s=10)
-            reply = await running.stub.Infer(infer_request(IMAGES[:2]), timeout=5, metadata=AUTH)
+            reply = await running.stub.Infer(cloud_request(IMAGES[:2]), timeout=5, metadata=AUTH)
             assert reply.model.name == CLOUD_MODEL and len(reply.classifications) == 2
     finally:
         await running.stop()
@@ -81,27 +82,30 @@ async def test_hung_triton_gives_deadline_exceeded_and_not_serving(tmp_path: Pat
             os.killpg(triton.pid, signal.SIGSTOP)
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as hung:
-                await running.stub.Infer(infer_request(), timeout=0.5, metadata=AUTH)
+                await running.stub.Infer(cloud_request(), timeout=0.5, metadata=AUTH)
             assert hung.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert time.monotonic() - started < 0.5 + 1.0
             await eventually(lambda: running.health_is(NOT_SERVING), timeout_s=5)
             os.killpg(triton.pid, signal.SIGCONT)
             await eventually(lambda: running.health_is(SERVING), timeout_s=5)
-            assert (await running.stub.Infer(infer_request(), timeout=5, metadata=AUTH)).outputs
+            assert (await running.stub.Infer(cloud_request(), timeout=5, metadata=AUTH)).outputs
         finally:
             os.killpg(triton.pid, signal.SIGCONT)
             await running.stop()
 
 
-async def test_without_triton_the_service_is_up_but_not_serving() -> None:
+async def test_without_triton_the_service_is_up_but_not_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     running = await start_cloud(
         cloud_settings(f"127.0.0.1:{free_port()}"), [CLOUD_MODEL], wait_ready=False
     )
+    checks = triton_checks(running.node, monkeypatch)
     try:
-        await asyncio.sleep(0.3)  # a few health polls
+        await eventually(lambda: checks() >= 3)  # a few health polls
         assert await running.health() == NOT_SERVING
         for call in (
-            running.stub.Infer(infer_request(), timeout=2, metadata=AUTH),
+            running.stub.Infer(cloud_request(), timeout=2, metadata=AUTH),
             running.stub.ListModels(
                 cloud_service_pb2.ListModelsRequest(), timeout=2, metadata=AUTH
             ),

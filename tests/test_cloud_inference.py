@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-import pytest_asyncio
-import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_inference.triton_client import TritonClient
@@ -27,9 +24,8 @@ from services.errors import (
     NotFoundError,
     field_violations,
 )
-from tests.test_cloud_support import (
+from tests.helpers.cloud_service import (
     AUTH,
-    CLOUD_MODEL,
     IMAGES,
     SHORT_QUEUE_MODEL,
     SLOW_MODEL,
@@ -37,23 +33,17 @@ from tests.test_cloud_support import (
     TOKEN,
     RunningCloud,
     cloud_settings,
-    cloud_triton,
-    infer_request,
     start_cloud,
+    toy_executions,
+    triton_requests,
 )
-from tests.triton_fixtures import STORE
+from tests.helpers.paths import STORE
+from tests.helpers.requests import CLOUD_MODEL, cloud_request
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import LABELS
 from workload.model_store import load_verified
 
-__all__ = ["cloud_triton"]
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def cloud(cloud_triton: TritonServer) -> AsyncIterator[RunningCloud]:
-    running = await start_cloud(cloud_settings(cloud_triton.grpc_url))
-    yield running
-    await running.stop()
 
 
 def tensor(
@@ -72,7 +62,7 @@ def tensor(
 
 
 def with_inputs(*inputs: tensor_pb2.Tensor, **fields: Any) -> cloud_service_pb2.InferRequest:
-    request = infer_request()
+    request = cloud_request()
     del request.inputs[:]
     request.inputs.extend(inputs)
     for name, value in fields.items():
@@ -83,20 +73,9 @@ def with_inputs(*inputs: tensor_pb2.Tensor, **fields: Any) -> cloud_service_pb2.
     return request
 
 
-async def triton_requests(triton: TritonServer, model: str) -> int:
-    """Requests Triton has received for ``model`` (its own statistics)."""
-    client = triton_grpc.InferenceServerClient(triton.grpc_url)
-    try:
-        stats = await client.get_inference_statistics(model, as_json=True, client_timeout=5)
-    finally:
-        await client.close()
-    inference = stats["model_stats"][0].get("inference_stats", {})
-    return sum(int(inference.get(kind, {}).get("count", 0)) for kind in ("success", "fail"))
-
-
 async def test_known_images_get_the_cloud_models_logits(cloud: RunningCloud) -> None:
     images = IMAGES[:16]
-    reply = await cloud.stub.Infer(infer_request(images), timeout=10, metadata=AUTH)
+    reply = await cloud.stub.Infer(cloud_request(images), timeout=10, metadata=AUTH)
     logits = np.frombuffer(reply.outputs[0].raw_contents, dtype="<f4").reshape(16, 10)
     session = ort.InferenceSession(str(STORE / CLOUD_MODEL / "1" / "model.onnx"))
     (expected,) = session.run(["logits"], {"image": images})
@@ -132,7 +111,7 @@ async def test_list_models_describes_what_triton_serves(cloud: RunningCloud) -> 
 
 
 async def test_a_requested_version_is_the_one_that_answers(cloud: RunningCloud) -> None:
-    reply = await cloud.stub.Infer(infer_request(version="1"), timeout=5, metadata=AUTH)
+    reply = await cloud.stub.Infer(cloud_request(version="1"), timeout=5, metadata=AUTH)
     assert reply.model.version == "1"
 
 
@@ -146,7 +125,7 @@ async def test_unauthenticated_callers_are_refused(cloud: RunningCloud) -> None:
     ]
     for metadata in refused_metadata:
         with pytest.raises(grpc.aio.AioRpcError) as infer:
-            await cloud.stub.Infer(infer_request(), timeout=5, metadata=metadata)
+            await cloud.stub.Infer(cloud_request(), timeout=5, metadata=metadata)
         assert infer.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         with pytest.raises(grpc.aio.AioRpcError) as listing:
             await cloud.stub.ListModels(
@@ -155,7 +134,7 @@ async def test_unauthenticated_callers_are_refused(cloud: RunningCloud) -> None:
         assert listing.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
     # The scheme is case-insensitive (RFC 6750); health stays open for probes.
     lower = (("authorization", f"bearer {TOKEN}"),)
-    assert (await cloud.stub.Infer(infer_request(), timeout=5, metadata=lower)).outputs
+    assert (await cloud.stub.Infer(cloud_request(), timeout=5, metadata=lower)).outputs
     health = health_pb2_grpc.HealthStub(cloud.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -163,53 +142,53 @@ async def test_unauthenticated_callers_are_refused(cloud: RunningCloud) -> None:
 
 BAD_REQUESTS = {
     "unknown model": (
-        infer_request(model="nope"),
+        cloud_request(model="nope"),
         grpc.StatusCode.NOT_FOUND,
         "model.name",
     ),
-    "no model": (infer_request(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model.name"),
+    "no model": (cloud_request(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model.name"),
     "unknown version": (
-        infer_request(version="7"),
+        cloud_request(version="7"),
         grpc.StatusCode.NOT_FOUND,
         "model.version",
     ),
     "sensitive": (
-        infer_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
+        cloud_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
         grpc.StatusCode.FAILED_PRECONDITION,
         "privacy_class",
     ),
     "sensitive, even anonymised": (
-        infer_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE, anonymiser="blur"),
+        cloud_request(privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE, anonymiser="blur"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "privacy_class",
     ),
     "internal, not anonymised": (
-        infer_request(privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
+        cloud_request(privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
         grpc.StatusCode.FAILED_PRECONDITION,
         "anonymiser",
     ),
     "unspecified privacy, not anonymised": (
-        infer_request(privacy=routing_pb2.PRIVACY_CLASS_UNSPECIFIED),
+        cloud_request(privacy=routing_pb2.PRIVACY_CLASS_UNSPECIFIED),
         grpc.StatusCode.FAILED_PRECONDITION,
         "anonymiser",
     ),
     "fp32 image": (
-        infer_request(np.zeros((1, 1, 28, 28), np.float32)),
+        cloud_request(np.zeros((1, 1, 28, 28), np.float32)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0].datatype",
     ),
     "rank 3": (
-        infer_request(np.zeros((1, 28, 28), np.uint8)),
+        cloud_request(np.zeros((1, 28, 28), np.uint8)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0].shape",
     ),
     "27 columns": (
-        infer_request(np.zeros((1, 1, 28, 27), np.uint8)),
+        cloud_request(np.zeros((1, 1, 28, 27), np.uint8)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0].shape",
     ),
     "batch over the limit": (
-        infer_request(np.zeros((65, 1, 28, 28), np.uint8)),
+        cloud_request(np.zeros((65, 1, 28, 28), np.uint8)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0].shape",
     ),
@@ -259,7 +238,7 @@ async def test_bad_requests_name_their_field_and_never_reach_triton(
 @pytest.mark.parametrize("privacy", [routing_pb2.PRIVACY_CLASS_INTERNAL, 0])
 async def test_internal_data_is_accepted_once_anonymised(cloud: RunningCloud, privacy: int) -> None:
     reply = await cloud.stub.Infer(
-        infer_request(privacy=privacy, anonymiser="strip-attributes"), timeout=5, metadata=AUTH
+        cloud_request(privacy=privacy, anonymiser="strip-attributes"), timeout=5, metadata=AUTH
     )
     assert reply.classifications
 
@@ -309,7 +288,7 @@ async def test_our_overload_is_resource_exhausted_with_pushback(
     )
     try:
         calls = [
-            running.stub.Infer(infer_request(model=SLOW_MODEL), timeout=10, metadata=AUTH)
+            running.stub.Infer(cloud_request(model=SLOW_MODEL), timeout=10, metadata=AUTH)
             for _ in range(5)
         ]
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -328,7 +307,7 @@ async def test_tritons_full_queue_is_resource_exhausted_with_pushback(
     cloud: RunningCloud,
 ) -> None:
     calls = [
-        cloud.stub.Infer(infer_request(model=SHORT_QUEUE_MODEL), timeout=10, metadata=AUTH)
+        cloud.stub.Infer(cloud_request(model=SHORT_QUEUE_MODEL), timeout=10, metadata=AUTH)
         for _ in range(5)
     ]
     results = await asyncio.gather(*calls, return_exceptions=True)
@@ -344,7 +323,7 @@ async def test_tritons_full_queue_is_resource_exhausted_with_pushback(
 async def test_a_short_deadline_gives_deadline_exceeded_promptly(cloud: RunningCloud) -> None:
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as late:
-        await cloud.stub.Infer(infer_request(model=SLOW_MODEL), timeout=0.2, metadata=AUTH)
+        await cloud.stub.Infer(cloud_request(model=SLOW_MODEL), timeout=0.2, metadata=AUTH)
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < SLOW_SECONDS
 
@@ -355,21 +334,25 @@ async def test_the_remaining_deadline_bounds_the_call_to_triton(cloud: RunningCl
     inference = cloud.node.inference()
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError, match="Triton did not answer in time"):
-        await inference.infer(infer_request(model=SLOW_MODEL), time_remaining_s=0.2)
+        await inference.infer(cloud_request(model=SLOW_MODEL), time_remaining_s=0.2)
     assert 0.15 < time.monotonic() - started < SLOW_SECONDS
     with pytest.raises(DeadlineExceededError, match="no time left"):
-        await inference.infer(infer_request(), time_remaining_s=0.0)
+        await inference.infer(cloud_request(), time_remaining_s=0.0)
 
 
 async def test_waiting_for_a_slot_is_bounded_by_the_deadline(cloud_triton: TritonServer) -> None:
     running = await start_cloud(cloud_settings(cloud_triton.grpc_url, max_in_flight=1))
     try:
         inference = running.node.inference()
-        busy = asyncio.ensure_future(inference.infer(infer_request(model=SLOW_MODEL), 5.0))
-        await asyncio.sleep(0.05)
+        executions = toy_executions(cloud_triton.model_repository, SLOW_MODEL)
+        busy = asyncio.ensure_future(inference.infer(cloud_request(model=SLOW_MODEL), 5.0))
+        # It holds the only slot while Triton executes it.
+        await eventually(
+            lambda: toy_executions(cloud_triton.model_repository, SLOW_MODEL) > executions
+        )
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError, match="waiting for a free slot"):
-            await inference.infer(infer_request(), time_remaining_s=0.2)
+            await inference.infer(cloud_request(), time_remaining_s=0.2)
         assert time.monotonic() - started < SLOW_SECONDS
         assert (await busy).model.name == SLOW_MODEL
     finally:
@@ -380,7 +363,7 @@ async def test_the_domain_span_names_model_version_batch_and_triton_latency(
     cloud: RunningCloud,
 ) -> None:
     cloud.spans.clear()
-    await cloud.stub.Infer(infer_request(IMAGES[:4]), timeout=5, metadata=AUTH)
+    await cloud.stub.Infer(cloud_request(IMAGES[:4]), timeout=5, metadata=AUTH)
     spans = cloud.spans.get_finished_spans()
     (span,) = [s for s in spans if s.name == "cloud.triton_infer"]
     attributes = dict(span.attributes or {})
@@ -404,7 +387,7 @@ async def test_labels_can_come_from_the_triton_repository(cloud_triton: TritonSe
         )
     )
     try:
-        reply = await running.stub.Infer(infer_request(top_k=10), timeout=5, metadata=AUTH)
+        reply = await running.stub.Infer(cloud_request(top_k=10), timeout=5, metadata=AUTH)
         top = reply.classifications[0].top_k
         assert sorted(c.label for c in top) == sorted(LABELS)
         listing = await running.stub.ListModels(

@@ -20,19 +20,19 @@ from cloud_inference.app import CLOUD_SERVICE_NAME
 from cloud_inference.model_health import ModelHealth, ModelHealthConfig
 from localmesh.triton import TritonServer
 from services.logging import get_logger
-from tests.test_cloud_inference import triton_requests
-from tests.test_cloud_support import (
+from tests.helpers.cloud_service import (
     AUTH,
     NOT_SERVING,
     SERVING,
     RunningCloud,
     cloud_settings,
-    eventually,
-    infer_request,
-    process_group,
     start_cloud,
+    triton_requests,
     write_toy_model,
 )
+from tests.helpers.processes import process_group
+from tests.helpers.requests import cloud_request
+from tests.helpers.waiting import eventually
 
 _log = get_logger("tests.cloud_model_health")
 FLAKY = "flaky"  # fails (raises in execute) while its flag file exists
@@ -135,7 +135,7 @@ async def health_of(cloud: RunningCloud, service: str) -> int:
 
 async def code_of(cloud: RunningCloud, model: str) -> grpc.StatusCode:
     try:
-        await cloud.stub.Infer(infer_request(model=model), metadata=AUTH, timeout=10)
+        await cloud.stub.Infer(cloud_request(model=model), metadata=AUTH, timeout=10)
     except grpc.aio.AioRpcError as error:
         return error.code()
     return grpc.StatusCode.OK

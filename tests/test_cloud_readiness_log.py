@@ -3,12 +3,13 @@ stays NOT_SERVING and logs the reason once per change, not at every poll."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
+import pytest
 from structlog.testing import capture_logs
 
-from tests.test_cloud_support import NOT_SERVING, cloud_settings, start_cloud
+from tests.helpers.cloud_service import NOT_SERVING, cloud_settings, start_cloud, triton_checks
+from tests.helpers.waiting import eventually
 
 
 def _closed_port() -> int:
@@ -17,12 +18,15 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def test_unreachable_triton_is_logged_once_with_the_reason() -> None:
+async def test_unreachable_triton_is_logged_once_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     url = f"127.0.0.1:{_closed_port()}"
     with capture_logs() as logs:
         cloud = await start_cloud(cloud_settings(url, health_poll_s=0.05), wait_ready=False)
+        checks = triton_checks(cloud.node, monkeypatch)
         try:
-            await asyncio.sleep(0.5)  # several polls
+            await eventually(lambda: checks() >= 5)  # several polls
             assert await cloud.health() == NOT_SERVING
             with_reason = [e for e in logs if e["event"] == "not serving"]
             assert len(with_reason) == 1, with_reason

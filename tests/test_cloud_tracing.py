@@ -21,18 +21,16 @@ from cloud_inference.triton_client import TritonClient
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry, inject_trace_headers
-from tests.otlp_http_receiver import OtlpHttpReceiver, otlp_http
-from tests.test_cloud_support import (
+from tests.helpers.cloud_service import (
     AUTH,
-    CLOUD_MODEL,
     IMAGES,
     cloud_settings,
-    infer_request,
     start_cloud,
     write_cloud_repository,
 )
+from tests.helpers.otlp_receiver import OtlpHttpReceiver
+from tests.helpers.requests import CLOUD_MODEL, cloud_request
 
-__all__ = ["otlp_http"]
 pytestmark = pytest.mark.slow
 ATTEMPTS = 3
 
@@ -64,7 +62,7 @@ async def test_tritons_spans_join_the_callers_trace(
         try:
             for _ in range(ATTEMPTS):
                 with tracer.start_as_current_span("through-the-service") as span:
-                    await stub.Infer(infer_request(), timeout=5, metadata=AUTH)
+                    await stub.Infer(cloud_request(), timeout=5, metadata=AUTH)
                 via_service.append(span)
         finally:
             await channel.close(None)

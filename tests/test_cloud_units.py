@@ -27,7 +27,8 @@ from services.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tests.triton_fixtures import STORE
+from tests.helpers.paths import STORE
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import LABELS
 from workload.model_store import load_verified
 
@@ -108,14 +109,17 @@ async def test_admission_bounds_in_flight_and_waiting() -> None:
     admission = Admission(max_in_flight=1, max_queued=1, retry_after_ms=25)
     release = asyncio.Event()
 
+    held = asyncio.Event()
+
     async def hold() -> None:
         async with admission.slot(5.0):
+            held.set()
             await release.wait()
 
     holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await held.wait()
     waiter = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await eventually(lambda: admission.queued == 1)
     assert admission.queued == 1
     with pytest.raises(ResourceExhaustedError) as refused:
         async with admission.slot(5.0):

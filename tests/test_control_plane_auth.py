@@ -36,8 +36,10 @@ from registry.config import RegistrySettings
 from registry.signing import generate_key, sign_promotion
 from services.access_rules import CONTROL_PLANE_SERVICES, OPERATOR, Role, methods_for, site_identity
 from services.telemetry import create_telemetry
-from tests.control_plane import Credentials, bearer, make_credentials
-from tests.ota_fixtures import COMMITTED_STORE, EDGE_MODEL, golden_set
+from tests.helpers.credentials import Credentials, bearer, make_credentials
+from tests.helpers.ota_site import COMMITTED_STORE, golden_set
+from tests.helpers.paths import EDGE_MODEL
+from tests.helpers.waiting import eventually
 
 MODEL = pb.ArtifactRef(kind=pb.ARTIFACT_KIND_MODEL, name=EDGE_MODEL, version=1)
 SITE_A, SITE_B = site_identity("site-a"), site_identity("site-b")
@@ -467,10 +469,11 @@ async def test_the_k8s_ingress_routes_the_registry_by_role(tmp_path: Path) -> No
     )  # fmt: skip
     try:
         control = WanControl(admin)
-        for _ in range(200):
-            if await asyncio.to_thread(control.ready):
-                break
-            await asyncio.sleep(0.05)
+
+        async def envoy_ready() -> bool:
+            return await asyncio.to_thread(control.ready)
+
+        await eventually(envoy_ready, 10, "envoy not ready; see envoy.log")
         address = f"localhost:{listener}"
         site = _secure(certificates, address, certificates.client_cert, certificates.client_key)
         operator = _secure(

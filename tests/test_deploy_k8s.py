@@ -19,6 +19,7 @@ import yaml
 
 from localmesh.certs import ensure_certificates
 from localmesh.envoy import ENVOY_BINARY
+from tests.helpers.kustomize import build
 
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = sorted(p for p in (REPO / "deploy/k8s/overlays").iterdir() if p.is_dir())
@@ -32,15 +33,6 @@ COMPONENT_BASES = {
     "otel-collector": ["router", "edge-node"],
     "jaeger": [],
 }
-
-
-def build(overlay: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is required to build the overlays"
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], check=True, capture_output=True, text=True
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(rendered) if doc]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS, ids=[p.name for p in OVERLAYS])

@@ -19,13 +19,9 @@ from hybridmesh.edge.v1 import edge_service_pb2
 from services.errors import field_violations
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.edge_fixtures import (
-    EDGE_MODEL,
-    STORE,
-    RunningEdge,
-    edge_settings,
-    image_request,
-)
+from tests.helpers.edge_node import RunningEdge, edge_settings
+from tests.helpers.paths import EDGE_MODEL, STORE
+from tests.helpers.requests import edge_request
 from workload.fashion_mnist import LABELS, load_split
 from workload.model_store import latest_versions
 
@@ -40,7 +36,7 @@ def _reference_logits(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 async def test_known_test_images_get_the_models_answer(running_edge: RunningEdge) -> None:
     test = load_split("test")
     images = test.images[:64]
-    reply = await running_edge.stub.Infer(image_request(images), timeout=10)
+    reply = await running_edge.stub.Infer(edge_request(images), timeout=10)
     logits = np.frombuffer(reply.outputs[0].raw_contents, dtype="<f4").reshape(64, 10)
     np.testing.assert_allclose(logits, _reference_logits(images), atol=1e-5)
     top1 = np.array([c.top_k[0].class_index for c in reply.classifications])
@@ -117,21 +113,21 @@ async def test_every_malformed_request_names_its_field(
     running_edge: RunningEdge, changes: dict[str, object], code: grpc.StatusCode, field: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await running_edge.stub.Infer(_bad(image_request(ONE), **changes), timeout=5)
+        await running_edge.stub.Infer(_bad(edge_request(ONE), **changes), timeout=5)
     assert refused.value.code() == code
     assert field in field_violations(refused.value), refused.value.details()
     # The service is unharmed.
-    assert (await running_edge.stub.Infer(image_request(ONE), timeout=5)).classifications
+    assert (await running_edge.stub.Infer(edge_request(ONE), timeout=5)).classifications
 
 
 async def test_batch_and_payload_limits(running_edge: RunningEdge) -> None:
     too_many = np.zeros((65, 1, 28, 28), dtype=np.uint8)
     with pytest.raises(grpc.aio.AioRpcError) as batch:
-        await running_edge.stub.Infer(image_request(too_many), timeout=5)
+        await running_edge.stub.Infer(edge_request(too_many), timeout=5)
     assert batch.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "batch size 65" in (batch.value.details() or "")
 
-    duplicate = image_request(ONE)
+    duplicate = edge_request(ONE)
     duplicate.inputs.append(encode_tensor("image", ONE))
     with pytest.raises(grpc.aio.AioRpcError) as twice:
         await running_edge.stub.Infer(duplicate, timeout=5)
@@ -147,7 +143,7 @@ async def test_payload_over_the_service_limit_is_invalid_argument() -> None:
 
             stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.Infer(image_request(np.zeros((2, 1, 28, 28), np.uint8)), timeout=5)
+                await stub.Infer(edge_request(np.zeros((2, 1, 28, 28), np.uint8)), timeout=5)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "inputs" in field_violations(refused.value)
     finally:
@@ -180,7 +176,7 @@ async def test_tampered_model_is_refused_and_health_says_not_serving(tmp_path: P
 
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await edge_service_pb2_grpc.EdgeServiceStub(channel).Infer(
-                    image_request(ONE), timeout=5
+                    edge_request(ONE), timeout=5
                 )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "sha256" in (refused.value.details() or "")
@@ -193,7 +189,7 @@ async def test_concurrent_requests_all_answered_correctly(running_edge: RunningE
     expected = _reference_logits(test.images[:96]).argmax(axis=1)
     replies = await asyncio.gather(
         *(
-            running_edge.stub.Infer(image_request(test.images[i : i + 1]), timeout=20)
+            running_edge.stub.Infer(edge_request(test.images[i : i + 1]), timeout=20)
             for i in range(96)
         )
     )
@@ -204,7 +200,7 @@ async def test_concurrent_requests_all_answered_correctly(running_edge: RunningE
 async def test_each_request_has_a_domain_span_with_model_and_version(
     running_edge: RunningEdge,
 ) -> None:
-    await running_edge.stub.Infer(image_request(ONE), timeout=5)
+    await running_edge.stub.Infer(edge_request(ONE), timeout=5)
     spans = [s for s in running_edge.spans.get_finished_spans() if s.name == "edge.infer"]
     assert len(spans) == 1
     attributes = dict(spans[0].attributes or {})
@@ -228,7 +224,7 @@ async def test_worker_thread_path_gives_the_same_answers() -> None:
 
             stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
             replies = await asyncio.gather(
-                *(stub.Infer(image_request(test.images[i : i + 1]), timeout=20) for i in range(32))
+                *(stub.Infer(edge_request(test.images[i : i + 1]), timeout=20) for i in range(32))
             )
         expected = _reference_logits(test.images[:32]).argmax(axis=1).tolist()
         assert [r.classifications[0].top_k[0].class_index for r in replies] == expected

@@ -5,7 +5,6 @@ from polling the registry. The router's policy roots are seeded by the same rule
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,10 +23,12 @@ from registry.config import RegistrySettings
 from registry.signing import PublisherKey, generate_key
 from services.access_rules import site_identity
 from services.telemetry import create_telemetry
-from tests.control_plane import Credentials, make_credentials
-from tests.edge_fixtures import EDGE_MODEL, STORE, edge_settings
-from tests.ota_fixtures import golden_set, make_version
-from tests.scripted_tiers import scripted_mesh
+from tests.helpers.credentials import Credentials, make_credentials
+from tests.helpers.edge_node import edge_settings
+from tests.helpers.ota_site import golden_set, make_version
+from tests.helpers.paths import EDGE_MODEL, STORE
+from tests.helpers.scripted_tiers import scripted_mesh
+from tests.helpers.waiting import eventually
 from workload.model_store import versions
 
 POLICIES = Path(__file__).resolve().parent.parent / "models" / "policies"
@@ -144,14 +145,6 @@ async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
         await node.stop(0)
 
 
-async def _until(condition: object, timeout_s: float = 20.0) -> None:
-    assert callable(condition)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_an_empty_store_without_a_seed_fetches_the_promoted_version(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -161,13 +154,14 @@ async def test_an_empty_store_without_a_seed_fetches_the_promoted_version(
     node = registry.edge(store, seed_store=tmp_path / "empty-image-store")
     await node.start()
     try:
-        await asyncio.sleep(0.5)
+        # It has looked at its store and refused it.
+        await eventually(lambda: "model store refused" in (node._not_ready_reason or ""))
         assert not node.ready
         assert node._updates is not None and not node._updates.done()
         assert "model store refused" in node._not_ready_reason
         assert await _health(node) == health_pb2.HealthCheckResponse.NOT_SERVING
         registry.publish(2)
-        await _until(lambda: node.ready)
+        await eventually(lambda: node.ready, timeout_s=20)
         assert await _health(node) == health_pb2.HealthCheckResponse.SERVING
         assert node.models is not None
         assert node.models.resolve_name(EDGE_MODEL).version == "2"
@@ -196,10 +190,10 @@ async def test_a_refused_store_still_polls_and_a_promoted_version_repairs_it(
     try:
         assert not node.ready
         assert "sha256" in node._not_ready_reason
-        await _until(lambda: len(polled) >= 2)  # polling although nothing loaded
+        await eventually(lambda: len(polled) >= 2, timeout_s=20)  # polling although nothing loaded
         assert not node.ready
         registry.publish(2)
-        await _until(lambda: node.ready)
+        await eventually(lambda: node.ready, timeout_s=20)
         assert node.models is not None
         assert node.models.resolve_name(EDGE_MODEL).version == "2"
     finally:

@@ -17,7 +17,8 @@ from ota.fetch import fetch_verified
 from ota.signatures import load_trusted_keys
 from registry.signing import generate_key
 from registry.store import StoreSource
-from tests.ota_fixtures import EDGE_MODEL, Site, golden_set, make_site, worse_model_bytes
+from tests.helpers.ota_site import Site, golden_set, make_site, worse_model_bytes
+from tests.helpers.paths import EDGE_MODEL
 from workload.model_store import versions
 
 GOLDEN = golden_set()

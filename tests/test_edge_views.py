@@ -12,13 +12,15 @@ from router_service.features import router_features
 from router_service.response import tensor_array
 from services.classification import softmax
 from services.views import apply_view
-from tests.edge_fixtures import STORE, RunningEdge, image_request
+from tests.helpers.edge_node import RunningEdge
+from tests.helpers.paths import STORE
+from tests.helpers.requests import edge_request
 from workload.fashion_mnist import load_split
 
 
 async def test_a_requested_view_comes_back_as_an_extra_output(running_edge: RunningEdge) -> None:
     images = load_split("test").images[:32]
-    request = image_request(images)
+    request = edge_request(images)
     request.views.append("hflip")
     reply = await running_edge.stub.Infer(request, timeout=10)
     names = [tensor.name for tensor in reply.outputs]
@@ -34,12 +36,12 @@ async def test_a_requested_view_comes_back_as_an_extra_output(running_edge: Runn
     one = router_features(softmax(logits[:1]), images[:1], {"hflip": softmax(flipped[:1])})
     np.testing.assert_allclose(one[0], features[0], rtol=1e-5, atol=1e-6)
     # Without views, the reply is what it always was.
-    plain = await running_edge.stub.Infer(image_request(images), timeout=10)
+    plain = await running_edge.stub.Infer(edge_request(images), timeout=10)
     assert [tensor.name for tensor in plain.outputs] == ["logits"]
 
 
 async def test_an_unknown_view_is_invalid_argument(running_edge: RunningEdge) -> None:
-    request = image_request(load_split("test").images[:1])
+    request = edge_request(load_split("test").images[:1])
     request.views.append("rotate")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await running_edge.stub.Infer(request, timeout=10)

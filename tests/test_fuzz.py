@@ -47,7 +47,7 @@ from localmesh.launcher import SITE_TOKEN, LocalMesh, MeshOptions, MeshState, gr
 from services.channels import mtls_credentials
 from services.errors import ECHO_MAX_CHARS
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import easy_and_hard
+from tests.helpers.item_difficulty import easy_and_hard
 from workload.fashion_mnist import load_split
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")

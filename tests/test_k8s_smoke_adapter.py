@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_deploy_k8s import REPO, build
+from tests.helpers.kustomize import build
+from tests.helpers.paths import REPO
 from tools.k8s_smoke import IMAGE, PREFIX, adapt, claims
 
 

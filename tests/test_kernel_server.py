@@ -18,7 +18,7 @@ from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from services.config import ServiceSettings
 from services.errors import RETRY_PUSHBACK_METADATA_KEY, field_violations
 from services.server import ServiceHost, ServiceRegistration
-from tests.kernel_servicers import ScriptedEdgeServicer
+from tests.helpers.kernel_servicer import ScriptedEdgeServicer
 
 EDGE_SERVICE = "hybridmesh.edge.v1.EdgeService"
 

@@ -31,7 +31,7 @@ from services.config import ServiceSettings
 from services.logging import configure_logging
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import Telemetry, create_telemetry
-from tests.kernel_servicers import ScriptedEdgeServicer
+from tests.helpers.kernel_servicer import ScriptedEdgeServicer
 
 EDGE_SERVICE = "hybridmesh.edge.v1.EdgeService"
 

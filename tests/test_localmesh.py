@@ -34,9 +34,11 @@ from registry.store import RegistryStore
 from services.auth import read_token
 from services.channels import ChannelFactory
 from services.telemetry import Telemetry, create_telemetry
-from tests.control_plane import bearer
-from tests.mesh_fixtures import easy_and_hard, infer_request
-from tests.ota_fixtures import make_version
+from tests.helpers.credentials import bearer
+from tests.helpers.item_difficulty import easy_and_hard
+from tests.helpers.ota_site import make_version
+from tests.helpers.requests import router_request
+from tests.helpers.waiting import eventually, eventually_sync
 from workload.fashion_mnist import load_split
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -94,7 +96,7 @@ async def test_one_trace_per_request_across_every_part(running: RunningMesh) -> 
         # Triton joins ~97 % of incoming traces (docs/cloud.md); a few requests make a
         # random miss by Triton not fail the test, while every one is checked below.
         for _ in range(TRACE_ATTEMPTS):
-            request = infer_request(IMAGES[HARD[0] : HARD[0] + 1])
+            request = router_request(IMAGES[HARD[0] : HARD[0] + 1])
             replies.append(await stub.Infer(request, timeout=5))
     finally:
         await channel.close(None)
@@ -107,12 +109,14 @@ async def test_one_trace_per_request_across_every_part(running: RunningMesh) -> 
     def services(trace_id: str) -> set[str]:
         return {s.service for s in running.receiver.trace(trace_id)}
 
-    deadline = time.monotonic() + 15
-    while not any(services(t) == expected for t in trace_ids) or not all(
-        services(t) >= ours for t in trace_ids
-    ):
-        assert time.monotonic() < deadline, [services(t) for t in trace_ids]
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: (
+            any(services(t) == expected for t in trace_ids)
+            and all(services(t) >= ours for t in trace_ids)
+        ),
+        15,
+        lambda: [services(t) for t in trace_ids],
+    )
     trace_id = next(t for t in trace_ids if services(t) == expected)
     spans = running.receiver.trace(trace_id)
     ids = {span.span_id for span in spans}
@@ -152,7 +156,7 @@ async def test_the_cloud_ingress_refuses_callers_without_a_client_certificate(
 async def test_wan_delay_is_switchable_at_run_time(running: RunningMesh) -> None:
     async with grpc.aio.insecure_channel(running.state.endpoints["router"]) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
-        hard = infer_request(IMAGES[HARD[1] : HARD[1] + 1])
+        hard = router_request(IMAGES[HARD[1] : HARD[1] + 1])
         before = await stub.Infer(hard, timeout=5)
         await asyncio.to_thread(running.mesh.wan.set_delay, 400)
         try:
@@ -167,7 +171,7 @@ async def test_wan_delay_is_switchable_at_run_time(running: RunningMesh) -> None
 async def test_a_killed_edge_node_is_survived_and_restarted(running: RunningMesh) -> None:
     mesh = running.mesh
     old_pid = mesh.processes["edge"].pid
-    easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+    easy = router_request(IMAGES[EASY[0] : EASY[0] + 1])
     async with grpc.aio.insecure_channel(running.state.endpoints["router"]) as channel:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
         assert (await stub.Infer(easy, timeout=5)).decision.served_by == routing_pb2.TIER_EDGE
@@ -177,12 +181,14 @@ async def test_a_killed_edge_node_is_survived_and_restarted(running: RunningMesh
         await mesh.restart("edge")
         assert MeshState.read(Path(running.state.state_dir)).pids["edge"] != old_pid
         # The router's channel reconnects with backoff; the edge answers again soon.
-        deadline = time.monotonic() + 15
-        while (after := await stub.Infer(easy, timeout=5)).decision.served_by != (
-            routing_pb2.TIER_EDGE
-        ):
-            assert time.monotonic() < deadline, after.decision.explanation
-            await asyncio.sleep(0.2)
+        explanations: list[str] = []
+
+        async def edge_answers() -> bool:
+            after = await stub.Infer(easy, timeout=5)
+            explanations.append(after.decision.explanation)
+            return after.decision.served_by == routing_pb2.TIER_EDGE
+
+        await eventually(edge_answers, 15, lambda: explanations[-1:])
     assert during.decision.served_by == routing_pb2.TIER_CLOUD
     assert during.decision.reason == decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
 
@@ -200,7 +206,7 @@ async def test_the_site_takes_a_signed_edge_model_update_over_the_air(
         store.publish, source, ArtifactRef("model", "fashion-edge", version), key
     )
     store.promote("model", "fashion-edge", version, key)
-    easy = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+    easy = router_request(IMAGES[EASY[0] : EASY[0] + 1])
     async with (
         grpc.aio.insecure_channel(running.state.endpoints["edge"]) as edge,
         grpc.aio.insecure_channel(running.state.endpoints["router"]) as router,
@@ -337,6 +343,9 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
         assert "outbox   0 queued" in status.stdout, status.stdout
     finally:
         hybridmesh("down")
-    time.sleep(0.2)
+    # Every process has exited and been reaped (a zombie still has its /proc entry).
+    eventually_sync(
+        lambda: all(not Path(f"/proc/{pid}").exists() for pid in pids), 5, "no orphan left"
+    )
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids), "no orphan left"
     assert not (tmp_path / "state.json").exists()

@@ -26,15 +26,11 @@ from localmesh.triton import (
     free_port,
 )
 from services.logging import get_logger
-from tests.test_cloud_support import (
-    CLOUD_MODEL,
-    SLOW_MODEL,
-    alive,
-    eventually,
-    process_group,
-    write_toy_model,
-)
-from tests.triton_fixtures import REPO, STORE
+from tests.helpers.cloud_service import SLOW_MODEL, write_toy_model
+from tests.helpers.paths import REPO, STORE
+from tests.helpers.processes import alive, process_group
+from tests.helpers.requests import CLOUD_MODEL
+from tests.helpers.waiting import eventually
 from workload.triton_repository import write_repository
 
 pytestmark = pytest.mark.slow

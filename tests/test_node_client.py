@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.mesh_fixtures import Mesh, easy_and_hard, mesh, mesh_triton
+from tests.helpers.item_difficulty import easy_and_hard
+from tests.helpers.local_mesh import Mesh
 from workload.fashion_mnist import LABELS, load_split
 
-__all__ = ["mesh", "mesh_triton"]
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = load_split("test").images[:300]
 EASY, HARD = easy_and_hard(IMAGES, 1)

@@ -33,14 +33,10 @@ from registry.signing import PublisherKey, generate_key, sign_promotion
 from services.access_rules import OPERATOR, site_identity
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.control_plane import Credentials, make_credentials, token_channel
-from tests.ota_fixtures import (
-    COMMITTED_STORE,
-    EDGE_MODEL,
-    golden_set,
-    make_version,
-    worse_model_bytes,
-)
+from tests.helpers.credentials import Credentials, make_credentials, token_channel
+from tests.helpers.ota_site import COMMITTED_STORE, golden_set, make_version, worse_model_bytes
+from tests.helpers.paths import EDGE_MODEL
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.slow
 GOLDEN = golden_set()
@@ -178,12 +174,14 @@ async def test_a_signed_update_under_load_switches_with_zero_failed_requests(fle
                 versions.append(reply.model.version)
 
         callers = [asyncio.create_task(caller()) for _ in range(8)]
-        await asyncio.sleep(1.0)
+        # Under load before the update: answers from version 1 are coming in.
+        await eventually(lambda: len(versions) >= len(callers), 30)
         await fleet.publish(2)
         check = await admin(channel).CheckForUpdates(
             edge_admin_pb2.CheckForUpdatesRequest(), timeout=30
         )
-        await asyncio.sleep(1.0)
+        # Under load after the switch, for the 50 answers from version 2 asserted below.
+        await eventually(lambda: versions.count("2") > 50, 30)
         stop.set()
         await asyncio.gather(*callers)
     assert failures == []
@@ -255,10 +253,11 @@ async def test_two_sites_on_different_versions_are_visible_in_the_registry(fleet
         reply = await fleet.stub.ListSites(registry_pb.ListSitesRequest(), timeout=5)
         return {s.site: s.served[0].artifact.version for s in reply.sites}
 
-    for _ in range(100):  # the site reports are asynchronous to the update
-        if await fleet_view() == {"site-a": 2, "site-b": 1}:
-            break
-        await asyncio.sleep(0.05)
+    # The site reports are asynchronous to the update.
+    async def reported() -> bool:
+        return await fleet_view() == {"site-a": 2, "site-b": 1}
+
+    await eventually(reported, 5)
     assert await fleet_view() == {"site-a": 2, "site-b": 1}
     data = fleet.metrics.get_metrics_data()
     assert data is not None

@@ -13,13 +13,13 @@ import pytest
 from router_service.corrections import SUBSCRIBER_BUFFER, CorrectionFeed
 from router_service.outbox import (
     Outbox,
-    OutboxItem,
     Priority,
     ReconciledItem,
     read_stats,
 )
 from router_service.reconciler import TokenBucket, backoff_s, sampled
 from services.errors import ResourceExhaustedError
+from tests.helpers.outbox_examples import item, results
 
 
 class FakeClock:
@@ -28,27 +28,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def item(request_id: str, priority: Priority = Priority.ESCALATION) -> OutboxItem:
-    return OutboxItem(
-        request_id=request_id,
-        priority=priority,
-        pair="fashion-mnist",
-        privacy_class=1,
-        top_k=1,
-        item_indices=(0, 2),
-        edge_classes=(3, 4),
-        edge_model="fashion-edge:1",
-        inputs=b"tensor-bytes",
-    )
-
-
-def results(request_id: str, now: float, cloud: tuple[int, int] = (3, 5)) -> list[ReconciledItem]:
-    return [
-        ReconciledItem(request_id, index, "fashion-mnist", 1.0, now, "e:1", edge, "c:1", c, b"x")
-        for index, edge, c in zip((0, 2), (3, 4), cloud, strict=True)
-    ]
 
 
 def test_items_survive_reopen_and_wal_is_on(tmp_path: Path) -> None:

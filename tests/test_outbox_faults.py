@@ -16,7 +16,7 @@ import json
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from router_service.outbox import read_stats
-from tests.mesh_fixtures import easy_and_hard, hard_by_agreement, infer_request
+from tests.helpers.item_difficulty import easy_and_hard, hard_by_agreement
+from tests.helpers.requests import router_request
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -105,33 +107,23 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
 
 
 def request(index: int, request_id: str, privacy: int = PUBLIC) -> router_service_pb2.InferRequest:
-    message = infer_request(IMAGES[index : index + 1], privacy=privacy)
+    message = router_request(IMAGES[index : index + 1], privacy=privacy)
     message.request_id = request_id
     return message
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 async def edge_serves_again(running: RunningMesh, timeout_s: float = 30) -> None:
     """After an edge restart the router's edge breaker stays open for a while; wait until
     an easy item is answered by the edge again."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+
+    async def edge_answers() -> bool:
         try:
             reply = await running.stub.Infer(request(EASY[0], ""), timeout=5)
-            if reply.decision.served_by == routing_pb2.TIER_EDGE:
-                return
         except grpc.aio.AioRpcError:
-            pass
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("the edge does not serve again")
-        await asyncio.sleep(0.2)
+            return False
+        return reply.decision.served_by == routing_pb2.TIER_EDGE
+
+    await eventually(edge_answers, timeout_s, "the edge does not serve again")
 
 
 async def status_output(state: MeshState) -> str:
@@ -178,14 +170,25 @@ async def load_through_an_outage(
             sent += 1
             await asyncio.sleep(0.02)  # a bounded load: ~4 x 30 requests/s
 
+    def cloud_answered(after: set[str]) -> bool:
+        return any(
+            reply.decision.served_by == routing_pb2.TIER_CLOUD
+            for request_id, (_, reply) in replies.items()
+            if request_id not in after
+        )
+
     clients = [asyncio.create_task(client(worker)) for worker in range(4)]
-    await asyncio.sleep(1.0)
+    # Under load before the outage: the cloud answers escalations.
+    await eventually(lambda: cloud_answered(set()), 30, "the cloud answers before the outage")
     await mesh.kill("cloud")
+    # The outage lasts OUTAGE_S by design; status is read two thirds into it.
     await asyncio.sleep(OUTAGE_S * 2 / 3)
     during = await status_output(running.state)
     await asyncio.sleep(OUTAGE_S / 3)
     await mesh.restart("cloud")
-    await asyncio.sleep(1.0)
+    # Under load after the outage, until the restarted cloud answers escalations again.
+    before_restart = set(replies)
+    await eventually(lambda: cloud_answered(before_restart), 30, "the cloud answers again")
     stop.set()
     await asyncio.gather(*clients)
     return replies, failures, during

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from router_service.escalation import LEARNED, MAX_SOFTMAX, load_policy
-from tests.digits_pair import PAIR, DigitsPair, build_digits_pair
-from tests.outbox_examples import reconcile_examples
+from tests.helpers.digits_pair import PAIR, DigitsPair, build_digits_pair
+from tests.helpers.outbox_examples import reconcile_examples
 from training.retrain import main as retrain_main
 from training.retrain import reconciled_examples
 from training.train_policy import main as train_main

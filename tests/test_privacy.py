@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import cv2
-import matplotlib
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -18,15 +17,8 @@ from router_service.anonymisers import _face_detector, anonymiser, blur_faces, f
 from router_service.app import RouterNode, pairs_from_catalog
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import router_settings
-
-PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
-
-def photo() -> npt.NDArray[np.uint8]:
-    bgr = cv2.imread(str(PHOTO))
-    assert bgr is not None, PHOTO
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+from tests.helpers.photos import photo
+from tests.helpers.router_node import router_settings
 
 
 def faces(image: npt.NDArray[np.uint8]) -> list[tuple[int, int, int, int]]:

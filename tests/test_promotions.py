@@ -17,7 +17,8 @@ from ota.signatures import load_trusted_keys
 from ota.updates import SiteUpdates
 from registry.signing import PublisherKey, generate_key, load_private_key, sign_promotion
 from registry.store import RegistryStore, StatementError, StoreSource
-from tests.ota_fixtures import COMMITTED_STORE, EDGE_MODEL, make_version
+from tests.helpers.ota_site import COMMITTED_STORE, make_version
+from tests.helpers.paths import EDGE_MODEL
 
 
 class ReplayingSource:

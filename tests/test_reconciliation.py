@@ -20,23 +20,14 @@ from router_service.audit import content_sha256
 from router_service.tier_api import TierUnavailableError
 from services.errors import FailedPreconditionError, field_violations
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import (
-    TOKEN,
-    Mesh,
-    easy_and_hard,
-    hard_by_agreement,
-    infer_request,
-    mesh,
-    mesh_triton,
-    restart_cloud,
-    start_mesh,
-    stop_mesh,
-    wait_until,
-)
-from tests.test_privacy import photo as load_photo
+from tests.helpers.item_difficulty import easy_and_hard, hard_by_agreement
+from tests.helpers.local_mesh import Mesh, restart_cloud, start_mesh, stop_mesh
+from tests.helpers.photos import photo as load_photo
+from tests.helpers.requests import router_request
+from tests.helpers.router_node import TOKEN
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
-__all__ = ["mesh", "mesh_triton"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 IMAGES = load_split("test").images[:300]
@@ -48,7 +39,7 @@ FAST_DRAIN = {"drain_backoff_base_s": 0.1, "drain_backoff_max_s": 0.5, "drain_id
 def named(
     index: int, request_id: str, privacy: int = routing_pb2.PRIVACY_CLASS_PUBLIC
 ) -> router_service_pb2.InferRequest:
-    request = infer_request(IMAGES[index : index + 1], privacy=privacy)
+    request = router_request(IMAGES[index : index + 1], privacy=privacy)
     request.request_id = request_id
     return request
 
@@ -160,10 +151,10 @@ async def test_outage_queues_escalations_then_reconciles_once_with_corrections(
                 received.append(message.correction)
 
         collector = asyncio.create_task(collect())
-        await wait_until(lambda: mesh.router.reconciler.feed.subscribers == 1)
+        await eventually(lambda: mesh.router.reconciler.feed.subscribers == 1)
         await restart_cloud(mesh, mesh_triton.grpc_url)  # the outage ends
-        await wait_until(lambda: outbox.depth == 0, timeout_s=15)
-        await wait_until(lambda: len(received) == len(corrected) + 1)
+        await eventually(lambda: outbox.depth == 0, timeout_s=15)
+        await eventually(lambda: len(received) == len(corrected) + 1)
         collector.cancel()
 
         check_labelled_examples(mesh, replies, corrected, confirmed)
@@ -314,7 +305,7 @@ async def test_a_sample_of_confident_edge_answers_is_checked_by_the_cloud(
             named(EASY[1], "sampled-sensitive", routing_pb2.PRIVACY_CLASS_SENSITIVE), timeout=5
         )
         assert not kept.decision.queued_for_reconciliation
-        await wait_until(lambda: len(mesh.router.outbox.reconciled()) == 1)
+        await eventually(lambda: len(mesh.router.outbox.reconciled()) == 1)
         (example,) = mesh.router.outbox.reconciled()
         assert example.request_id == "sampled-1" and example.cloud_model.startswith("fashion-cloud")
         assert "sampled-sensitive" not in cloud_request_ids(mesh)

@@ -29,8 +29,9 @@ from services.logging import configure_logging
 from services.records import WRITE_FAILURES_METRIC, RecordSink, RecordWriteError
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import router_settings, wait_until
-from tests.scripted_tiers import HARD, ScriptedMesh, request, scripted_tiers
+from tests.helpers.router_node import router_settings
+from tests.helpers.scripted_tiers import HARD, ScriptedMesh, request, scripted_tiers
+from tests.helpers.waiting import eventually
 
 IMAGE = encode_tensor("image", np.zeros((2, 1, 28, 28), dtype=np.uint8))
 
@@ -237,7 +238,7 @@ async def test_a_router_that_cannot_audit_sends_nothing_and_answers_from_the_edg
         )
         await router.start()
         try:
-            await wait_until(lambda: router.tier_up["edge"] and router.tier_up["cloud"])
+            await eventually(lambda: router.tier_up["edge"] and router.tier_up["cloud"])
             async with grpc.aio.insecure_channel(router.host.address) as channel:
                 mesh = ScriptedMesh(
                     edge,

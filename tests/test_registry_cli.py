@@ -12,8 +12,9 @@ import pytest
 
 from bench.load import ServerProcess
 from services.access_rules import OPERATOR
-from tests.control_plane import make_credentials
-from tests.ota_fixtures import COMMITTED_STORE, EDGE_MODEL, make_version
+from tests.helpers.credentials import make_credentials
+from tests.helpers.ota_site import COMMITTED_STORE, make_version
+from tests.helpers.paths import EDGE_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

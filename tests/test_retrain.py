@@ -15,7 +15,7 @@ from registry.signing import generate_key
 from registry.store import RegistryStore
 from router_service.escalation import EscalationClassifier
 from router_service.policy_updater import POLICY_KIND
-from tests.outbox_examples import reconcile_examples
+from tests.helpers.outbox_examples import reconcile_examples
 from training.retrain import main, reconciled_examples
 from workload.catalog import load_catalog
 from workload.fashion_mnist import load_split

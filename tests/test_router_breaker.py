@@ -20,17 +20,7 @@ from router_service.breaker import (
 from router_service.config import CloudBreakerSettings, EdgeBreakerSettings, RouterSettings
 from router_service.tier_api import TierUnavailableError
 from router_service.tiers import guarded_call
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.helpers.breaker import FakeClock, call_once
 
 
 @pytest.fixture
@@ -41,13 +31,6 @@ def clock() -> FakeClock:
 def _state(breaker: CircuitBreaker) -> BreakerState:
     # A call, not the property: mypy would narrow the property across calls.
     return breaker.state
-
-
-def call_once(breaker: CircuitBreaker, outcome: CallOutcome, duration_s: float = 0.01) -> bool:
-    permit = breaker.try_acquire()
-    if permit is not None:
-        breaker.record(permit, outcome, duration_s)
-    return permit is not None
 
 
 def test_failure_codes_follow_the_spec() -> None:

@@ -4,7 +4,7 @@ open period, while the probes still decide."""
 from __future__ import annotations
 
 from router_service.breaker import BreakerConfig, BreakerState, CallOutcome, CircuitBreaker
-from tests.test_router_breaker import FakeClock, call_once
+from tests.helpers.breaker import FakeClock, call_once
 
 
 def state_of(breaker: CircuitBreaker) -> BreakerState:

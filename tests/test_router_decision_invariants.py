@@ -19,8 +19,13 @@ from hypothesis import strategies as st
 
 from hybridmesh.common.v1 import routing_pb2
 from router_service.breaker import CallOutcome, CircuitBreaker
-from tests.decision_checks import check_decision, check_policy_refusal, policy_forbids, transfers
-from tests.scripted_tiers import CONFIDENT, HARD, ScriptedMesh, answer, fail, hang, request
+from tests.helpers.decision_invariants import (
+    check_decision,
+    check_policy_refusal,
+    policy_forbids,
+    transfers,
+)
+from tests.helpers.scripted_tiers import CONFIDENT, HARD, ScriptedMesh, answer, fail, hang, request
 
 CLOUD_PRICE = 1500
 EDGE_LABEL, CLOUD_LABEL = 3, 7

@@ -9,19 +9,14 @@ load, with the real cloud process killed and restarted, is in ``make bench``.
 
 from __future__ import annotations
 
-import asyncio
-
 from edge_node.app import EdgeNode
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.breaker import BreakerState, CallOutcome, CircuitBreaker
 from services.telemetry import create_telemetry
-from tests.edge_fixtures import edge_settings
-from tests.mesh_fixtures import (
-    CLOUD_SERVICE_NAME,
-    router_settings,
-    start_health_only_cloud,
-    wait_until,
-)
+from tests.helpers.edge_node import edge_settings
+from tests.helpers.router_node import router_settings
+from tests.helpers.scripted_tiers import CLOUD_SERVICE, start_health_only_cloud
+from tests.helpers.waiting import eventually
 
 
 def state_of(breaker: CircuitBreaker) -> BreakerState:
@@ -42,19 +37,20 @@ async def test_an_open_cloud_breaker_half_opens_when_the_cloud_is_healthy_again(
     await router.start()
     breaker = router.router.cloud.breaker
     try:
-        await wait_until(lambda: router.tier_up["cloud"])
+        await eventually(lambda: router.tier_up["cloud"])
         for _ in range(breaker.config.consecutive_failures_to_open):
             permit = breaker.try_acquire()
             assert permit is not None
             breaker.record(permit, CallOutcome.FAILURE)
         assert state_of(breaker) is BreakerState.OPEN
         assert breaker.remaining_open_s() > 4.0
-        await cloud.set_serving(CLOUD_SERVICE_NAME, False)
-        await wait_until(lambda: not router.tier_up["cloud"])
-        await asyncio.sleep(0.2)
+        await cloud.set_serving(CLOUD_SERVICE, False)
+        await eventually(lambda: not router.tier_up["cloud"])
+        # Known down: the health watch has seen it down twice and told the breaker so.
+        await eventually(lambda: router.router.cloud.health.known_down)
         assert state_of(breaker) is BreakerState.OPEN, "down: the breaker stays open"
-        await cloud.set_serving(CLOUD_SERVICE_NAME, True)
-        await wait_until(lambda: router.tier_up["cloud"], timeout_s=3.0)
+        await cloud.set_serving(CLOUD_SERVICE, True)
+        await eventually(lambda: router.tier_up["cloud"], timeout_s=3.0)
         assert state_of(breaker) is BreakerState.HALF_OPEN, "healthy again: probe now"
     finally:
         await router.stop(0)

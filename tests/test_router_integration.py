@@ -13,21 +13,13 @@ from hybridmesh.router.v1 import router_service_pb2
 from localmesh.triton import TritonServer
 from services.errors import field_violations
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import (
-    REPO,
-    Mesh,
-    any_edge_mesh,
-    easy_and_hard,
-    infer_request,
-    mesh,
-    mesh_triton,
-    start_mesh,
-    stop_mesh,
-    wait_until,
-)
+from tests.helpers.item_difficulty import easy_and_hard
+from tests.helpers.local_mesh import Mesh, start_mesh, stop_mesh
+from tests.helpers.paths import REPO
+from tests.helpers.requests import router_request
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
-__all__ = ["any_edge_mesh", "mesh", "mesh_triton"]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 IMAGES = load_split("test").images[:500]
 CANDIDATE_POLICY = REPO / "models/policy-candidates/fashion-mnist/2"
@@ -41,14 +33,14 @@ def cloud_calls(mesh: Mesh) -> int:
 async def test_easy_items_stay_on_the_edge_and_hard_ones_escalate(any_edge_mesh: Mesh) -> None:
     mesh = any_edge_mesh
     for index in EASY:
-        reply = await mesh.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
+        reply = await mesh.stub.Infer(router_request(IMAGES[index : index + 1]), timeout=5)
         decision = reply.decision
         assert decision.served_by == routing_pb2.TIER_EDGE
         assert decision.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT
         assert not decision.data_left_site and not decision.degraded
         assert decision.escalation_score < decision.threshold
     for index in HARD:
-        reply = await mesh.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
+        reply = await mesh.stub.Infer(router_request(IMAGES[index : index + 1]), timeout=5)
         decision = reply.decision
         assert decision.served_by == routing_pb2.TIER_CLOUD, decision.explanation
         assert decision.reason == decision_pb2.DECISION_REASON_ESCALATED_HARD_CASE
@@ -65,7 +57,7 @@ async def test_sensitive_data_never_reaches_the_cloud(any_edge_mesh: Mesh) -> No
     before = cloud_calls(mesh)
     for index in HARD:
         reply = await mesh.stub.Infer(
-            infer_request(IMAGES[index : index + 1], privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
+            router_request(IMAGES[index : index + 1], privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE),
             timeout=5,
         )
         assert reply.decision.served_by == routing_pb2.TIER_EDGE
@@ -77,7 +69,7 @@ async def test_sensitive_data_never_reaches_the_cloud(any_edge_mesh: Mesh) -> No
 async def test_internal_data_goes_out_anonymised(any_edge_mesh: Mesh) -> None:
     mesh = any_edge_mesh
     reply = await mesh.stub.Infer(
-        infer_request(IMAGES[HARD[0] : HARD[0] + 1], privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
+        router_request(IMAGES[HARD[0] : HARD[0] + 1], privacy=routing_pb2.PRIVACY_CLASS_INTERNAL),
         timeout=5,
     )
     assert reply.decision.served_by == routing_pb2.TIER_CLOUD  # the cloud accepted it
@@ -87,12 +79,12 @@ async def test_preferences_are_honoured(any_edge_mesh: Mesh) -> None:
     mesh = any_edge_mesh
     hard = IMAGES[HARD[0] : HARD[0] + 1]
     edge_only = await mesh.stub.Infer(
-        infer_request(hard, preference=routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY), timeout=5
+        router_request(hard, preference=routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY), timeout=5
     )
     assert edge_only.decision.reason == decision_pb2.DECISION_REASON_PREFERENCE_EDGE_ONLY
     easy = IMAGES[EASY[0] : EASY[0] + 1]
     cloud_only = await mesh.stub.Infer(
-        infer_request(easy, preference=routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY), timeout=5
+        router_request(easy, preference=routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY), timeout=5
     )
     assert cloud_only.decision.served_by == routing_pb2.TIER_CLOUD
     assert cloud_only.decision.reason == decision_pb2.DECISION_REASON_PREFERENCE_CLOUD_ONLY
@@ -102,7 +94,7 @@ async def test_preferences_are_honoured(any_edge_mesh: Mesh) -> None:
 async def test_a_batch_is_split_across_tiers(any_edge_mesh: Mesh) -> None:
     mesh = any_edge_mesh
     indices = [EASY[0], HARD[0], EASY[1], HARD[1]]
-    reply = await mesh.stub.Infer(infer_request(IMAGES[indices]), timeout=5)
+    reply = await mesh.stub.Infer(router_request(IMAGES[indices]), timeout=5)
     assert reply.decision.served_by == routing_pb2.TIER_EDGE_AND_CLOUD
     tiers = [p.served_by for p in reply.predictions]
     assert tiers == [routing_pb2.TIER_EDGE, routing_pb2.TIER_CLOUD] * 2
@@ -114,7 +106,7 @@ async def test_progressive_answer_edge_first_then_cloud(any_edge_mesh: Mesh) -> 
     mesh = any_edge_mesh
     hard = IMAGES[HARD[0] : HARD[0] + 1]
     stream = mesh.stub.InferStream(
-        router_service_pb2.InferStreamRequest(request=infer_request(hard)), timeout=5
+        router_service_pb2.InferStreamRequest(request=router_request(hard)), timeout=5
     )
     messages = [message async for message in stream]
     assert [m.sequence for m in messages] == [0, 1]
@@ -129,7 +121,7 @@ async def test_progressive_answer_edge_first_then_cloud(any_edge_mesh: Mesh) -> 
     assert second.agrees_with_previous == same
     easy = IMAGES[EASY[0] : EASY[0] + 1]
     stream = mesh.stub.InferStream(
-        router_service_pb2.InferStreamRequest(request=infer_request(easy)), timeout=5
+        router_service_pb2.InferStreamRequest(request=router_request(easy)), timeout=5
     )
     only = [message async for message in stream]
     assert len(only) == 1 and only[0].final and not only[0].supersedes_previous
@@ -137,7 +129,7 @@ async def test_progressive_answer_edge_first_then_cloud(any_edge_mesh: Mesh) -> 
 
 async def test_bad_requests_name_their_field(any_edge_mesh: Mesh) -> None:
     mesh = any_edge_mesh
-    wrong_pair = infer_request(IMAGES[:1])
+    wrong_pair = router_request(IMAGES[:1])
     wrong_pair.model = "nope"
     wrong_input = router_service_pb2.InferRequest(
         model="fashion-mnist", inputs=[encode_tensor("image", IMAGES[:1, :, :, :27].copy())]
@@ -161,7 +153,7 @@ async def test_cloud_killed_every_request_still_answered_and_breaker_opens(
         replies = []
         for index in HARD * 2:
             replies.append(
-                await mesh.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
+                await mesh.stub.Infer(router_request(IMAGES[index : index + 1]), timeout=5)
             )
         assert all(r.decision.served_by == routing_pb2.TIER_EDGE for r in replies)
         assert all(r.decision.degraded for r in replies)
@@ -184,13 +176,13 @@ async def test_edge_killed_public_goes_to_the_cloud_sensitive_is_refused(
     try:
         await mesh.edge.stop(0)
         image = IMAGES[EASY[0] : EASY[0] + 1]
-        reply = await mesh.stub.Infer(infer_request(image), timeout=5)
+        reply = await mesh.stub.Infer(router_request(image), timeout=5)
         assert reply.decision.served_by == routing_pb2.TIER_CLOUD
         assert reply.decision.reason == decision_pb2.DECISION_REASON_EDGE_FAILED_CLOUD_FALLBACK
         assert reply.decision.degraded and reply.decision.data_left_site
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await mesh.stub.Infer(
-                infer_request(image, privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE), timeout=5
+                router_request(image, privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE), timeout=5
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "PRIVACY_SENSITIVE" in (refused.value.details() or "")
@@ -223,7 +215,7 @@ async def test_cloud_slower_than_the_deadline_falls_back_inside_the_budget(
     await mesh.router.stop(0)
     from router_service.app import RouterNode, pairs_from_catalog
     from services.telemetry import create_telemetry
-    from tests.mesh_fixtures import router_settings
+    from tests.helpers.router_node import router_settings
 
     settings = router_settings(mesh.edge.host.address, black_hole)
     slow = RouterNode(
@@ -235,10 +227,10 @@ async def test_cloud_slower_than_the_deadline_falls_back_inside_the_budget(
         from hybridmesh.router.v1 import router_service_pb2_grpc
 
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
-        await wait_until(lambda: slow.tier_up["edge"])
+        await eventually(lambda: slow.tier_up["edge"])
         # The call itself carries the budget: an answer (not DEADLINE_EXCEEDED) means the
         # router gave up on the cloud and replied inside the caller's 250 ms.
-        reply = await stub.Infer(infer_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=0.25)
+        reply = await stub.Infer(router_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=0.25)
         assert reply.decision.served_by == routing_pb2.TIER_EDGE
         assert reply.decision.degraded
         assert reply.decision.reason == decision_pb2.DECISION_REASON_CLOUD_FAILED_EDGE_FALLBACK
@@ -254,18 +246,18 @@ async def test_hedged_escalation_cancels_the_loser(mesh_triton: TritonServer) ->
     wins and the cloud call is cancelled, an ambiguous one waits for the cloud."""
     mesh = await start_mesh(mesh_triton.grpc_url, hedge_below_budget_s=10.0)
     try:
-        easy = await mesh.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+        easy = await mesh.stub.Infer(router_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
         assert easy.decision.served_by == routing_pb2.TIER_EDGE
         assert easy.decision.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT
         assert "hedged cloud call cancelled" in easy.decision.explanation
         # Honest accounting: the bytes went out and the cloud bills what it was sent.
         assert easy.decision.data_left_site and easy.decision.cost.cloud_micros == 1500
-        hard = await mesh.stub.Infer(infer_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=5)
+        hard = await mesh.stub.Infer(router_request(IMAGES[HARD[0] : HARD[0] + 1]), timeout=5)
         assert hard.decision.served_by == routing_pb2.TIER_CLOUD
         assert hard.decision.reason == decision_pb2.DECISION_REASON_ESCALATED_HARD_CASE
         assert hard.decision.explanation.startswith("hedged")
         sensitive = await mesh.stub.Infer(
-            infer_request(
+            router_request(
                 IMAGES[HARD[0] : HARD[0] + 1], privacy=routing_pb2.PRIVACY_CLASS_SENSITIVE
             ),
             timeout=5,
@@ -283,7 +275,7 @@ async def test_a_colocated_edge_runs_in_the_routers_process_with_its_own_span(
     colocated = await start_mesh(mesh_triton.grpc_url, edge_mode="in-process")
     try:
         assert colocated.router.colocated_edge is colocated.edge
-        reply = await colocated.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+        reply = await colocated.stub.Infer(router_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
         assert reply.decision.served_by == routing_pb2.TIER_EDGE
         assert reply.decision.edge_model.name == "fashion-edge"
         spans = {s.name: s for s in colocated.router_spans.get_finished_spans()}
@@ -308,10 +300,12 @@ async def test_a_policy_with_a_test_time_view_gets_the_edges_view_output(
         viewed = await start_mesh(mesh_triton.grpc_url, edge_mode=mode, policies_dir=policies)
         try:
             for index in EASY[:2] + HARD[:2]:
-                reply = await viewed.stub.Infer(infer_request(IMAGES[index : index + 1]), timeout=5)
+                reply = await viewed.stub.Infer(
+                    router_request(IMAGES[index : index + 1]), timeout=5
+                )
                 assert reply.decision.policy_version == "2"
                 assert [tensor.name for tensor in reply.outputs] == ["logits"]
-            easy = await viewed.stub.Infer(infer_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+            easy = await viewed.stub.Infer(router_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
             assert easy.decision.served_by == routing_pb2.TIER_EDGE
         finally:
             await stop_mesh(viewed)

@@ -15,7 +15,8 @@ import pytest
 
 from services.admission import Admission
 from services.errors import RETRY_PUSHBACK_METADATA_KEY, ResourceExhaustedError
-from tests.scripted_tiers import CONFIDENT, hang, request, scripted_mesh
+from tests.helpers.scripted_tiers import CONFIDENT, hang, request, scripted_mesh
+from tests.helpers.waiting import eventually
 
 
 class Clock:
@@ -34,20 +35,22 @@ async def test_a_request_the_queue_would_make_late_is_refused_at_once() -> None:
             clock.now += 0.2
     assert admission.mean_hold_s == pytest.approx(0.2, rel=0.01)
     release = asyncio.Event()
+    held = asyncio.Event()
 
     async def hold() -> None:
         async with admission.slot():
+            held.set()
             await release.wait()
 
     holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)  # the holder takes the only slot
+    await held.wait()  # the holder takes the only slot
     # One ahead of it, 0.2 s each: 0.1 s of budget cannot be met; 0.5 s can.
     with pytest.raises(ResourceExhaustedError, match="more than the 100 ms") as raised:
         async with admission.slot(0.1, shed_when_late=True):
             pass
     assert raised.value.retry_after_ms == 50
     waiter = asyncio.create_task(_take(admission, 0.5))
-    await asyncio.sleep(0)
+    await eventually(lambda: admission.queued == 1)
     assert admission.queued == 1  # queued, not shed
     release.set()
     await holder

@@ -20,7 +20,7 @@ from router_service.escalation import (
     load_pair_policies,
     load_policy,
 )
-from tests.scripted_tiers import CONFIDENT, HARD, request, scripted_mesh
+from tests.helpers.scripted_tiers import CONFIDENT, HARD, request, scripted_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "models" / "policies" / "fashion-mnist" / "1"

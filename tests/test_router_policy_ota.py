@@ -24,15 +24,13 @@ from router_service.app import RouterNode, pairs_from_catalog
 from router_service.policy_updater import POLICY_KIND
 from services.access_rules import site_identity
 from services.telemetry import create_telemetry
-from tests.control_plane import make_credentials
-from tests.edge_fixtures import edge_settings
-from tests.mesh_fixtures import (
-    easy_and_hard,
-    infer_request,
-    router_settings,
-    start_health_only_cloud,
-    wait_until,
-)
+from tests.helpers.credentials import make_credentials
+from tests.helpers.edge_node import edge_settings
+from tests.helpers.item_difficulty import easy_and_hard
+from tests.helpers.requests import router_request
+from tests.helpers.router_node import router_settings
+from tests.helpers.scripted_tiers import start_health_only_cloud
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,8 +79,8 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
     channel = grpc.aio.insecure_channel(router.host.address)
     try:
         stub = router_service_pb2_grpc.RouterServiceStub(channel)
-        await wait_until(lambda: router.tier_up["edge"])
-        request = infer_request(IMAGES[EASY[0] : EASY[0] + 1])
+        await eventually(lambda: router.tier_up["edge"])
+        request = router_request(IMAGES[EASY[0] : EASY[0] + 1])
         before = await stub.Infer(request, timeout=5)
         source = tmp_path / "publisher" / "2"
         shutil.copytree(COMMITTED, source)
@@ -90,7 +88,7 @@ async def test_a_promoted_policy_serves_the_next_request(tmp_path: Path) -> None
         (source / "policy.json").write_text(json.dumps({**metadata, "version": "2"}))
         registry.store.publish(source, ArtifactRef(POLICY_KIND, PAIR, 2), key)
         registry.store.promote(POLICY_KIND, PAIR, 2, key)
-        await wait_until(lambda: router.router.policies[PAIR].version == "2")
+        await eventually(lambda: router.router.policies[PAIR].version == "2")
         after = await stub.Infer(request, timeout=5)
     finally:
         await channel.close(None)

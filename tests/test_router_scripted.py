@@ -1,7 +1,7 @@
 """The router's sequencing and fault paths, exactly, against scripted tiers.
 
 A real ``RouterNode`` (channels, breakers, health watch, outbox, audit log) in front of
-scripted edge and cloud gRPC servers (``tests/scripted_tiers.py``); no Triton, and no
+scripted edge and cloud gRPC servers (``tests/helpers/scripted_tiers.py``); no Triton, and no
 sleep is used to synchronise: tests wait on the calls themselves.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2
 from router_service.breaker import BreakerState, CallOutcome
-from tests.mesh_fixtures import wait_until
-from tests.scripted_tiers import CONFIDENT, HARD, ScriptedMesh, fail, hang, request
+from tests.helpers.scripted_tiers import CONFIDENT, HARD, ScriptedMesh, fail, hang, request
+from tests.helpers.waiting import eventually
 
 PUBLIC = routing_pb2.PRIVACY_CLASS_PUBLIC
 SENSITIVE = routing_pb2.PRIVACY_CLASS_SENSITIVE
@@ -71,7 +71,7 @@ async def test_a_hung_edge_costs_its_cap_and_the_cloud_answers(scripted: Scripte
 
 async def test_an_edge_its_health_check_reports_down_is_skipped(scripted: ScriptedMesh) -> None:
     await scripted.edge.set_serving(False)
-    await wait_until(lambda: scripted.router.router.edge.health.known_down)
+    await eventually(lambda: scripted.router.router.edge.health.known_down)
     calls_before = len(scripted.edge.tier.calls)
     reply = await scripted.stub.Infer(request([CONFIDENT], scripted, request_id="down"), timeout=2)
     assert reply.decision.served_by == routing_pb2.TIER_CLOUD
@@ -91,7 +91,7 @@ async def test_an_edge_its_health_check_reports_down_is_skipped(scripted: Script
     assert len(scripted.edge.tier.calls) == calls_before
     # SERVING again: half-open, probes decide, the edge answers again.
     await scripted.edge.set_serving(True)
-    await wait_until(lambda: not scripted.router.router.edge.health.known_down)
+    await eventually(lambda: not scripted.router.router.edge.health.known_down)
     back = await scripted.stub.Infer(request([CONFIDENT], scripted, request_id="back"), timeout=2)
     assert back.decision.served_by == routing_pb2.TIER_EDGE
 
@@ -100,7 +100,7 @@ async def test_a_cloud_its_health_check_reports_down_is_not_called(
     scripted: ScriptedMesh,
 ) -> None:
     await scripted.cloud.set_serving(False)
-    await wait_until(lambda: scripted.router.router.cloud.health.known_down)
+    await eventually(lambda: scripted.router.router.cloud.health.known_down)
     reply = await scripted.stub.Infer(request([HARD], scripted, request_id="cdown"), timeout=2)
     assert reply.decision.served_by == routing_pb2.TIER_EDGE
     assert reply.predictions[0].reason == R.DECISION_REASON_CLOUD_BREAKER_OPEN

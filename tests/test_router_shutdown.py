@@ -23,9 +23,10 @@ from services.config import ServiceSettings
 from services.errors import UnavailableError
 from services.server import ServiceHost
 from services.telemetry import create_telemetry
-from tests.mesh_fixtures import REPO, router_settings
-from tests.test_cloud_support import eventually
-from tests.test_outbox import item, results
+from tests.helpers.outbox_examples import item, results
+from tests.helpers.paths import REPO
+from tests.helpers.router_node import router_settings
+from tests.helpers.waiting import eventually
 
 GRACE_S = 5.0
 

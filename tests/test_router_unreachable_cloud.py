@@ -16,7 +16,7 @@ import pytest
 
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from router_service.tier_api import never_connected
-from tests.scripted_tiers import HARD, request, scripted_mesh
+from tests.helpers.scripted_tiers import HARD, request, scripted_mesh
 
 
 def closed_port() -> str:

@@ -1,6 +1,6 @@
 """A second model pair by configuration only, through the real local mesh.
 
-The scikit-learn digits pair (``tests/digits_pair.py``: FP32 ``pixels`` [n, 64],
+The scikit-learn digits pair (``tests/helpers/digits_pair.py``: FP32 ``pixels`` [n, 64],
 ``probabilities`` output, a labelled ``.npz``) joins Fashion-MNIST in a catalog, its
 policy is trained with the CLI (``hybridmesh policy train``), and ``hybridmesh up``'s
 launcher serves both, plus a third pair that declares no data and has no policy (the same
@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
 from localmesh.ota import ModelSources
 from services.tensors import encode_tensor
-from tests.digits_pair import PAIR as DIGITS
-from tests.digits_pair import DigitsPair, build_digits_pair
-from tests.mesh_fixtures import infer_request
+from tests.helpers.digits_pair import PAIR as DIGITS
+from tests.helpers.digits_pair import DigitsPair, build_digits_pair
+from tests.helpers.requests import router_request
+from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
 pytestmark = [
@@ -152,7 +152,7 @@ async def policy_versions(stub: router_service_pb2_grpc.RouterServiceAsyncStub) 
     image = load_split("test").images[:1]
     pixels = np.zeros((1, 64), np.float32)
     replies = {
-        FASHION: await stub.Infer(infer_request(image), timeout=10),
+        FASHION: await stub.Infer(router_request(image), timeout=10),
         DIGITS: await stub.Infer(digits_request(DIGITS, pixels), timeout=10),
         NO_POLICY: await stub.Infer(digits_request(NO_POLICY, pixels), timeout=10),
     }
@@ -166,7 +166,7 @@ async def test_every_pair_is_answered_with_its_own_policy(running: TwoPairMesh) 
     correct = 0
     for index in range(20):
         reply = await running.stub.Infer(
-            infer_request(fashion.images[index : index + 1]), timeout=10
+            router_request(fashion.images[index : index + 1]), timeout=10
         )
         assert reply.decision.policy_version == "1"  # the committed fashion-mnist policy
         correct += reply.predictions[0].classification.top_k[0].class_index == fashion.labels[index]
@@ -224,23 +224,31 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
         cwd=running.base,
     )  # fmt: skip
     cli("registry", "promote", "--registry", registry, *ref, cwd=running.base, state_dir=state_dir)
-    deadline = time.monotonic() + 60
-    while (after := await policy_versions(running.stub))[DIGITS] != "3":
-        assert time.monotonic() < deadline, after
-        await asyncio.sleep(0.5)
+    seen: list[dict[str, str]] = []
+
+    async def digits_v3() -> bool:
+        seen.append(await policy_versions(running.stub))
+        return seen[-1][DIGITS] == "3"
+
+    await eventually(digits_v3, 60, lambda: seen[-1:])
+    after = seen[-1]
     assert after == {FASHION: "1", DIGITS: "3", NO_POLICY: "max-softmax-default"}
     assert (state_dir / "site" / "policies" / DIGITS / "3").is_dir()
     assert sorted(p.name for p in (state_dir / "site" / "policies" / FASHION).iterdir()) == ["1"]
     assert not (state_dir / "site" / "policies" / NO_POLICY).exists()
     # The site's reports (router: policies, edge node: models) and `hybridmesh status`.
-    deadline = time.monotonic() + 30
-    while True:
-        status = cli("--state-dir", str(state_dir), "status", cwd=REPO)
-        lines = {line.split()[1]: line for line in status.splitlines() if " pair " in line}
-        if "policy v3" in lines.get(DIGITS, "") and "edge digits-edge v1" in lines[DIGITS]:
-            break
-        assert time.monotonic() < deadline, status
-        await asyncio.sleep(0.5)
+    statuses: list[str] = []
+
+    def pair_lines() -> dict[str, str]:
+        return {line.split()[1]: line for line in statuses[-1].splitlines() if " pair " in line}
+
+    def reported() -> bool:
+        statuses.append(cli("--state-dir", str(state_dir), "status", cwd=REPO))
+        lines = pair_lines()
+        return "policy v3" in lines.get(DIGITS, "") and "edge digits-edge v1" in lines[DIGITS]
+
+    await eventually(reported, 30, lambda: statuses[-1:])
+    lines = pair_lines()
     assert "edge fashion-edge v1, cloud fashion-cloud v1, policy v1" in lines[FASHION]
     assert "cloud digits-cloud v1, policy v3" in lines[DIGITS]
     assert "policy max-softmax-default" in lines[NO_POLICY]

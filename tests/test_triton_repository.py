@@ -18,12 +18,11 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from localmesh.triton import TritonServer
-from tests.triton_fixtures import STORE, TRITON_MODELS, triton
+from tests.helpers.paths import STORE
+from tests.helpers.triton import TRITON_MODELS
 from workload.fashion_mnist import LABELS, load_split
 from workload.model_store import ModelManifest, TensorEntry, latest_versions, write_version
 from workload.triton_repository import write_repository
-
-__all__ = ["triton"]
 
 
 def _parsed(path: Path) -> model_config_pb2.ModelConfig:

@@ -15,12 +15,12 @@ from edge_node.canary import GoldenSet
 from ota.artifacts import ArtifactRef
 from registry.signing import PublisherKey, generate_key
 from registry.store import RegistryStore
+from tests.helpers.paths import EDGE_MODEL, STORE
 from workload.fashion_mnist import golden_split
 from workload.model_store import derive_version
 
-REPO = Path(__file__).resolve().parent.parent
-COMMITTED_STORE = REPO / "models" / "store"
-EDGE_MODEL = "fashion-edge"
+# The committed store, which every version here derives from.
+COMMITTED_STORE = STORE
 
 
 def golden_set() -> GoldenSet:

@@ -1,19 +1,17 @@
-"""Shared by the test_cloud_* modules (no tests here): a real Triton repository with the
+"""The cloud service under test: a real Triton repository with the
 committed cloud model plus toy python-backend models that are slow, refuse to load or load
 forever, the cloud service started in process, and process-group inspection."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 import pytest
 import pytest_asyncio
+import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,16 +19,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cloud_inference.app import CloudNode
 from cloud_inference.auth import token_sha256
 from cloud_inference.config import CloudSettings
-from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
-from hybridmesh.common.v1 import model_pb2, routing_pb2
+from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
 from localmesh.triton import TritonServer
 from services.telemetry import create_telemetry
-from services.tensors import encode_tensor
-from tests.triton_fixtures import STORE
+from tests.helpers.paths import STORE
+from tests.helpers.requests import CLOUD_MODEL
 from workload.fashion_mnist import load_split
 from workload.triton_repository import write_repository
 
-CLOUD_MODEL = "fashion-cloud"
 # Toy models with the cloud model's contract (image UINT8 [n,1,28,28] -> logits FP32 [n,10]).
 SLOW_MODEL = "slow"  # 1 s per execution, one request at a time, unbounded queue
 SHORT_QUEUE_MODEL = "slow-short-queue"  # the same, but Triton queues at most one request
@@ -61,8 +57,12 @@ class TritonPythonModel:
         time.sleep(float(value("initialize_delay_s") or 0))
         self.delay_s = float(value("execute_delay_s") or 0)
         self.fail_while_exists = value("fail_while_exists")
+        self.executions_log = value("executions_log")
 
     def execute(self, requests):
+        if self.executions_log:
+            with open(self.executions_log, "a") as log:
+                print("executing", file=log)
         if self.fail_while_exists and os.path.exists(self.fail_while_exists):
             raise RuntimeError("failing on purpose: " + self.fail_while_exists)
         time.sleep(self.delay_s)
@@ -90,6 +90,9 @@ def write_toy_model(
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(TOY_MODEL_PY)
     parameters = {
+        # One line per execution, written as it starts (outside the repository: Triton
+        # must not see a change there).
+        "executions_log": repository.parent / f"{name}.executions",
         "execute_delay_s": execute_delay_s,
         "initialize_delay_s": initialize_delay_s,
         "initialize_error": initialize_error,
@@ -122,6 +125,28 @@ def write_cloud_repository(repository: Path) -> None:
 
 
 SERVED_MODELS = [CLOUD_MODEL, SLOW_MODEL, SHORT_QUEUE_MODEL]
+
+
+def toy_executions(repository: Path, name: str) -> int:
+    """How many executions of toy model ``name`` have started in Triton (its own log)."""
+    log = repository.parent / f"{name}.executions"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def triton_checks(node: CloudNode, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts, from now on, the readiness checks of Triton ``node``'s health watch has made."""
+    made = 0
+    check = node.triton.not_ready_reason
+
+    async def counted(models: list[str], timeout_s: float = 1.0) -> str:
+        nonlocal made
+        try:
+            return await check(models, timeout_s)
+        finally:
+            made += 1
+
+    monkeypatch.setattr(node.triton, "not_ready_reason", counted)
+    return lambda: made
 
 
 def cloud_settings(triton_url: str, **overrides: object) -> CloudSettings:
@@ -177,70 +202,8 @@ async def start_cloud(
     return RunningCloud(node, channel, cloud_service_pb2_grpc.CloudServiceStub(channel), spans)
 
 
-def infer_request(
-    images: npt.NDArray[np.uint8] = IMAGES[:1],
-    model: str = CLOUD_MODEL,
-    *,
-    version: str = "",
-    privacy: int = routing_pb2.PRIVACY_CLASS_PUBLIC,
-    anonymiser: str = "",
-    top_k: int = 3,
-) -> cloud_service_pb2.InferRequest:
-    return cloud_service_pb2.InferRequest(
-        request_id="c-1",
-        model=model_pb2.ModelRef(name=model, version=version),
-        inputs=[encode_tensor("image", images)],
-        top_k=top_k,
-        privacy_class=privacy,  # type: ignore[arg-type]
-        anonymiser=anonymiser,
-    )
-
-
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def eventually(condition: Callable[[], object], timeout_s: float = 10.0) -> None:
-    """Poll ``condition`` (sync or async) until it holds; fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.05)
-
-
-def process_group(pgid: int) -> dict[int, str]:
-    """pid -> state letter of every process in group ``pgid`` (from /proc)."""
-    members = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            members[int(entry.name)] = fields[0]
-    return members
-
-
-def alive(pids: list[int]) -> list[int]:
-    """The pids that still run. A zombie has exited; reaping it is its parent's job."""
-    running = []
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            running.append(pid)
-    return running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -251,3 +214,22 @@ async def cloud_triton(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     write_cloud_repository(base / "repository")
     async with TritonServer(base / "repository", base / "run") as server:
         yield server
+
+
+async def triton_requests(triton: TritonServer, model: str) -> int:
+    """Requests Triton has received for ``model`` (its own statistics)."""
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        stats = await client.get_inference_statistics(model, as_json=True, client_timeout=5)
+    finally:
+        await client.close()
+    inference = stats["model_stats"][0].get("inference_stats", {})
+    return sum(int(inference.get(kind, {}).get("count", 0)) for kind in ("success", "fail"))
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def cloud(cloud_triton: TritonServer) -> AsyncIterator[RunningCloud]:
+    """The cloud service (all served models) in front of the module's ``cloud_triton``."""
+    running = await start_cloud(cloud_settings(cloud_triton.grpc_url))
+    yield running
+    await running.stop()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from localmesh.triton import TritonServer
+from tests.helpers.paths import STORE
 from workload.triton_repository import write_repository
 
-REPO = Path(__file__).resolve().parent.parent
-STORE = REPO / "models" / "store"
 TRITON_MODELS = ["fashion-cloud", "fashion-edge"]
 
 

@@ -35,7 +35,8 @@ from services.config import ServiceSettings
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
-from tests.mesh_fixtures import router_settings, wait_until
+from tests.helpers.router_node import router_settings
+from tests.helpers.waiting import eventually
 
 EDGE_SERVICE = "hybridmesh.edge.v1.EdgeService"
 CLOUD_SERVICE = "hybridmesh.cloud.v1.CloudService"
@@ -276,7 +277,7 @@ async def scripted_mesh(
             pairs_from_catalog(settings.catalog),
         )
         await router.start()
-        await wait_until(lambda: all(router.tier_up[tier] for tier in wait_for))
+        await eventually(lambda: all(router.tier_up[tier] for tier in wait_for))
         async with grpc.aio.insecure_channel(router.host.address) as channel:
             yield ScriptedMesh(
                 edge,
@@ -312,3 +313,14 @@ def request(
         inputs=[encode_tensor("image", images)],
         hints=routing_pb2.RoutingHints(privacy_class=privacy, preference=preference),  # type: ignore[arg-type]
     )
+
+
+async def start_health_only_cloud() -> ServiceHost:
+    """A real gRPC server that serves only grpc.health.v1 under the cloud service's name:
+    for tests of the router's health watch, where no request reaches the cloud."""
+    cloud = ServiceHost(
+        ServiceSettings(port=0, shutdown_grace_seconds=0),
+        [ServiceRegistration(CLOUD_SERVICE, lambda server: None)],
+    )
+    await cloud.start()
+    return cloud

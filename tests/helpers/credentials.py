@@ -16,7 +16,7 @@ from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from services.access_rules import OPERATOR, Identity, site_identity
 from services.auth import AUTHORIZATION, token_sha256
 
-# The operator's token for nodes built by the shared fixtures (tests/edge_fixtures.py).
+# The operator's token for nodes built by the shared fixtures (tests/helpers/edge_node.py).
 TEST_OPERATOR_TOKEN = "test-operator-token"
 
 

@@ -1,4 +1,5 @@
-"""Reconciled examples in a real outbox, as the router and the reconciler write them."""
+"""Outbox items and their reconciled results, and reconciled examples in a real outbox, as
+the router and the reconciler write them."""
 
 from __future__ import annotations
 
@@ -44,3 +45,24 @@ def reconcile_examples(  # noqa: PLR0917 (one example's facts)
             )  # fmt: skip
     finally:
         outbox.close()
+
+
+def item(request_id: str, priority: Priority = Priority.ESCALATION) -> OutboxItem:
+    return OutboxItem(
+        request_id=request_id,
+        priority=priority,
+        pair="fashion-mnist",
+        privacy_class=1,
+        top_k=1,
+        item_indices=(0, 2),
+        edge_classes=(3, 4),
+        edge_model="fashion-edge:1",
+        inputs=b"tensor-bytes",
+    )
+
+
+def results(request_id: str, now: float, cloud: tuple[int, int] = (3, 5)) -> list[ReconciledItem]:
+    return [
+        ReconciledItem(request_id, index, "fashion-mnist", 1.0, now, "e:1", edge, "c:1", c, b"x")
+        for index, edge, c in zip((0, 2), (3, 4), cloud, strict=True)
+    ]
