@@ -25,6 +25,8 @@ from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
 from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics
+from router_service.oip_conversion import OIP_SERVICE_NAME, PairMetadata, TensorMetadata
+from router_service.oip_servicer import OipServicer, add_oip_servicer_to_server
 from router_service.outbox import Outbox
 from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
@@ -47,6 +49,18 @@ ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
 HEALTH_POLL_S = 0.5
 
 _log = get_logger("router_service")
+
+
+def oip_pairs_from_catalog(path: Path) -> dict[str, PairMetadata]:
+    """Each pair's tensors as the Open Inference Protocol's ModelMetadata shows them."""
+    return {
+        pair.name: PairMetadata(
+            pair.name,
+            (TensorMetadata(pair.input.name, pair.input.datatype, pair.input.shape),),
+            (TensorMetadata(pair.output.name, pair.output.datatype, pair.output.shape),),
+        )
+        for pair in load_catalog(path).values()
+    }
 
 
 def pairs_from_catalog(path: Path) -> list[PairSpec]:
@@ -157,15 +171,20 @@ class RouterNode:
             metrics=RouterMetrics(meter),
             reconciler=self.reconciler,
         )
-        servicer = RouterServicer(
+        # One admission limit for the router, whichever protocol a request came by.
+        admission = Admission(
+            settings.max_in_flight,
+            settings.max_queued_requests,
+            settings.retry_pushback_ms,
+            resource="the router",
+        )
+        servicer = RouterServicer(self.router, self.reconciler, admission)
+        # The Open Inference Protocol (KServe v2) beside RouterService: the same Router.
+        oip_servicer = OipServicer(
             self.router,
-            self.reconciler,
-            Admission(
-                settings.max_in_flight,
-                settings.max_queued_requests,
-                settings.retry_pushback_ms,
-                resource="the router",
-            ),
+            admission,
+            oip_pairs_from_catalog(settings.catalog),
+            ready=lambda: any(self.tier_up.values()),
         )
         self.host = ServiceHost(
             settings,
@@ -176,7 +195,12 @@ class RouterNode:
                         servicer, server
                     ),
                     serving_at_start=False,
-                )
+                ),
+                ServiceRegistration(
+                    OIP_SERVICE_NAME,
+                    lambda server: add_oip_servicer_to_server(oip_servicer, server),
+                    serving_at_start=False,
+                ),
             ],
             interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
         )
@@ -297,7 +321,8 @@ class RouterNode:
             now_serving = any(self.tier_up.values())
             if now_serving != serving:
                 serving = now_serving
-                await self.host.set_serving(ROUTER_SERVICE_NAME, serving)
+                for name in (ROUTER_SERVICE_NAME, OIP_SERVICE_NAME):
+                    await self.host.set_serving(name, serving)
                 _log.info("router health", serving=serving, **self.tier_up)
             await asyncio.sleep(HEALTH_POLL_S)
 
