@@ -24,7 +24,7 @@ from router_service.breaker import BreakerState, CircuitBreaker
 from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
 from router_service.escalation import ScoringPolicy, load_pair_policies
-from router_service.metrics import RouterMetrics
+from router_service.metrics import RouterMetrics, observe_router_state
 from router_service.oip_conversion import OIP_SERVICE_NAME, PairMetadata, TensorMetadata
 from router_service.oip_servicer import OipServicer, add_oip_servicer_to_server
 from router_service.outbox import Outbox
@@ -35,7 +35,7 @@ from router_service.routing import Router
 from router_service.servicer import RouterServicer
 from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
-from services.admission import Admission
+from services.admission import Admission, observe_admission
 from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
@@ -111,8 +111,12 @@ class RouterNode:
             "hybridmesh.breaker.open", description="1 while a tier's breaker is open"
         )
 
+        # Each breaker's state as its callback last said (the breaker.state gauge).
+        breaker_states = {"edge": BreakerState.CLOSED, "cloud": BreakerState.CLOSED}
+
         def on_change(name: str, old: BreakerState, new: BreakerState) -> None:
             _log.warning("breaker state change", target=name, old=old.value, new=new.value)
+            breaker_states[name] = new
             if new is BreakerState.OPEN:
                 breaker_state.add(1, {"target": name})
             elif old is BreakerState.OPEN:
@@ -179,6 +183,8 @@ class RouterNode:
             resource="the router",
         )
         servicer = RouterServicer(self.router, self.reconciler, admission)
+        observe_router_state(meter, breaker_states, lambda: self.router.policies)
+        observe_admission(meter, "hybridmesh.router", lambda: admission)
         # The Open Inference Protocol (KServe v2) beside RouterService: the same Router.
         oip_servicer = OipServicer(
             self.router,
@@ -202,7 +208,7 @@ class RouterNode:
                     serving_at_start=False,
                 ),
             ],
-            interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
+            interceptors=telemetry.server_interceptors(tracing=settings.tracing_enabled),
         )
         # Draining ends the endless WatchCorrections streams at once (corrections.py).
         self.host.on_draining(self.reconciler.feed.close)
