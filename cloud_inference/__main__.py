@@ -13,7 +13,9 @@ from workload.triton_repository import cloud_models
 
 
 async def _serve(settings: CloudSettings) -> None:
-    telemetry = create_telemetry(settings.service_name)
+    telemetry = create_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     await serve_until_signalled(
         CloudNode(settings, telemetry, cloud_models(settings.catalog)), telemetry
     )

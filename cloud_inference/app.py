@@ -16,11 +16,13 @@ from cloud_inference.model_health import ModelHealth, ModelHealthConfig
 from cloud_inference.servicer import CloudServicer
 from cloud_inference.triton_client import TritonClient, TritonModel
 from hybridmesh.cloud.v1 import cloud_service_pb2_grpc
+from services.admission import observe_admission
 from services.errors import InternalError, ServiceError, UnavailableError
 from services.logging import get_logger
 from services.records import RecordSink
+from services.rpc_metrics import seconds_histogram
 from services.server import ServiceHost, ServiceRegistration
-from services.telemetry import Telemetry
+from services.telemetry import Telemetry, observe_info
 
 CLOUD_SERVICE_NAME = "hybridmesh.cloud.v1.CloudService"
 
@@ -75,11 +77,27 @@ class CloudNode:
         self._admission = Admission(
             settings.max_in_flight, settings.max_queued_requests, settings.retry_after_ms
         )
+        meter = telemetry.meter("hybridmesh.cloud_inference")
+        self._latency = seconds_histogram(
+            meter,
+            "hybridmesh.cloud.inference.duration",
+            "Triton call time per request, by model and version",
+        )
+        observe_info(
+            meter,
+            "hybridmesh.cloud.model.info",
+            "The model versions Triton serves behind this service (value 1)",
+            lambda: [
+                {"model": model.name, "version": model.served_version}
+                for model in list(self._models.values())
+            ],
+        )
+        observe_admission(meter, "hybridmesh.cloud", lambda: self._admission)
         site_hashes = load_site_hashes(settings.site_token_sha256, settings.site_tokens_file)
         if not site_hashes:
             _log.warning("no site tokens configured: every call will be refused")
         servicer = CloudServicer(self.inference, lambda: self._triton_ready)
-        interceptors = telemetry.server_interceptors() if settings.tracing_enabled else []
+        interceptors = telemetry.server_interceptors(tracing=settings.tracing_enabled)
         self.host = ServiceHost(
             settings,
             [
@@ -172,6 +190,7 @@ class CloudNode:
                     admission=self._admission,
                     answers=self._answers,
                     intake=self._intake,
+                    latency=self._latency,
                 )
                 _log.info(
                     "triton models",

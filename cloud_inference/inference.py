@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from cloud_inference.admission import Admission
 from cloud_inference.config import CloudSettings
@@ -86,8 +86,12 @@ class CloudInference:
         admission: Admission | None = None,
         answers: AnswerCache | None = None,
         intake: IntakeLog | None = None,
+        latency: metrics.Histogram | None = None,
     ) -> None:
+        """``latency``: records each Triton call's time in seconds, by model and version
+        (``hybridmesh.cloud.inference.duration``)."""
         self._settings = settings
+        self._latency = latency
         self._triton = triton
         self._models = dict(models)
         self._facts = dict(facts)
@@ -185,6 +189,8 @@ class CloudInference:
                     headers=inject_trace_headers(level1_flags=True),
                 )
                 triton_s = time.perf_counter() - called
+            if self._latency is not None:
+                self._latency.record(triton_s, {"model": model.name, "version": result.version})
             span.set_attribute(attributes.MODEL_VERSION, result.version)
             span.set_attribute(attributes.TRITON_LATENCY_MS, round(triton_s * 1e3, 3))
             output = model.outputs[0].name

@@ -20,6 +20,7 @@ from ota.registry_client import RegistryClient, SiteServes
 from ota.seed import seed_versions
 from ota.signatures import load_trusted_keys
 from ota.updates import SiteUpdates
+from services.admission import observe_admission
 from services.auth import (
     CallerAuthenticator,
     ControlPlaneAuth,
@@ -30,8 +31,9 @@ from services.auth import (
 from services.channels import ChannelFactory, mtls_credentials
 from services.errors import UnavailableError
 from services.logging import get_logger
+from services.rpc_metrics import seconds_histogram
 from services.server import ServiceHost, ServiceRegistration
-from services.telemetry import Telemetry
+from services.telemetry import Telemetry, observe_info
 from workload.model_store import ModelStoreError
 
 EDGE_SERVICE_NAME = "hybridmesh.edge.v1.EdgeService"
@@ -54,6 +56,26 @@ class EdgeNode:
         self._stop_updates = asyncio.Event()
         self._updates: asyncio.Task[None] | None = None
         self.events = UpdateEvents()
+        meter = telemetry.meter("hybridmesh.edge_node")
+        self._latency = seconds_histogram(
+            meter,
+            "hybridmesh.edge.inference.duration",
+            "Edge model compute time per request, by model and version",
+        )
+        observe_info(
+            meter,
+            "hybridmesh.edge.model.info",
+            "The model versions this edge node serves (value 1)",
+            lambda: [
+                {"model": model.name, "version": model.version}
+                for model in (self.models.all() if self.models is not None else [])
+            ],
+        )
+        observe_admission(
+            meter,
+            "hybridmesh.edge",
+            lambda: None if self._inference is None else self._inference.admission,
+        )
         self._reports: set[asyncio.Task[None]] = set()  # strong references until done
         servicer = EdgeServicer(self.inference)
         admin = EdgeAdminServicer(
@@ -84,7 +106,7 @@ class EdgeNode:
                 ),
             ],
             interceptors=[
-                *(telemetry.server_interceptors() if settings.tracing_enabled else []),
+                *telemetry.server_interceptors(tracing=settings.tracing_enabled),
                 admin_auth,
             ],
         )
@@ -133,7 +155,7 @@ class EdgeNode:
             return False
         self.models = models
         self._inference = EdgeInference(
-            models, self.settings, self._telemetry.tracer("hybridmesh.edge_node")
+            models, self.settings, self._telemetry.tracer("hybridmesh.edge_node"), self._latency
         )
         await self.host.set_serving(EDGE_SERVICE_NAME, True)
         _log.info(

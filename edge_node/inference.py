@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import duration_pb2
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from edge_node.config import EdgeSettings
 from edge_node.local_models import LoadedModel, LocalModels
@@ -60,15 +60,24 @@ def run_with_views(
 class EdgeInference:
     """Runs local models with bounded concurrency and a bounded wait queue."""
 
-    def __init__(self, models: LocalModels, settings: EdgeSettings, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        models: LocalModels,
+        settings: EdgeSettings,
+        tracer: trace.Tracer,
+        latency: metrics.Histogram | None = None,
+    ) -> None:
+        """``latency``: records each model run's compute time in seconds, by model and
+        version (``hybridmesh.edge.inference.duration``)."""
         self._models = models
         self._tracer = tracer
+        self._latency = latency
         self._limits = EdgeLimits(
             max_batch_size=settings.max_batch_size,
             max_top_k=settings.max_top_k,
             max_payload_bytes=settings.max_payload_bytes,
         )
-        self._admission = Admission(
+        self.admission = Admission(
             settings.compute_slots,
             settings.max_queued_requests,
             RETRY_AFTER_MS,
@@ -113,7 +122,7 @@ class EdgeInference:
 
             queued_at = time.perf_counter()
             # No wait budget: the caller's deadline cancels a request that waits too long.
-            async with self._admission.slot():
+            async with self.admission.slot():
                 started = time.perf_counter()
                 views = tuple(request.views)
                 if model.compute_us * (1 + len(views)) <= self._inline_max_us:
@@ -126,6 +135,10 @@ class EdgeInference:
             scores = outputs[model.classification_output]
             probabilities = scores if model.outputs_probabilities else softmax(scores)
             span.set_attribute(attributes.EDGE_COMPUTE_MS, (finished - started) * 1e3)
+            if self._latency is not None:
+                self._latency.record(
+                    finished - started, {"model": model.name, "version": model.version}
+                )
             span.set_attribute(attributes.EDGE_QUEUE_MS, (started - queued_at) * 1e3)
             return edge_service_pb2.InferResponse(
                 request_id=request.request_id,

@@ -48,7 +48,13 @@ DEFAULT_PORTS = {
     "envoy_admin": 59901,
     "triton": 58001,
     "registry": 50054,
+    # Prometheus /metrics of each service (HYBRIDMESH_<SERVICE>_METRICS_PORT).
+    "router_metrics": 59101,
+    "edge_metrics": 59102,
+    "cloud_metrics": 59103,
+    "registry_metrics": 59104,
 }
+METRICS_PARTS = ("router", "edge", "cloud", "registry")
 PARTS = ("triton", "cloud", "registry", "envoy", "edge", "router")
 # How often the local site asks the registry for new versions.
 UPDATE_INTERVAL_S = "10"
@@ -85,6 +91,8 @@ class MeshState:
     # The pair catalog and model store the mesh serves (`hybridmesh status` lists pairs).
     catalog: str = ""
     store: str = ""
+    # Each service's Prometheus endpoint: name -> http://127.0.0.1:PORT/metrics.
+    metrics: dict[str, str] = field(default_factory=dict)
 
     def write(self) -> Path:
         """Atomically: a reader (``up --detach``, ``status``) never sees half a file."""
@@ -209,6 +217,11 @@ class LocalMesh:
             credentials=operator_credentials(self.state_dir),
             catalog=str(self.models.catalog),
             store=str(self.models.store),
+            metrics={
+                name: f"http://{self.endpoint(f'{name}_metrics')}/metrics"
+                for name in METRICS_PARTS
+                if name in self.processes
+            },
         )
         state.write()
         self.state = state
@@ -265,6 +278,7 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_CLOUD_PORT": str(self.ports["cloud"]),
+                    "HYBRIDMESH_CLOUD_METRICS_PORT": str(self.ports["cloud_metrics"]),
                     "HYBRIDMESH_CLOUD_TRITON_URL": self.endpoint("triton"),
                     "HYBRIDMESH_CLOUD_CATALOG": str(self.models.catalog),
                     "HYBRIDMESH_CLOUD_MODEL_STORE": str(self.models.store),
@@ -306,6 +320,7 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_REGISTRY_PORT": str(self.ports["registry"]),
+                    "HYBRIDMESH_REGISTRY_METRICS_PORT": str(self.ports["registry_metrics"]),
                     "HYBRIDMESH_REGISTRY_ROOT": str(site.registry_root),
                     "HYBRIDMESH_REGISTRY_LOG_LEVEL": level,
                     "HYBRIDMESH_REGISTRY_TOKENS_FILE": str(site.credentials.registry_tokens),
@@ -321,6 +336,7 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
+                    "HYBRIDMESH_EDGE_METRICS_PORT": str(self.ports["edge_metrics"]),
                     # Every catalog pair's edge model.
                     "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps(self.models.edge_models()),
                     "HYBRIDMESH_EDGE_LOG_LEVEL": level,
@@ -344,6 +360,7 @@ class LocalMesh:
             self._environment(
                 {
                     "HYBRIDMESH_ROUTER_PORT": str(self.ports["router"]),
+                    "HYBRIDMESH_ROUTER_METRICS_PORT": str(self.ports["router_metrics"]),
                     "HYBRIDMESH_ROUTER_EDGE_TARGET": self.endpoint("edge"),
                     "HYBRIDMESH_ROUTER_CLOUD_TARGET": self.endpoint("envoy"),
                     "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),

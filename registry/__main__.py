@@ -12,7 +12,9 @@ from services.telemetry import create_telemetry
 
 
 async def _serve(settings: RegistrySettings) -> None:
-    telemetry = create_telemetry(settings.service_name)
+    telemetry = create_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     await serve_until_signalled(RegistryNode(settings, telemetry), telemetry)
 
 

@@ -78,7 +78,7 @@ class RegistryNode:
                 )
             ],
             interceptors=[
-                *(telemetry.server_interceptors() if settings.tracing_enabled else []),
+                *telemetry.server_interceptors(tracing=settings.tracing_enabled),
                 ControlPlaneAuth(authenticator(settings)),
             ],
             server_credentials=server_credentials(settings),

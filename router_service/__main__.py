@@ -13,7 +13,9 @@ from services.telemetry import create_telemetry
 
 
 async def _serve(settings: RouterSettings) -> None:
-    telemetry = create_telemetry(settings.service_name)
+    telemetry = create_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
+    )
     # A co-located edge reads its own HYBRIDMESH_EDGE_* settings.
     edge_settings = EdgeSettings() if settings.edge_mode == "in-process" else None
     node = RouterNode(

@@ -25,7 +25,9 @@ from router_service.colocated_edge import InProcessEdgeTier
 from router_service.config import RouterSettings
 from router_service.controller_metrics import register_controller_metrics
 from router_service.escalation import ScoringPolicy, load_pair_policies
-from router_service.metrics import RouterMetrics
+from router_service.metrics import RouterMetrics, observe_router_state
+from router_service.oip_conversion import OIP_SERVICE_NAME, PairMetadata, TensorMetadata
+from router_service.oip_servicer import OipServicer, add_oip_servicer_to_server
 from router_service.outbox import Outbox
 from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
@@ -34,7 +36,7 @@ from router_service.routing import Router
 from router_service.servicer import RouterServicer
 from router_service.tier_api import CloudTierApi, EdgeTierApi
 from router_service.tiers import CloudTier, EdgeTier
-from services.admission import Admission
+from services.admission import Admission, observe_admission
 from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
@@ -48,6 +50,18 @@ ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
 HEALTH_POLL_S = 0.5
 
 _log = get_logger("router_service")
+
+
+def oip_pairs_from_catalog(path: Path) -> dict[str, PairMetadata]:
+    """Each pair's tensors as the Open Inference Protocol's ModelMetadata shows them."""
+    return {
+        pair.name: PairMetadata(
+            pair.name,
+            (TensorMetadata(pair.input.name, pair.input.datatype, pair.input.shape),),
+            (TensorMetadata(pair.output.name, pair.output.datatype, pair.output.shape),),
+        )
+        for pair in load_catalog(path).values()
+    }
 
 
 def pairs_from_catalog(path: Path) -> list[PairSpec]:
@@ -98,8 +112,12 @@ class RouterNode:
             "hybridmesh.breaker.open", description="1 while a tier's breaker is open"
         )
 
+        # Each breaker's state as its callback last said (the breaker.state gauge).
+        breaker_states = {"edge": BreakerState.CLOSED, "cloud": BreakerState.CLOSED}
+
         def on_change(name: str, old: BreakerState, new: BreakerState) -> None:
             _log.warning("breaker state change", target=name, old=old.value, new=new.value)
+            breaker_states[name] = new
             if new is BreakerState.OPEN:
                 breaker_state.add(1, {"target": name})
             elif old is BreakerState.OPEN:
@@ -159,15 +177,22 @@ class RouterNode:
             reconciler=self.reconciler,
         )
         register_controller_metrics(meter, self.router.controllers)
-        servicer = RouterServicer(
+        # One admission limit for the router, whichever protocol a request came by.
+        admission = Admission(
+            settings.max_in_flight,
+            settings.max_queued_requests,
+            settings.retry_pushback_ms,
+            resource="the router",
+        )
+        servicer = RouterServicer(self.router, self.reconciler, admission)
+        observe_router_state(meter, breaker_states, lambda: self.router.policies)
+        observe_admission(meter, "hybridmesh.router", lambda: admission)
+        # The Open Inference Protocol (KServe v2) beside RouterService: the same Router.
+        oip_servicer = OipServicer(
             self.router,
-            self.reconciler,
-            Admission(
-                settings.max_in_flight,
-                settings.max_queued_requests,
-                settings.retry_pushback_ms,
-                resource="the router",
-            ),
+            admission,
+            oip_pairs_from_catalog(settings.catalog),
+            ready=lambda: any(self.tier_up.values()),
         )
         self.host = ServiceHost(
             settings,
@@ -178,9 +203,14 @@ class RouterNode:
                         servicer, server
                     ),
                     serving_at_start=False,
-                )
+                ),
+                ServiceRegistration(
+                    OIP_SERVICE_NAME,
+                    lambda server: add_oip_servicer_to_server(oip_servicer, server),
+                    serving_at_start=False,
+                ),
             ],
-            interceptors=telemetry.server_interceptors() if settings.tracing_enabled else [],
+            interceptors=telemetry.server_interceptors(tracing=settings.tracing_enabled),
         )
         # Draining ends the endless WatchCorrections streams at once (corrections.py).
         self.host.on_draining(self.reconciler.feed.close)
@@ -299,7 +329,8 @@ class RouterNode:
             now_serving = any(self.tier_up.values())
             if now_serving != serving:
                 serving = now_serving
-                await self.host.set_serving(ROUTER_SERVICE_NAME, serving)
+                for name in (ROUTER_SERVICE_NAME, OIP_SERVICE_NAME):
+                    await self.host.set_serving(name, serving)
                 _log.info("router health", serving=serving, **self.tier_up)
             await asyncio.sleep(HEALTH_POLL_S)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+
+from opentelemetry import metrics
 
 from services.errors import DeadlineExceededError, ResourceExhaustedError
 
@@ -37,6 +39,7 @@ class Admission:
         self._resource = resource
         self._clock = clock
         self.queued = 0
+        self.in_flight = 0  # requests holding a slot now
         # Exponentially weighted mean of how long a slot is held, in seconds.
         self.mean_hold_s = 0.0
 
@@ -82,9 +85,37 @@ class Admission:
         finally:
             self.queued -= 1
         started = self._clock()
+        self.in_flight += 1
         try:
             yield
         finally:
+            self.in_flight -= 1
             self._slots.release()
             held = self._clock() - started
             self.mean_hold_s += HOLD_WEIGHT * (held - self.mean_hold_s)
+
+
+def observe_admission(
+    meter: metrics.Meter, prefix: str, admission: Callable[[], Admission | None]
+) -> None:
+    """``<prefix>.admission.in_flight`` and ``<prefix>.admission.queued`` gauges of the
+    admission ``admission()`` returns (None: nothing admits yet, nothing reported)."""
+
+    def in_flight(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        current = admission()
+        return [] if current is None else [metrics.Observation(current.in_flight)]
+
+    def queued(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        current = admission()
+        return [] if current is None else [metrics.Observation(current.queued)]
+
+    meter.create_observable_gauge(
+        f"{prefix}.admission.in_flight",
+        callbacks=[in_flight],
+        description="Requests holding a slot now",
+    )
+    meter.create_observable_gauge(
+        f"{prefix}.admission.queued",
+        callbacks=[queued],
+        description="Requests waiting for a slot now (the admission queue's depth)",
+    )

@@ -30,3 +30,6 @@ class ServiceSettings(BaseSettings):
     # Tracing exports over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (standard
     # OTEL_* variables, read by the exporter itself); this switch only turns it off.
     tracing_enabled: bool = True
+    # Prometheus /metrics over HTTP on this port (services/prometheus.py), on ``host``;
+    # 0: off. The local mesh gives each service one and records them in state.json.
+    metrics_port: int = Field(default=0, ge=0, le=65535)

@@ -137,7 +137,7 @@ def _wrap(behavior: Behavior, streamed: bool) -> Behavior | None:
     return None  # a sync handler (none of ours): left exactly as registered
 
 
-_FACTORIES: dict[str, tuple[Callable[..., grpc.RpcMethodHandler[Any, Any]], bool]] = {
+HANDLER_FACTORIES: dict[str, tuple[Callable[..., grpc.RpcMethodHandler[Any, Any]], bool]] = {
     # attribute of RpcMethodHandler -> (its factory, whether requests arrive as a stream)
     "unary_unary": (grpc.unary_unary_rpc_method_handler, False),
     "unary_stream": (grpc.unary_stream_rpc_method_handler, False),
@@ -149,7 +149,7 @@ _FACTORIES: dict[str, tuple[Callable[..., grpc.RpcMethodHandler[Any, Any]], bool
 def map_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler, with ServiceError -> status, bugs -> INTERNAL, bad bytes ->
     INVALID_ARGUMENT; any of the four RPC shapes."""
-    for attribute, (factory, streamed) in _FACTORIES.items():
+    for attribute, (factory, streamed) in HANDLER_FACTORIES.items():
         behavior = getattr(handler, attribute)
         if behavior is None:
             continue

@@ -8,7 +8,7 @@ several services, each with its own exporter, in one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from services.prometheus import MetricsEndpoint
+from services.rpc_metrics import RpcMetricsInterceptor
+
 OTLP_ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
@@ -34,6 +37,9 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     _span_processors: list[SpanProcessor] = field(default_factory=list)
+    # Prometheus /metrics (services/prometheus.py); None when the metrics port is 0.
+    metrics_endpoint: MetricsEndpoint | None = None
+    _rpc_metrics: RpcMetricsInterceptor | None = None
 
     def tracer(self, name: str) -> trace.Tracer:
         return self.tracer_provider.get_tracer(name)
@@ -41,13 +47,23 @@ class Telemetry:
     def meter(self, name: str) -> metrics.Meter:
         return self.meter_provider.get_meter(name)
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        """Server span per RPC; health checks are not traced (they would drown the rest)."""
-        interceptor: grpc.aio.ServerInterceptor[Any, Any] = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider,
-            filter_=grpc_filters.negate(grpc_filters.health_check()),
-        )
-        return [interceptor]
+    def server_interceptors(
+        self, *, tracing: bool = True
+    ) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """The RPC duration metric of every call (services/rpc_metrics.py), then, with
+        ``tracing``, a server span per RPC; health checks are not traced (they would
+        drown the rest)."""
+        if self._rpc_metrics is None:  # one instrument, however many servers share it
+            self._rpc_metrics = RpcMetricsInterceptor(self.meter("hybridmesh.rpc"))
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [self._rpc_metrics]
+        if tracing:
+            interceptors.append(
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
+                    tracer_provider=self.tracer_provider,
+                    filter_=grpc_filters.negate(grpc_filters.health_check()),
+                )
+            )
+        return interceptors
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """Client span per RPC, propagating W3C trace context in the metadata."""
@@ -61,6 +77,8 @@ class Telemetry:
         """Flush and stop exporters; call once at process exit."""
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
 
 def create_telemetry(
@@ -69,12 +87,15 @@ def create_telemetry(
     span_processors: Sequence[SpanProcessor] = (),
     metric_readers: Sequence[MetricReader] = (),
     export_otlp: bool | None = None,
+    metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
 ) -> Telemetry:
     """Build providers for one service.
 
     ``export_otlp=None`` exports over OTLP/gRPC exactly when ``OTEL_EXPORTER_OTLP_ENDPOINT``
     is set; the exporters read that and the other ``OTEL_*`` variables themselves, so
-    pointing a service at Jaeger or a collector needs no code change.
+    pointing a service at Jaeger or a collector needs no code change. ``metrics_port``
+    (not 0) serves Prometheus ``/metrics`` on ``metrics_host`` (services/prometheus.py).
     """
     resource = Resource.create({SERVICE_NAME: service_name})
     tracer_provider = TracerProvider(resource=resource)
@@ -91,10 +112,15 @@ def create_telemetry(
 
         processors.append(BatchSpanProcessor(OTLPSpanExporter()))
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    endpoint = MetricsEndpoint.start(metrics_host, metrics_port) if metrics_port else None
+    if endpoint is not None:
+        readers.append(endpoint.reader)
     for processor in processors:
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(service_name, tracer_provider, meter_provider, processors)
+    return Telemetry(
+        service_name, tracer_provider, meter_provider, processors, metrics_endpoint=endpoint
+    )
 
 
 def inject_trace_headers(
@@ -115,3 +141,18 @@ def inject_trace_headers(
         flags = int(traceparent[-2:], 16) & 0x01
         carrier["traceparent"] = f"{traceparent[:-2]}{flags:02x}"
     return carrier
+
+
+def observe_info(
+    meter: metrics.Meter,
+    name: str,
+    description: str,
+    rows: Callable[[], Iterable[Mapping[str, str]]],
+) -> None:
+    """An info metric (Prometheus convention: a gauge named ``*.info`` of value 1 whose
+    labels carry the facts), one series per row ``rows()`` returns at scrape time."""
+
+    def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [metrics.Observation(1, dict(row)) for row in rows()]
+
+    meter.create_observable_gauge(name, callbacks=[observe], description=description)

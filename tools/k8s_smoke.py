@@ -79,6 +79,7 @@ IGNORED_KINDS = {
     "Service",
     "NetworkPolicy",
     "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
     "ConfigMap",
 }
 DEADLINE_S = 25 * 60

@@ -1,0 +1,168 @@
+"""Prometheus /metrics on every service of the real local mesh: after traffic (easy and
+hard images, an EDGE_ONLY and a CLOUD_ONLY request, a bad request), each endpoint
+named in state.json answers with the standard RPC metric and the service's own
+metrics, with plausible values."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from hybridmesh.common.v1 import routing_pb2
+from hybridmesh.router.v1 import router_service_pb2_grpc
+from localmesh.launcher import LocalMesh, MeshOptions, MeshState
+from tests.helpers.item_difficulty import easy_and_hard
+from tests.helpers.requests import router_request
+from workload.fashion_mnist import load_split
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = load_split("test").images[:300]
+EASY, HARD = easy_and_hard(IMAGES, 3)
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MeshState]:
+    mesh = LocalMesh(
+        MeshOptions(
+            state_dir=tmp_path_factory.mktemp("metrics-mesh"),
+            repository_root=REPO,
+            random_ports=True,
+        )
+    )
+    state = await mesh.up()
+    async with grpc.aio.insecure_channel(state.endpoints["router"]) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        for index in [*EASY, *HARD]:
+            await stub.Infer(router_request(IMAGES[index : index + 1]), timeout=10)
+        await stub.Infer(
+            router_request(IMAGES[:1], preference=routing_pb2.ROUTE_PREFERENCE_EDGE_ONLY),
+            timeout=10,
+        )
+        await stub.Infer(
+            router_request(IMAGES[:1], preference=routing_pb2.ROUTE_PREFERENCE_CLOUD_ONLY),
+            timeout=10,
+        )
+        bad = router_request(IMAGES[:1])
+        bad.model = "no-such-pair"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Infer(bad, timeout=10)
+    yield state
+    await mesh.down()
+
+
+async def scrape(url: str) -> Samples:
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            assert reply.status == 200
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            text: str = reply.read().decode()
+            return text
+
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    assert name in samples, sorted(samples)
+    return sum(
+        value
+        for found, value in samples[name]
+        if all(found.get(key) == wanted for key, wanted in labels.items())
+    )
+
+
+def rpc_calls(samples: Samples, service: str, method: str, code: int = 0) -> float:
+    return total(
+        samples,
+        "rpc_server_call_duration_seconds_count",
+        rpc_service=service,
+        rpc_method=method,
+        rpc_grpc_status_code=str(code),
+    )
+
+
+async def test_state_names_a_metrics_endpoint_per_service(running: MeshState) -> None:
+    assert sorted(running.metrics) == ["cloud", "edge", "registry", "router"]
+    ports = {url.rsplit(":", 1)[1] for url in running.metrics.values()}
+    assert len(ports) == 4
+
+
+async def test_router_metrics(running: MeshState) -> None:
+    samples = await scrape(running.metrics["router"])
+    router = "hybridmesh.router.v1.RouterService"
+    assert rpc_calls(samples, router, "Infer") == 8
+    assert rpc_calls(samples, router, "Infer", grpc.StatusCode.NOT_FOUND.value[0]) == 1
+    assert total(samples, "rpc_server_call_duration_seconds_sum", rpc_method="Infer") > 0
+    requests = "hybridmesh_router_requests_total"
+    assert total(samples, requests) == 8
+    assert total(samples, requests, served_by="TIER_CLOUD") >= 3  # the hard ones + CLOUD_ONLY
+    assert total(samples, requests, reason="DECISION_REASON_EDGE_CONFIDENT") >= 1
+    assert total(samples, requests, reason="DECISION_REASON_PREFERENCE_EDGE_ONLY") == 1
+    assert total(samples, requests, reason="DECISION_REASON_PREFERENCE_CLOUD_ONLY") == 1
+    share = total(samples, "hybridmesh_router_cloud_share")
+    assert 0.3 <= share <= 0.7, share
+    cost = next(name for name in samples if name.startswith("hybridmesh_router_cost"))
+    saved = next(name for name in samples if name.startswith("hybridmesh_router_saved"))
+    assert total(samples, cost) > 0 and total(samples, saved) > 0
+    assert total(samples, "hybridmesh_router_latency_seconds_count") == 8
+    assert total(samples, "hybridmesh_router_tier_duration_seconds_count", tier="cloud") >= 4
+    assert total(samples, "hybridmesh_router_tier_duration_seconds_count", tier="edge") >= 6
+    assert total(samples, "hybridmesh_router_breaker_state", target="cloud") == 0  # closed
+    assert total(samples, "hybridmesh_router_breaker_state", target="edge") == 0
+    assert total(samples, "hybridmesh_outbox_depth") == 0
+    assert "hybridmesh_outbox_oldest_age_seconds" in samples
+    assert total(samples, "hybridmesh_router_admission_queued") == 0
+    assert total(samples, "hybridmesh_router_admission_in_flight") == 0
+    (labels, value), *_ = samples["hybridmesh_router_policy_info"]
+    assert value == 1 and labels["pair"] == "fashion-mnist" and labels["version"]
+
+
+async def test_edge_metrics(running: MeshState) -> None:
+    samples = await scrape(running.metrics["edge"])
+    assert rpc_calls(samples, "hybridmesh.edge.v1.EdgeService", "Infer") >= 7
+    count = total(samples, "hybridmesh_edge_inference_duration_seconds_count", model="fashion-edge")
+    assert count >= 7
+    mean = total(samples, "hybridmesh_edge_inference_duration_seconds_sum") / count
+    assert 0 < mean < 0.5, mean
+    (labels, value), *_ = samples["hybridmesh_edge_model_info"]
+    assert value == 1 and labels["model"] == "fashion-edge" and labels["version"]
+    assert total(samples, "hybridmesh_edge_admission_queued") == 0
+
+
+async def test_cloud_metrics(running: MeshState) -> None:
+    samples = await scrape(running.metrics["cloud"])
+    assert rpc_calls(samples, "hybridmesh.cloud.v1.CloudService", "Infer") >= 4
+    count = total(
+        samples, "hybridmesh_cloud_inference_duration_seconds_count", model="fashion-cloud"
+    )
+    assert count >= 4
+    mean = total(samples, "hybridmesh_cloud_inference_duration_seconds_sum") / count
+    assert 0 < mean < 1, mean
+    (labels, value), *_ = samples["hybridmesh_cloud_model_info"]
+    assert value == 1 and labels["model"] == "fashion-cloud" and labels["version"]
+    assert total(samples, "hybridmesh_cloud_admission_in_flight") == 0
+
+
+async def test_registry_metrics(running: MeshState) -> None:
+    samples = await scrape(running.metrics["registry"])
+    # The site's edge node and router poll it for updates and report what they serve.
+    calls = total(
+        samples,
+        "rpc_server_call_duration_seconds_count",
+        rpc_service="hybridmesh.registry.v1.RegistryService",
+    )
+    assert calls >= 1
+    assert "hybridmesh_registry_sites_serving" in samples
