@@ -15,12 +15,12 @@ from collections.abc import Sequence
 import grpc
 
 from edge_node.app import EdgeNode
-from hybridmesh.common.v1 import model_pb2, tensor_pb2
+from hybridmesh.common.v1 import tensor_pb2
 from hybridmesh.edge.v1 import edge_service_pb2
 from router_service.breaker import CircuitBreaker
 from router_service.latency import RollingLatency
 from router_service.tier_api import TierAnswer, TierHealth
-from router_service.tiers import LocalCallError, guarded_call
+from router_service.tiers import LocalCallError, edge_infer_request, guarded_call
 from services.errors import ServiceError
 
 
@@ -43,13 +43,7 @@ class InProcessEdgeTier:
         timeout_s: float,
         views: Sequence[str] = (),
     ) -> TierAnswer:
-        request = edge_service_pb2.InferRequest(
-            request_id=request_id,
-            model=model_pb2.ModelRef(name=model),
-            inputs=inputs,
-            top_k=top_k,
-            views=list(views),
-        )
+        request = edge_infer_request(request_id, model, inputs, top_k, views)
 
         async def send() -> edge_service_pb2.InferResponse:
             try:

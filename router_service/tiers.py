@@ -91,6 +91,23 @@ async def guarded_call(
     return response, elapsed
 
 
+def edge_infer_request(
+    request_id: str,
+    model: str,
+    inputs: Sequence[tensor_pb2.Tensor],
+    top_k: int,
+    views: Sequence[str],
+) -> edge_service_pb2.InferRequest:
+    """The edge node's request, whichever edge tier (remote or in-process) sends it."""
+    return edge_service_pb2.InferRequest(
+        request_id=request_id,
+        model=model_pb2.ModelRef(name=model),
+        inputs=inputs,
+        top_k=top_k,
+        views=list(views),
+    )
+
+
 class EdgeTier:
     def __init__(
         self, stub: edge_service_pb2_grpc.EdgeServiceAsyncStub, breaker: CircuitBreaker
@@ -110,13 +127,7 @@ class EdgeTier:
         timeout_s: float,
         views: Sequence[str] = (),
     ) -> TierAnswer:
-        request = edge_service_pb2.InferRequest(
-            request_id=request_id,
-            model=model_pb2.ModelRef(name=model),
-            inputs=inputs,
-            top_k=top_k,
-            views=list(views),
-        )
+        request = edge_infer_request(request_id, model, inputs, top_k, views)
         response, elapsed = await guarded_call(
             "edge",
             self.breaker,
