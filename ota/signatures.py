@@ -54,9 +54,11 @@ def verify(trusted: Mapping[str, Ed25519PublicKey], payload: bytes, signature: b
         raise SignatureError("signature document of an unknown schema")
     public = trusted.get(key_id)
     if public is None:
-        raise SignatureError(f"signed by key {key_id!r}, which this site does not trust")
+        raise SignatureError(f"signed by key {key_id!r}, which is not among the trusted keys")
     try:
         public.verify(raw, payload)
     except InvalidSignature:
-        raise SignatureError(f"signature by key {key_id} does not match the manifest") from None
+        raise SignatureError(
+            f"signature by key {key_id} does not match the signed document (tampered or truncated)"
+        ) from None
     return str(key_id)

@@ -190,6 +190,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                 identity=caller.spiffe_id,
                 status="PERMISSION_DENIED",
                 reason=f"report names site {clip(status.site)!r}",
+                peer=context.peer(),
             )
             raise PermissionDeniedError(
                 f"{clip(status.site)!r} is not this caller's site ({caller.site})",

@@ -208,6 +208,9 @@ async def test_a_site_reads_and_reports_for_itself_only(registry: Registry) -> N
         (site_a, "ListSites", "PERMISSION_DENIED"),
         (site_a, "ReportSiteStatus", "PERMISSION_DENIED"),  # the report for site-b
     } <= refused
+    assert all(e.get("peer") for e in logs if e["event"] == "control-plane call refused"), (
+        "every refusal names the peer it came from"
+    )
     assert token not in repr(logs)
 
 

@@ -94,7 +94,7 @@ async def test_an_artifact_signed_by_an_untrusted_key_is_refused(
     # The operator's promotion statement is good; the manifest's signature is not.
     site.registry.promote("model", EDGE_MODEL, 2, operator)
     (report,) = await updater.poll_once()
-    assert report.outcome == "refused" and "does not trust" in report.reason
+    assert report.outcome == "refused" and "not among the trusted keys" in report.reason
     assert serving(models) == "1"
 
 

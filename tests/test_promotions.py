@@ -91,7 +91,7 @@ async def test_an_unsigned_or_foreign_promotion_is_refused(
     intruder = generate_key(tmp_path / "intruder")
     source.statement = statement(intruder, 2, 1)
     assert await updates.wanted(EDGE_MODEL, "1") is None
-    assert "does not trust" in updates.statement_refusals[EDGE_MODEL]
+    assert "not among the trusted keys" in updates.statement_refusals[EDGE_MODEL]
     # Signed, but about another artifact: not a promotion of this one.
     source.statement = sign_promotion(operator(tmp_path), "model", "other", 2, 1, "promote")
     assert await updates.wanted(EDGE_MODEL, "1") is None
