@@ -109,8 +109,10 @@ class CloudNode:
                     serving_at_start=False,
                 )
             ],
-            # Authentication first: an unauthenticated call gets no further.
-            interceptors=[SiteAuthInterceptor(SiteAuthenticator(site_hashes)), *interceptors],
+            # Metrics and tracing see every call, refusals included (an attack shows up
+            # as UNAUTHENTICATED in the RPC metric); an unauthenticated call gets no
+            # further than the authentication that follows them.
+            interceptors=[*interceptors, SiteAuthInterceptor(SiteAuthenticator(site_hashes))],
         )
         self._watch: asyncio.Task[None] | None = None
 

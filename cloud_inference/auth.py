@@ -8,6 +8,7 @@ comparison are ``services.auth``'s, shared with the control plane's per-identity
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,14 +66,15 @@ class SiteAuthInterceptor(_ServerInterceptor):
         if method.startswith(OPEN_SERVICES):
             return await continuation(handler_call_details)
         if self._authenticator.site_for(handler_call_details.invocation_metadata) is None:
-            _log.warning("unauthenticated call refused", method=method)
             # CloudService is unary only; nothing behind this (not even whether the
             # method exists) is revealed to the caller.
-            return grpc.unary_unary_rpc_method_handler(_refuse)
+            return grpc.unary_unary_rpc_method_handler(functools.partial(_refuse, method))
         return await continuation(handler_call_details)
 
 
-async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+async def _refuse(method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    # Logged here, not in the interceptor: only the call's context knows the peer.
+    _log.warning("unauthenticated call refused", method=method, peer=context.peer())
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED,
         "authorization: a valid 'Bearer <site token>' is required",

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2_grpc
 from localmesh.launcher import LocalMesh, MeshOptions, MeshState
@@ -56,6 +57,13 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mes
         bad.model = "no-such-pair"
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Infer(bad, timeout=10)
+    # A caller without the site token, straight at the cloud service: refused, and counted.
+    async with grpc.aio.insecure_channel(state.endpoints["cloud"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await cloud_service_pb2_grpc.CloudServiceStub(channel).Infer(
+                cloud_service_pb2.InferRequest(), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     yield state
     await mesh.down()
 
@@ -145,6 +153,8 @@ async def test_edge_metrics(running: MeshState) -> None:
 async def test_cloud_metrics(running: MeshState) -> None:
     samples = await scrape(running.metrics["cloud"])
     assert rpc_calls(samples, "hybridmesh.cloud.v1.CloudService", "Infer") >= 4
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert rpc_calls(samples, "hybridmesh.cloud.v1.CloudService", "Infer", unauthenticated) == 1
     count = total(
         samples, "hybridmesh_cloud_inference_duration_seconds_count", model="fashion-cloud"
     )
