@@ -41,6 +41,14 @@ def test_the_edge_site_becomes_one_pod_with_each_workaround(tmp_path: Path) -> N
     node_env = {e["name"]: e.get("value") for e in containers["edge-node"]["env"]}
     assert node_env["HYBRIDMESH_EDGE_SEED_STORE"] == "/app/models/store"
     assert node_env["HYBRIDMESH_EDGE_SERVED_MODELS"] == '["fashion-edge"]'
+    # One pod, one network namespace: the services' metrics ports (9464 each in k8s) differ.
+    ports = [
+        env["value"]
+        for container in spec["containers"]
+        for env in container["env"]
+        if env["name"].endswith("_METRICS_PORT")
+    ]
+    assert len(ports) == len(set(ports)) == 2
 
 
 def test_the_cloud_tier_runs_each_service_on_its_roles_image(tmp_path: Path) -> None:

@@ -194,6 +194,10 @@ def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     ref["name"] = f"{PREFIX}-{ref['name']}"
+                # Every service's metrics port is 9464, in a pod of its own in k8s; in the
+                # tier's one pod they would clash: each container gets the next one.
+                if env["name"].endswith("_METRICS_PORT"):
+                    env["value"] = str(int(env["value"]) + len(pod["spec"]["containers"]))
             pod["spec"]["containers"].append(container)
     return str(yaml.safe_dump(pod, sort_keys=False))
 
@@ -373,10 +377,21 @@ def cloud_tier(resources: list[dict[str, Any]], work: Path, played: list[Path]) 
         f"{PREFIX}-cloud-site-tokens",
         {"site-tokens.json": json.dumps({"site-001": digest}).encode()},
     )
+    # The registry serves mTLS only (localmesh's CA and server certificate here); its
+    # plaintext probe port (50055) is what the kubelet, and this check, ask.
+    certificates = ensure_certificates(work / "certs").directory
+    create_secret(
+        f"{PREFIX}-registry-tls",
+        {
+            "ca.crt": (certificates / "ca.crt").read_bytes(),
+            "tls.crt": (certificates / "server.crt").read_bytes(),
+            "tls.key": (certificates / "server.key").read_bytes(),
+        },
+    )
     hosts = hosts_file(work, "cloud", ["triton", "jaeger"])
     play(work / "cloud.yaml", adapt(resources, "cloud", hosts), played)
     cloud, registry = f"{PREFIX}-cloud-cloud-inference", f"{PREFIX}-cloud-registry"
-    wait_health(registry, {"50053": "NOT_SERVING", "50054": "SERVING"}, "cloud-inference, registry")
+    wait_health(registry, {"50053": "NOT_SERVING", "50055": "SERVING"}, "cloud-inference, registry")
     wait_for("cloud-inference's reason", lambda: '"not serving"' in logs(cloud), 30)
     reason = next(line for line in logs(cloud).splitlines() if '"not serving"' in line)
     log(f"cloud tier: cloud-inference says: {reason[:300]}")
