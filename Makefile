@@ -11,7 +11,7 @@ DATASET := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo bench up down test lint protos models clean k8s-smoke
+.PHONY: help setup demo bench up down test lint protos models clean k8s-smoke image
 
 help:
 	@echo "make demo   - set up, then run hybridmesh on the embedded local mesh"
@@ -19,6 +19,7 @@ help:
 	@echo "make test   - set up, then lint (buf, ruff, mypy --strict) and run the test suite"
 	@echo "make protos - regenerate Python code from protos/"
 	@echo "make k8s-smoke - run the edge and cloud overlays with podman kube play (~30 s cached, first ~3 min)"
+	@echo "make image - build the edge, cloud and registry images with docker or podman (offline)"
 	@echo "make models - retrain the Fashion-MNIST models into a new store version (minutes)"
 
 $(STAMPS):
@@ -72,7 +73,14 @@ test: lint
 k8s-smoke: $(STAMPS)/venv
 	@command -v podman >/dev/null && command -v debootstrap >/dev/null || { \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq podman debootstrap; }
-	$(PY) tools/k8s_smoke.py
+	$(PY) -m tools.k8s_smoke
+
+# One image per role (edge: router + edge node; cloud: cloud_inference; registry), with
+# docker when its daemon runs, else podman; offline (tools/image_build.py, README).
+IMAGE_REPOSITORY ?= ghcr.io/hybridmesh
+IMAGE_TAG ?= 0.1.0
+image: $(STAMPS)/venv
+	$(PY) -m tools.image_build --repository $(IMAGE_REPOSITORY) --tag $(IMAGE_TAG)
 
 # The main job: the whole mesh as real processes on loopback, the test split through it.
 demo: setup

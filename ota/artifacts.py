@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from services.errors import clip
+
 ARTIFACT_MANIFEST = "artifact.json"
 ARTIFACT_SIGNATURE = "artifact.sig"
 ARTIFACT_SCHEMA = "hybridmesh.artifact/v1"
@@ -82,7 +84,8 @@ class ArtifactManifest:
         for entry in self.files:
             if entry.path == path:
                 return entry
-        raise ArtifactError(f"{self.kind} {self.name} v{self.version} has no file {path!r}")
+        # The path is the caller's: cut like every echoed caller string.
+        raise ArtifactError(f"{self.kind} {self.name} v{self.version} has no file {clip(path)!r}")
 
 
 def sha256_of(path: Path) -> str:
@@ -95,9 +98,9 @@ def sha256_of(path: Path) -> str:
 
 def check_identity(kind: str, name: str, version: int) -> None:
     if kind not in KINDS:
-        raise ArtifactError(f"kind must be one of {list(KINDS)}, not {kind!r}")
+        raise ArtifactError(f"kind must be one of {list(KINDS)}, not {clip(kind)!r}")
     if not NAME.fullmatch(name):
-        raise ArtifactError(f"name {name!r} must match {NAME.pattern}")
+        raise ArtifactError(f"name {clip(name)!r} must match {NAME.pattern}")
     if version < 1:
         raise ArtifactError(f"version must be a positive integer, not {version}")
 

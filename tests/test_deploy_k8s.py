@@ -42,7 +42,8 @@ def resources(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
 
 
 def _deployments(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in resources if r["kind"] == "Deployment"]
+    """The workloads: Deployments, and the router's StatefulSet."""
+    return [r for r in resources if r["kind"] in {"Deployment", "StatefulSet"}]
 
 
 def _container(resources: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -186,6 +187,9 @@ def test_each_component_builds_on_its_own_and_validates(component: Path, tmp_pat
     for deployment in _deployments(resources):
         pod = deployment["spec"]["template"]["spec"]
         volumes = [v["name"] for v in pod.get("volumes", [])]
+        volumes += [
+            t["metadata"]["name"] for t in deployment["spec"].get("volumeClaimTemplates", [])
+        ]
         assert len(volumes) == len(set(volumes)), volumes
         for container in pod["containers"]:
             mounts = [m["name"] for m in container.get("volumeMounts", [])]
@@ -199,6 +203,10 @@ def _mounts(resources: list[dict[str, Any]], name: str) -> dict[str, dict[str, A
     (deployment,) = (d for d in _deployments(resources) if d["metadata"]["name"] == name)
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
+    # A StatefulSet's volumeClaimTemplates: a claim per replica, mounted by the template's name.
+    for template in deployment["spec"].get("volumeClaimTemplates", []):
+        name = template["metadata"]["name"]
+        volumes[name] = {"name": name, "persistentVolumeClaim": {"claimName": name}}
     return {m["mountPath"]: volumes[m["name"]] for m in pod["containers"][0]["volumeMounts"]}
 
 
@@ -315,3 +323,37 @@ def test_a_site_seeds_its_volumes_from_the_image() -> None:
     policies = _volume_under(_mounts(edge, "router"), str(router["HYBRIDMESH_ROUTER_POLICIES_DIR"]))
     assert "persistentVolumeClaim" in policies
     assert (REPO / "models/store/fashion-edge").is_dir() and (REPO / "models/policies").is_dir()
+
+
+def test_each_router_replica_has_its_own_outbox_volume() -> None:
+    """The autoscaled router is a StatefulSet: every path it writes (outbox, audit log,
+    policies, policy downloads) is on its per-replica claim, none on a shared PVC, and
+    the autoscaler scales that StatefulSet."""
+    edge = build(REPO / "deploy/k8s/overlays/edge")
+    (router,) = (d for d in _deployments(edge) if d["metadata"]["name"] == "router")
+    assert router["kind"] == "StatefulSet"
+    assert router["spec"]["serviceName"] in {
+        r["metadata"]["name"] for r in edge if r["kind"] == "Service"
+    }
+    (template,) = router["spec"]["volumeClaimTemplates"]
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    claims = [r["metadata"]["name"] for r in edge if r["kind"] == "PersistentVolumeClaim"]
+    assert not [c for c in claims if c.startswith("router")], claims
+    env, mounts = _env(_container(edge, "router")), _mounts(edge, "router")
+    for setting in ("OUTBOX_PATH", "AUDIT_LOG_PATH", "POLICIES_DIR", "POLICY_UPDATE_STAGING"):
+        volume = _volume_under(mounts, str(env[f"HYBRIDMESH_ROUTER_{setting}"]))
+        assert volume["persistentVolumeClaim"]["claimName"] == template["metadata"]["name"]
+    (autoscaler,) = (r for r in edge if r["kind"] == "HorizontalPodAutoscaler")
+    assert autoscaler["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+
+
+def test_the_registry_records_only_promotions_signed_by_the_operator_key() -> None:
+    """The registry's trusted keys are the mounted operator-public-key secret, the same
+    secret the sites verify with."""
+    cloud = build(REPO / "deploy/k8s/overlays/cloud")
+    env = _env(_container(cloud, "registry"))
+    keys = json.loads(str(env["HYBRIDMESH_REGISTRY_TRUSTED_KEYS"]))
+    assert keys
+    for key in keys:
+        volume = _volume_under(_mounts(cloud, "registry"), key)
+        assert volume["secret"]["secretName"] == "operator-public-key"

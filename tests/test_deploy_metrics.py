@@ -24,13 +24,14 @@ def rendered() -> list[dict[str, Any]]:
     return build(REPO / "deploy/k8s/overlays/edge") + build(REPO / "deploy/k8s/overlays/cloud")
 
 
-def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
+def by_kind(resources: list[dict[str, Any]], *kinds: str) -> dict[str, dict[str, Any]]:
+    return {r["metadata"]["name"]: r for r in resources if r["kind"] in kinds}
 
 
 def test_every_service_names_its_metrics_port() -> None:
     resources = rendered()
-    deployments, services = by_kind(resources, "Deployment"), by_kind(resources, "Service")
+    deployments = by_kind(resources, "Deployment", "StatefulSet")
+    services = by_kind(resources, "Service")
     for name, prefix in ENV_PREFIX.items():
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -53,13 +54,13 @@ def test_the_clusters_monitoring_may_scrape_every_metrics_port() -> None:
 def test_router_and_cloud_inference_scale_on_load() -> None:
     resources = rendered()
     autoscalers = by_kind(resources, "HorizontalPodAutoscaler")
-    deployments = by_kind(resources, "Deployment")
+    deployments = by_kind(resources, "Deployment", "StatefulSet")
     assert set(autoscalers) == {"router", "cloud-inference"}
     for name, autoscaler in autoscalers.items():
         spec = autoscaler["spec"]
         assert spec["scaleTargetRef"] == {
             "apiVersion": "apps/v1",
-            "kind": "Deployment",
+            "kind": deployments[name]["kind"],
             "name": name,
         }
         assert 1 <= spec["minReplicas"] < spec["maxReplicas"]

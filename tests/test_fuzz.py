@@ -1,6 +1,6 @@
-"""Fuzz every RPC of the real local mesh (issue 16): router, edge node, edge admin, cloud
-service direct and through Envoy (mTLS), registry, all as real processes at the CLI's
-default log level.
+"""Fuzz every RPC of the real local mesh (issue 16): router (its own RPCs and the Open
+Inference Protocol ones beside them), edge node, edge admin, cloud service direct and
+through Envoy (mTLS), registry, all as real processes at the CLI's default log level.
 
 A seeded generator (``HYBRIDMESH_FUZZ_SEED``; ``HYBRIDMESH_FUZZ_CASES`` per RPC) sends
 valid messages, mutated ones (odd enum values, long and odd strings, extreme and
@@ -37,6 +37,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import descriptor, message, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as oip_pb2
 
 from hybridmesh.cloud.v1 import cloud_service_pb2
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
@@ -44,6 +45,13 @@ from hybridmesh.edge.v1 import edge_admin_pb2, edge_service_pb2
 from hybridmesh.registry.v1 import registry_service_pb2 as registry_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.launcher import SITE_TOKEN, LocalMesh, MeshOptions, MeshState, grpc_serving
+from router_service.oip_conversion import (
+    ATTRIBUTE_PREFIX,
+    IGNORED_PARAMETERS,
+    OIP_SERVICE_NAME,
+    REFUSED_PARAMETERS,
+    REQUEST_PARAMETERS,
+)
 from services.channels import mtls_credentials
 from services.errors import ECHO_MAX_CHARS
 from services.tensors import encode_tensor
@@ -72,9 +80,6 @@ SHORT = {
 LEAKS = ("<class '", "Traceback", 'File "')
 # A caller's long string is echoed cut to ECHO_MAX_CHARS (services/errors.py clip).
 ECHOES = tuple(c * (ECHO_MAX_CHARS + 1) for c in ("x", "é", "y"))
-# Known, reported, owned elsewhere: the registry echoes a requested file path whole
-# (ota/artifacts.py ArtifactManifest.file; still cut at MAX_MESSAGE_CHARS by the kernel).
-ECHO_KNOWN = {"registry RegistryService.FetchFile"}
 # In a service's own log after the fuzz: none of these. (OpenTelemetry's "Failed to
 # detach context" traceback for a cancelled server stream is upstream noise,
 # opentelemetry-python-contrib#2357 / grpc/grpc#42295: counted, not failed.)
@@ -151,6 +156,50 @@ def site_status(rng: random.Random) -> registry_pb2.ReportSiteStatusRequest:
     )
 
 
+# The Open Inference Protocol request parameters the router knows (and a free one).
+OIP_PARAMETERS = (
+    *REQUEST_PARAMETERS,
+    *IGNORED_PARAMETERS,
+    *REFUSED_PARAMETERS,
+    f"{ATTRIBUTE_PREFIX}camera",
+)
+
+
+def oip_parameter(rng: random.Random, name: str) -> oip_pb2.InferParameter:
+    """A well-formed value for the router's parameter ``name``."""
+    if name == "privacy_class":
+        return oip_pb2.InferParameter(string_param=rng.choice(("PUBLIC", "INTERNAL", "SENSITIVE")))
+    if name == "preference":
+        return oip_pb2.InferParameter(string_param=rng.choice(("AUTO", "EDGE_ONLY", "CLOUD_ONLY")))
+    if name == "max_error_probability":
+        return oip_pb2.InferParameter(double_param=rng.random())
+    if name in ("top_k", "budget_ms", "max_cost_micros", "priority"):
+        return oip_pb2.InferParameter(int64_param=rng.choice((1, 3, 500, 100_000)))
+    return oip_pb2.InferParameter(string_param="fuzz")
+
+
+def model_infer(rng: random.Random) -> oip_pb2.ModelInferRequest:
+    """tritonclient's ModelInfer: raw or typed contents, some of the routing parameters."""
+    batch = rng.choice((1, 1, 2, 4))
+    start = rng.randrange(len(IMAGES) - batch)
+    images = np.asarray(IMAGES[start : start + batch])
+    tensor = oip_pb2.ModelInferRequest.InferInputTensor(
+        name="image", datatype="UINT8", shape=list(images.shape)
+    )
+    request = oip_pb2.ModelInferRequest(
+        model_name="fashion-mnist", id=request_id(rng), inputs=[tensor]
+    )
+    if rng.random() < 0.7:
+        request.raw_input_contents.append(images.tobytes())
+    else:
+        request.inputs[0].contents.uint_contents.extend(int(v) for v in images.ravel())
+    for name in rng.sample(REQUEST_PARAMETERS, rng.randrange(len(REQUEST_PARAMETERS))):
+        request.parameters[name].CopyFrom(oip_parameter(rng, name))
+    if rng.random() < 0.3:
+        request.outputs.add(name=rng.choice(("logits", "probabilities", "classification")))
+    return request
+
+
 @dataclass(frozen=True)
 class Rpc:
     channel: str  # "router", "edge", "cloud", "cloud@envoy", "registry"
@@ -169,6 +218,7 @@ class Rpc:
 
 
 ROUTER = "hybridmesh.router.v1.RouterService"
+OIP = OIP_SERVICE_NAME
 EDGE = "hybridmesh.edge.v1.EdgeService"
 EDGE_ADMIN = "hybridmesh.edge.v1.EdgeAdminService"
 CLOUD = "hybridmesh.cloud.v1.CloudService"
@@ -192,6 +242,24 @@ RPCS = [
             model="fashion-mnist", include_recorded=True
         ),
     ),
+    Rpc("router", OIP, "ServerLive", False, lambda rng: oip_pb2.ServerLiveRequest()),
+    Rpc("router", OIP, "ServerReady", False, lambda rng: oip_pb2.ServerReadyRequest()),
+    Rpc("router", OIP, "ServerMetadata", False, lambda rng: oip_pb2.ServerMetadataRequest()),
+    Rpc(
+        "router",
+        OIP,
+        "ModelReady",
+        False,
+        lambda rng: oip_pb2.ModelReadyRequest(name="fashion-mnist", version=rng.choice(("", "1"))),
+    ),
+    Rpc(
+        "router",
+        OIP,
+        "ModelMetadata",
+        False,
+        lambda rng: oip_pb2.ModelMetadataRequest(name="fashion-mnist"),
+    ),
+    Rpc("router", OIP, "ModelInfer", False, model_infer),
     Rpc(
         "edge",
         EDGE,
@@ -394,11 +462,14 @@ def mutate(msg: message.Message, rng: random.Random, depth: int = 0) -> None:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             value_field = field.message_type.fields_by_name["value"]
             for _ in range(rng.choice((1, 2, 500))):
-                value[odd_string(rng)[:200] or "k"] = (
-                    odd_string(rng)
-                    if value_field.cpp_type == CPP.CPPTYPE_STRING
-                    else odd_scalar(value_field, rng)
-                )
+                # A key the services know (the OIP parameters), or an odd one.
+                key = rng.choice((odd_string(rng)[:200] or "k", rng.choice(OIP_PARAMETERS)))
+                if value_field.message_type is not None:
+                    mutate(value[key], rng, depth + 1)  # e.g. an InferParameter's oneof
+                elif value_field.cpp_type == CPP.CPPTYPE_STRING:
+                    value[key] = odd_string(rng)
+                else:
+                    value[key] = odd_scalar(value_field, rng)
         elif field.is_repeated and field.message_type is not None:
             if rng.random() < 0.2 or not value:
                 msg.ClearField(name) if rng.random() < 0.5 else value.add()
@@ -450,7 +521,7 @@ class Case:
     metadata: tuple[tuple[str, str], ...]
 
 
-def make_case(rpc: Rpc, rng: random.Random) -> Case:
+def make_case(rpc: Rpc, rng: random.Random, tokens: dict[str, str]) -> Case:
     msg = rpc.valid(rng)
     roll = rng.random()
     if roll < 0.1:
@@ -480,16 +551,24 @@ def make_case(rpc: Rpc, rng: random.Random) -> Case:
         kind += "+cancel"
     else:
         timeout_s, cancel = (rng.uniform(0.3, 1.0) if rpc.streaming else 3.0), None
-    return Case(rpc, rpc.path, body, kind, timeout_s, cancel, credentials(rpc, rng))
+    return Case(rpc, rpc.path, body, kind, timeout_s, cancel, credentials(rpc, rng, tokens))
 
 
-def credentials(rpc: Rpc, rng: random.Random) -> tuple[tuple[str, str], ...]:
-    """The site token the local mesh gives its router, mostly; none or a bad one too."""
-    if not rpc.channel.startswith("cloud"):
+def credentials(
+    rpc: Rpc, rng: random.Random, tokens: dict[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """The token the local mesh gives its router (cloud) or its site and operator
+    (registry), mostly, so calls get past authentication to the handlers; none or a bad
+    one too. ``tokens``: the registry's ``site`` and ``operator`` tokens."""
+    if rpc.channel == "registry":
+        token = tokens["operator"] if rpc.method in ("Promote", "Rollback") else tokens["site"]
+    elif rpc.channel.startswith("cloud"):
+        token = SITE_TOKEN
+    else:
         return ()
     roll = rng.random()
     if roll < 0.85:
-        return (("authorization", f"Bearer {SITE_TOKEN}"),)
+        return (("authorization", f"Bearer {token}"),)
     if roll < 0.95:
         return ()
     return (("authorization", rng.choice(("Bearer ", "Basic x", "Bearer " + "y" * 4000))),)
@@ -601,6 +680,15 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuz
     await mesh.down()
 
 
+def read_tokens(state: MeshState) -> dict[str, str]:
+    """The registry's site and operator tokens the local mesh made."""
+    files = state.credentials
+    return {
+        "site": Path(files["site_token"]).read_text().strip(),
+        "operator": Path(files["operator_token"]).read_text().strip(),
+    }
+
+
 def read_log(running: FuzzMesh, name: str) -> str:
     return Path(running.state.logs[name]).read_text(errors="replace")
 
@@ -641,7 +729,8 @@ async def test_every_rpc_answers_fuzzed_input_with_a_status_a_caller_can_act_on(
     running: FuzzMesh,
 ) -> None:
     rng = random.Random(SEED)
-    cases = [make_case(rpc, rng) for rpc in RPCS for _ in range(CASES_PER_RPC)]
+    tokens = await asyncio.to_thread(read_tokens, running.state)
+    cases = [make_case(rpc, rng, tokens) for rpc in RPCS for _ in range(CASES_PER_RPC)]
     cases += unknown_method_cases(rng)
     rng.shuffle(cases)
     pids = {name: process.pid for name, process in running.mesh.processes.items()}
@@ -660,7 +749,7 @@ async def test_every_rpc_answers_fuzzed_input_with_a_status_a_caller_can_act_on(
             if o.status in FORBIDDEN
             or o.status == "HANG"
             or any(x in o.details for x in LEAKS)
-            or (o.case.rpc.label not in ECHO_KNOWN and any(x in o.details for x in ECHOES))
+            or any(x in o.details for x in ECHOES)
         ]
         late = [
             (o.case.rpc.label, o.case.kind, o.status, round(o.elapsed_s, 3), o.case.timeout_s)

@@ -1,11 +1,14 @@
 """Prometheus /metrics on every service of the real local mesh: after traffic (easy and
 hard images, an EDGE_ONLY and a CLOUD_ONLY request, a bad request), each endpoint
 named in state.json answers with the standard RPC metric and the service's own
-metrics, with plausible values."""
+metrics, with plausible values; and the Grafana dashboard (deploy/grafana) queries only
+metrics, labels and label values the services export."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +32,10 @@ IMAGES = load_split("test").images[:300]
 EASY, HARD = easy_and_hard(IMAGES, 3)
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
+DASHBOARD = REPO / "deploy/grafana/hybridmesh.json"
+# PromQL words that look like names: aggregation modifiers, operators, histogram's le.
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
+PROMQL_WORDS |= {"and", "or", "unless", "offset", "le", "e"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -176,3 +183,79 @@ async def test_registry_metrics(running: MeshState) -> None:
     )
     assert calls >= 1
     assert "hybridmesh_registry_sites_serving" in samples
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+def parse_query(expr: str) -> tuple[set[str], list[tuple[str, str, str, str]], set[str]]:
+    """A dashboard query's metric names, its matchers (metric, label, operator, value)
+    and its grouping labels (``by (...)``). Enough PromQL for our queries: ranges,
+    Grafana variables and function calls are skipped."""
+    text = re.sub(r"\[[^\]]*\]", "", expr)
+    grouping = {
+        label.strip()
+        for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", text)
+        for label in clause.split(",")
+    }
+    text = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", text)
+    matchers = [
+        (metric, label, operator, value)
+        for metric, body in re.findall(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}", text)
+        for label, operator, value in re.findall(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"', body)
+    ]
+    text = re.sub(r"\{[^}]*\}", "", text)
+    names = {
+        name
+        for name in re.findall(r"(?<![\w.$])([A-Za-z_:][\w:]*)\b(?!\s*\()", text)
+        if name not in PROMQL_WORDS
+    }
+    return names, matchers, grouping
+
+
+async def test_the_dashboard_is_well_formed() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+    queried = set().union(*(parse_query(expr)[0] for expr in dashboard_queries()))
+    # The main figures (issue 19): tiers and reasons, cloud share, cost and saving,
+    # breakers, outbox depth and age, edge/cloud latency, admission queues.
+    assert {
+        "hybridmesh_router_requests_total",
+        "hybridmesh_router_items_total",
+        "hybridmesh_router_cost_uUSD_total",
+        "hybridmesh_router_saved_uUSD_total",
+        "hybridmesh_router_breaker_state",
+        "hybridmesh_outbox_depth",
+        "hybridmesh_outbox_oldest_age_seconds",
+        "hybridmesh_router_tier_duration_seconds_bucket",
+        "hybridmesh_router_admission_queued",
+    } <= queried
+
+
+async def test_the_dashboard_queries_what_the_services_export(running: MeshState) -> None:
+    """Every metric a dashboard query names is in some service's scrape after traffic;
+    every label it matches or groups by is on that metric's samples, and every value it
+    matches exactly is one of theirs (``le`` is the histograms')."""
+    exported: Samples = {}
+    for url in running.metrics.values():
+        for name, found in (await scrape(url)).items():
+            exported.setdefault(name, []).extend(found)
+    for expr in dashboard_queries():
+        names, matchers, grouping = parse_query(expr)
+        assert names, expr
+        assert names <= set(exported), (expr, sorted(names - set(exported)))
+        labels = {key for name in names for found, _ in exported[name] for key in found}
+        assert grouping <= labels | {"le"}, (expr, grouping - labels)
+        for metric, label, operator, value in matchers:
+            values = {found.get(label) for found, _ in exported[metric]}
+            assert values - {None}, (expr, label)
+            if operator == "=":
+                assert value in values, (expr, label, value, values)

@@ -28,6 +28,7 @@ from registry.signing import (
     load_private_key,
 )
 from registry.store import NotFoundError, RegistryError, RegistryStore
+from services.errors import ECHO_MAX_CHARS, ELLIPSIS
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE_MODEL = REPO / "models" / "store" / "fashion-edge" / "1"
@@ -145,6 +146,16 @@ def test_only_listed_files_can_be_read(published: tuple[RegistryStore, Path]) ->
     for path in ("../channel.json", "artifact.sig", os.path.join("..", "..", "etc")):
         with pytest.raises(ArtifactError, match="has no file"):
             store.read_chunk(EDGE_V1, path, 0, 10)
+
+
+def test_a_missing_paths_echo_is_clipped(published: tuple[RegistryStore, Path]) -> None:
+    """The caller's path comes back cut to ECHO_MAX_CHARS, like every echoed string."""
+    store, _ = published
+    with pytest.raises(ArtifactError, match="has no file") as refused:
+        store.read_chunk(EDGE_V1, "x" * 10_000, 0, 10)
+    message = str(refused.value)
+    assert "x" * ECHO_MAX_CHARS + ELLIPSIS in message
+    assert "x" * (ECHO_MAX_CHARS + 1) not in message
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """make k8s-smoke: run the k8s manifests as committed, with podman (issue 20).
 
 1. Render both overlays with ``kubectl kustomize``.
-2. Build the image from deploy/docker/Dockerfile, offline: a local Debian base made with
-   debootstrap and ``podman import`` (cached: built once, reused while the image exists),
-   wheels pre-downloaded with pip (cached by the requirements' hash), ``--network=none``.
+2. Build each role's image (edge, cloud, registry) from deploy/docker/Dockerfile, offline,
+   with tools/image_build.py: a local Debian base made with debootstrap and ``podman
+   import`` (cached: built once, reused while the image exists), wheels pre-downloaded
+   with pip (cached by the requirements' hash), ``--network=none``.
 3. Adapt each tier's rendered workloads for ``podman kube play`` (``adapt``: one comment
    per workaround) and play them: the edge site (router + edge node), then the cloud tier
    (cloud-inference + registry, no Triton).
@@ -36,39 +37,20 @@ from typing import Any
 import yaml
 
 from localmesh.certs import ensure_certificates
+from tools.image_build import (
+    LOCAL_BASE,
+    REPO,
+    ROLES,
+    build,
+    ensure_local_base,
+    ensure_wheels,
+    run,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 PREFIX = "hybridmesh-smoke"
-BASE_IMAGE = f"localhost/{PREFIX}-base:bookworm"
-IMAGE = f"localhost/{PREFIX}:latest"
+# One image per role (tools/image_build.py), tagged for the smoke test only.
+IMAGES = {role: f"localhost/{PREFIX}-{role}:latest" for role in ROLES}
 CACHE = REPO / ".stamps" / "k8s-smoke"
-# The Debian packages the image's base needs: Python 3.11 (bookworm's), venv, certificates.
-BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
-DEBIAN_MIRROR = os.environ.get("HYBRIDMESH_SMOKE_MIRROR", "http://deb.debian.org/debian")
-# What the image's build context holds (the Dockerfile's COPY lines) besides the wheels.
-CONTEXT = [
-    "requirements.lock",
-    "pyproject.toml",
-    "deploy/docker",
-    "hybridmesh",
-    "services",
-    "edge_node",
-    "cloud_inference",
-    "router_service",
-    "workload",
-    "registry",
-    "ota",
-    "models",
-]
-# podman here: runc (crun is not installed), and ulimits the sandbox allows.
-PODMAN_RUN_OPTIONS = [
-    "--runtime",
-    "runc",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=1024:1024",
-]
 # Workloads whose images cannot be pulled here (no registry reachable): Envoy, Triton,
 # Jaeger, the site's OpenTelemetry Collector. Their configs are validated by the tests.
 NOT_RUN_HERE = {"envoy", "triton", "jaeger", "otel-collector"}
@@ -82,6 +64,8 @@ IGNORED_KINDS = {
     "HorizontalPodAutoscaler",
     "ConfigMap",
 }
+# What the smoke test plays (one pod per tier).
+WORKLOADS = {"Deployment", "StatefulSet"}
 DEADLINE_S = 25 * 60
 
 
@@ -90,32 +74,8 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
-def run(
-    command: Sequence[str],
-    *,
-    check: bool = True,
-    timeout: float = 600,
-    input_text: str | None = None,
-    quiet: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        list(command),
-        capture_output=quiet,
-        text=True,
-        timeout=timeout,
-        input=input_text,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise SystemExit(
-            f"failed ({result.returncode}): {' '.join(command)}\n"
-            f"{(result.stdout or '')[-3000:]}{(result.stderr or '')[-3000:]}"
-        )
-    return result
-
-
 # What kube play has no flags for (it takes no --runtime or --ulimit): the same settings
-# as PODMAN_RUN_OPTIONS, in a containers.conf of our own (CONTAINERS_CONF).
+# as image_build.PODMAN_RUN_OPTIONS, in a containers.conf of our own (CONTAINERS_CONF).
 CONTAINERS_CONF = """[containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 
@@ -146,104 +106,21 @@ def render(overlay: str) -> list[dict[str, Any]]:
 # -- 2. build -------------------------------------------------------------------------
 
 
-def ensure_base() -> None:
-    """The Debian base, made once with debootstrap and imported; reused while it exists."""
-    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
-        log(f"base image {BASE_IMAGE}: cached")
-        return
-    rootfs = CACHE / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)
-    rootfs.parent.mkdir(parents=True, exist_ok=True)
-    log(f"base image: debootstrap bookworm from {DEBIAN_MIRROR} (a few minutes, once)")
-    run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={BASE_PACKAGES}",
-            "bookworm",
-            str(rootfs),
-            DEBIAN_MIRROR,
-        ],
-        timeout=900,
-    )
-    for path in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
-        shutil.rmtree(rootfs / path, ignore_errors=True)
-        (rootfs / path).mkdir(parents=True, exist_ok=True)
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(
-        ["podman", "import", "-", BASE_IMAGE],
-        stdin=tar.stdout,
-        capture_output=True,
-        timeout=600,
-        check=False,
-    )
-    tar.wait(timeout=60)
-    if imported.returncode != 0:
-        raise SystemExit(f"podman import failed: {imported.stderr.decode()[-2000:]}")
-    shutil.rmtree(rootfs, ignore_errors=True)
+def build_images() -> None:
+    """Each role's image, offline on the local Debian base (tools/image_build.py)."""
+    ensure_local_base("podman")
+    wheels = ensure_wheels()
+    for role, image in IMAGES.items():
+        build("podman", role, image, LOCAL_BASE, wheels)
 
 
-def ensure_wheels() -> Path:
-    """Every wheel the image installs, downloaded once per requirements' hash."""
-    wheels = CACHE / "wheels"
-    requirements = [REPO / "requirements.lock", REPO / "deploy/docker/requirements.txt"]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in requirements)).hexdigest()
-    stamp = wheels / ".requirements-sha256"
-    if stamp.exists() and stamp.read_text() == key:
-        log("wheels: cached")
-        return wheels
-    shutil.rmtree(wheels, ignore_errors=True)
-    log("wheels: pip download (once per requirements change)")
-    pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q"]
-    run(
-        [
-            *pip,
-            "--only-binary=:all:",
-            "-d",
-            str(wheels),
-            "-c",
-            str(requirements[0]),
-            "-r",
-            str(requirements[1]),
-            "setuptools>=68",  # builds the project's own package, offline
-        ],
-        timeout=900,
-    )
-    stamp.write_text(key)
-    return wheels
-
-
-def build_image(wheels: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix=f"{PREFIX}-context-") as directory:
-        context = Path(directory)
-        for name in CONTEXT:
-            source = REPO / name
-            if source.is_dir():
-                shutil.copytree(
-                    source, context / name, ignore=shutil.ignore_patterns("__pycache__")
-                )
-            else:
-                (context / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, context / name)
-        shutil.copytree(wheels, context / "wheels")
-        log("image: podman build --network=none")
-        podman(
-            "build",
-            *PODMAN_RUN_OPTIONS,
-            "--network=none",
-            "--build-arg",
-            f"BASE={BASE_IMAGE}",
-            "--build-arg",
-            "PIP_OFFLINE=1",
-            "-f",
-            str(context / "deploy/docker/Dockerfile"),
-            "-t",
-            IMAGE,
-            str(context),
-            timeout=1200,
-        )
-    size = podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
-    log(f"image {IMAGE}: {int(size) / 1e6:.0f} MB")
+def role_of(image: str) -> str:
+    """The role of a rendered image reference: .../hybridmesh-<role>:<tag> -> <role>."""
+    name = image.rsplit("/", 1)[-1].split(":", 1)[0]
+    role = name.removeprefix("hybridmesh-")
+    if role not in IMAGES:
+        raise SystemExit(f"not one of our images: {image}")
+    return role
 
 
 # -- 3. adapt for podman kube play ----------------------------------------------------
@@ -252,11 +129,9 @@ def build_image(wheels: Path) -> None:
 def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
     """The tier's workloads as one podman Pod, with each workaround spelled out."""
     deployments = [
-        r
-        for r in resources
-        if r["kind"] == "Deployment" and r["metadata"]["name"] not in NOT_RUN_HERE
+        r for r in resources if r["kind"] in WORKLOADS and r["metadata"]["name"] not in NOT_RUN_HERE
     ]
-    kinds = {r["kind"] for r in resources} - IGNORED_KINDS - {"Deployment"}
+    kinds = {r["kind"] for r in resources} - IGNORED_KINDS - WORKLOADS
     # PersistentVolumeClaims become podman volumes, made by the smoke test itself.
     assert kinds <= {"PersistentVolumeClaim"}, f"unexpected kinds: {kinds}"
     first = deployments[0]["spec"]["template"]["spec"]
@@ -280,6 +155,11 @@ def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
     for deployment in deployments:
         name = deployment["metadata"]["name"]
         spec = copy.deepcopy(deployment["spec"]["template"]["spec"])
+        # A StatefulSet's volumeClaimTemplates: the claims of its one replica, ordinal 0.
+        spec.setdefault("volumes", []).extend(
+            {"name": template, "persistentVolumeClaim": {"claimName": claim}}
+            for template, claim in _claim_templates(deployment)
+        )
         renamed = {}
         for volume in spec.get("volumes", []):
             # Volume names are per pod: prefix them with the Deployment's name.
@@ -295,8 +175,8 @@ def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
                 volume["secret"]["optional"] = False
             pod["spec"]["volumes"].append(volume)
         for container in spec["containers"]:
-            # The image built here, not the registry's tag.
-            container["image"] = IMAGE
+            # The role's image built here, not the registry's tag.
+            container["image"] = IMAGES[role_of(container["image"])]
             # podman 4.3 knows no grpc probes; the smoke test checks health itself.
             container.pop("readinessProbe", None)
             container.pop("livenessProbe", None)
@@ -314,17 +194,36 @@ def adapt(resources: list[dict[str, Any]], tier: str, hosts: Path) -> str:
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     ref["name"] = f"{PREFIX}-{ref['name']}"
+                # Every service's metrics port is 9464, in a pod of its own in k8s; in the
+                # tier's one pod they would clash: each container gets the next one.
+                if env["name"].endswith("_METRICS_PORT"):
+                    env["value"] = str(int(env["value"]) + len(pod["spec"]["containers"]))
             pod["spec"]["containers"].append(container)
     return str(yaml.safe_dump(pod, sort_keys=False))
 
 
-def claims(resources: list[dict[str, Any]]) -> list[str]:
+def _claim_templates(workload: dict[str, Any]) -> list[tuple[str, str]]:
+    """(template, claim) of a StatefulSet's replica 0: Kubernetes names its claims
+    ``<template>-<statefulset>-<ordinal>``. Nothing for a Deployment."""
+    name = workload["metadata"]["name"]
     return [
-        f"{PREFIX}-{r['metadata']['name']}"
-        for r in resources
-        if r["kind"] == "PersistentVolumeClaim"
-        and r["metadata"]["labels"].get("app.kubernetes.io/name") not in NOT_RUN_HERE
+        (t["metadata"]["name"], f"{t['metadata']['name']}-{name}-0")
+        for t in workload["spec"].get("volumeClaimTemplates", [])
     ]
+
+
+def claims(resources: list[dict[str, Any]]) -> list[str]:
+    """The podman volumes to make: the tier's PersistentVolumeClaims and its
+    StatefulSets' claims (replica 0), prefixed."""
+    ours = [
+        r
+        for r in resources
+        if r["metadata"].get("labels", {}).get("app.kubernetes.io/name") not in NOT_RUN_HERE
+    ]
+    names = [r["metadata"]["name"] for r in ours if r["kind"] == "PersistentVolumeClaim"]
+    for workload in (r for r in ours if r["kind"] == "StatefulSet"):
+        names += [claim for _, claim in _claim_templates(workload)]
+    return [f"{PREFIX}-{name}" for name in names]
 
 
 def create_volumes(names: Sequence[str]) -> None:
@@ -478,10 +377,21 @@ def cloud_tier(resources: list[dict[str, Any]], work: Path, played: list[Path]) 
         f"{PREFIX}-cloud-site-tokens",
         {"site-tokens.json": json.dumps({"site-001": digest}).encode()},
     )
+    # The registry serves mTLS only (localmesh's CA and server certificate here); its
+    # plaintext probe port (50055) is what the kubelet, and this check, ask.
+    certificates = ensure_certificates(work / "certs").directory
+    create_secret(
+        f"{PREFIX}-registry-tls",
+        {
+            "ca.crt": (certificates / "ca.crt").read_bytes(),
+            "tls.crt": (certificates / "server.crt").read_bytes(),
+            "tls.key": (certificates / "server.key").read_bytes(),
+        },
+    )
     hosts = hosts_file(work, "cloud", ["triton", "jaeger"])
     play(work / "cloud.yaml", adapt(resources, "cloud", hosts), played)
     cloud, registry = f"{PREFIX}-cloud-cloud-inference", f"{PREFIX}-cloud-registry"
-    wait_health(registry, {"50053": "NOT_SERVING", "50054": "SERVING"}, "cloud-inference, registry")
+    wait_health(registry, {"50053": "NOT_SERVING", "50055": "SERVING"}, "cloud-inference, registry")
     wait_for("cloud-inference's reason", lambda: '"not serving"' in logs(cloud), 30)
     reason = next(line for line in logs(cloud).splitlines() if '"not serving"' in line)
     log(f"cloud tier: cloud-inference says: {reason[:300]}")
@@ -509,8 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if leftovers():
         log(f"removing leftovers of an earlier run: {leftovers()}")
         teardown([])
-    ensure_base()
-    build_image(ensure_wheels())
+    build_images()
     played: list[Path] = []
     with tempfile.TemporaryDirectory(prefix=f"{PREFIX}-") as directory:
         work = Path(directory)
