@@ -98,9 +98,12 @@ def _goal_row(goal: str, measured: str, met: bool) -> str:
 def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) -> str:
     mesh = json.loads((out / "mesh_bench.json").read_text())
     faults = json.loads((out / "fault_bench.json").read_text())
-    goal_rows = [
-        (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
-    ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    drift = json.loads((out / "drift_bench.json").read_text())
+    goal_rows = (
+        [(goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]]
+        + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+        + [(goal["goal"], goal["measured"], goal["met"]) for goal in drift["goals"]]
+    )
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -120,8 +123,9 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "",
         "Reproduce: `make bench` (or `.venv/bin/python -m bench --out results/bench`). Each part "
         "runs alone too: `python -m training.train_policy`, `python -m bench.mesh_bench`, "
-        "`python -m bench.fault_bench`; `python -m bench --only faults` reruns the fault "
-        "scenarios and rewrites only their section and goals here.",
+        "`python -m bench.fault_bench`, `python -m bench.drift_bench`; "
+        "`python -m bench --only faults` reruns the fault scenarios and rewrites only their "
+        "section and goals here.",
         "",
         "## Goals",
         "",
@@ -148,6 +152,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 4. Over-the-air update time",
         "",
         (out / "ota_bench.md").read_text().strip(),
+        "",
+        "## 5. The cloud-share target under drift, and the view's decision latency",
+        "",
+        (out / "drift_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -237,6 +245,8 @@ def main() -> None:
     run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
     rounds = ["--rounds", "3"] if args.quick else []
     run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
+    drift = ["--length", "4000", "--latency-calls", "1000"] if args.quick else []
+    run([python, "-m", "bench.drift_bench", *drift, "--out", str(out / "drift_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)
