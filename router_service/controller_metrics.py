@@ -1,6 +1,8 @@
 """The threshold controllers' state as OpenTelemetry observable gauges, one series per
-pair: ``hybridmesh.router.controller.{threshold,target_share,window_share,window_size,
-updates,catching_up}`` (read at collection time from ``ThresholdController.state``)."""
+pair: ``hybridmesh.router.controller.{threshold,target,window_share,window_size,updates,
+catching_up}`` (read at collection time from ``ThresholdController.state``); the
+``target_kind`` attribute says which target the pair holds (``cloud_share`` or
+``edge_error``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from router_service.threshold_controller import ControllerState, ThresholdContro
 
 GAUGES: dict[str, tuple[str, Callable[[ControllerState], float]]] = {
     "threshold": ("Escalation threshold the controller holds", lambda s: s.threshold),
-    "target_share": ("The operator's cloud-share target", lambda s: s.target_share),
+    "target": (
+        "The operator's target: a cloud share, or a maximum edge error among kept answers",
+        lambda s: s.target,
+    ),
     "window_share": (
         "Share of the window's scores at or above the threshold",
         lambda s: s.window_share,
@@ -36,11 +41,16 @@ def register_controller_metrics(
         def callback(
             _options: CallbackOptions, read: Callable[[ControllerState], float] = read
         ) -> Iterable[Observation]:
+            states = {pair: controller.state() for pair, controller in controllers.items()}
             return [
-                Observation(read(controller.state()), {"pair": pair})
-                for pair, controller in controllers.items()
+                Observation(read(state), {"pair": pair, "target_kind": _kind(state)})
+                for pair, state in states.items()
             ]
 
         meter.create_observable_gauge(
             f"hybridmesh.router.controller.{field}", callbacks=[callback], description=description
         )
+
+
+def _kind(state: ControllerState) -> str:
+    return "edge_error" if state.holds_edge_error else "cloud_share"
