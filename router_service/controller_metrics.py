@@ -2,7 +2,7 @@
 pair: ``hybridmesh.router.controller.{threshold,target,window_share,window_size,updates,
 catching_up}`` (read at collection time from ``ThresholdController.state``); the
 ``target_kind`` attribute says which target the pair holds (``cloud_share`` or
-``edge_error``)."""
+``edge_error``). And the online edge-error estimates the edge-error target uses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from router_service.edge_error_estimate import EdgeErrorEstimate, EdgeErrorEstimator
 from router_service.threshold_controller import ControllerState, ThresholdController
 
 GAUGES: dict[str, tuple[str, Callable[[ControllerState], float]]] = {
@@ -33,9 +34,14 @@ GAUGES: dict[str, tuple[str, Callable[[ControllerState], float]]] = {
 
 
 def register_controller_metrics(
-    meter: metrics.Meter, controllers: Mapping[str, ThresholdController]
+    meter: metrics.Meter,
+    controllers: Mapping[str, ThresholdController],
+    estimators: Mapping[str, EdgeErrorEstimator] | None = None,
 ) -> None:
-    """One observable gauge per state field; each observes every pair's controller."""
+    """One observable gauge per state field; each observes every pair's controller.
+    With ``estimators``, their gauges too (``register_edge_error_metrics``)."""
+    if estimators is not None:
+        register_edge_error_metrics(meter, estimators)
     for field, (description, read) in GAUGES.items():
 
         def callback(
@@ -54,3 +60,35 @@ def register_controller_metrics(
 
 def _kind(state: ControllerState) -> str:
     return "edge_error" if state.holds_edge_error else "cloud_share"
+
+
+ESTIMATE_GAUGES: dict[str, tuple[str, Callable[[EdgeErrorEstimate], float]]] = {
+    "estimate": (
+        "Share of shadow-checked kept answers the cloud disagreed with",
+        lambda e: e.estimate,
+    ),
+    "lower": ("Lower bound of the estimate's Jeffreys interval", lambda e: e.lower),
+    "upper": ("Upper bound of the estimate's Jeffreys interval", lambda e: e.upper),
+    "samples": ("Shadow checks in the estimate's window", lambda e: float(e.samples)),
+}
+
+
+def register_edge_error_metrics(
+    meter: metrics.Meter, estimators: Mapping[str, EdgeErrorEstimator]
+) -> None:
+    """``hybridmesh.router.edge_error.{estimate,lower,upper,samples}``, one series per
+    pair (``edge_error_estimate.py``), read at collection time. ``estimators`` is read
+    at each collection, so a pair's estimator replaced by a policy update is seen."""
+    for field, (description, read) in ESTIMATE_GAUGES.items():
+
+        def callback(
+            _options: CallbackOptions, read: Callable[[EdgeErrorEstimate], float] = read
+        ) -> Iterable[Observation]:
+            return [
+                Observation(read(estimator.estimate()), {"pair": pair})
+                for pair, estimator in list(estimators.items())
+            ]
+
+        meter.create_observable_gauge(
+            f"hybridmesh.router.edge_error.{field}", callbacks=[callback], description=description
+        )
