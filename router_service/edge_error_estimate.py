@@ -86,6 +86,11 @@ class EdgeErrorEstimator:
         self._errors += bool(edge_wrong)
         self._total += 1
 
+    @property
+    def total(self) -> int:
+        """Checks seen since the start (the window holds the last ``window``)."""
+        return self._total
+
     def estimate(self, below: float | None = None) -> EdgeErrorEstimate:
         """Over the window; with ``below``, over its checks scoring under ``below``."""
         if below is None:

@@ -47,7 +47,7 @@ from router_service.decision import (
     plan_escalation,
     settle,
 )
-from router_service.edge_error_estimate import EdgeErrorEstimate, EdgeErrorEstimator
+from router_service.edge_error_estimate import EdgeErrorEstimator
 from router_service.escalation import ScoringPolicy
 from router_service.features import router_features
 from router_service.latency import RollingLatency
@@ -234,12 +234,8 @@ class Router:
 
     def _new_controller(self, pair: str, policy: ScoringPolicy) -> ThresholdController:
         assert self._controller_settings is not None
-
-        def edge_error(threshold: float) -> EdgeErrorEstimate:
-            return self.edge_error[pair].estimate(below=threshold)
-
         return ThresholdController(
-            self._controller_settings, policy.threshold, self._clock, edge_error
+            self._controller_settings, policy.threshold, self._clock, self.edge_error[pair]
         )
 
     def _new_estimator(self) -> EdgeErrorEstimator:

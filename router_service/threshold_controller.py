@@ -6,24 +6,37 @@ A threshold calibrated once is only as good as the day it was calibrated: when t
 scores shift (new lighting, sensor noise), the share of items scoring above it moves
 away from the target, silently. The controller keeps a sliding window of the most recent
 escalation scores and, every ``update_every`` observations, moves the threshold toward
-the window's ``1 - target`` quantile.
+the window's quantile for the target, corrected by how far the share actually escalated
+over the last ``realized_window`` requests is from the target.
 
 Dynamics (what an operator can rely on):
 
 - Window: the last ``window`` scores no older than ``max_age_s`` (by the injected clock).
   Before it holds ``min_samples`` scores the threshold stays where it started (the
   policy's calibrated threshold).
+- Realized share: ``realized`` = the share of the last ``realized_window`` observed
+  scores that were at or above the threshold in force when they were observed (what was
+  escalated). The update aims at ``goal = clip(target + realized_gain * (target -
+  realized), 0, 1)``: after a shift made the recent requests overshoot, the controller
+  escalates a little less until the overshoot is paid back, so the share over any
+  ``realized_window`` requests stays near the target (integral action; without it a
+  step shift's transient stays in every 1,000-request window it touches).
 - Update, every ``update_every`` observations: ``share`` = the window's share at or
   above the current threshold; the new threshold is the one at which the window's share
-  is ``share + clip(target - share, -max_step, +max_step)``. The step is bounded in
+  is ``share + clip(goal - share, -max_step, +max_step)``. The step is bounded in
   share, not in score units, so it means the same for any score scale: one update moves
   the escalated share of the recent workload by at most ``max_step`` (default 2 pp).
 - Settling: on a step shift of the score distribution, the window is all post-shift
-  after ``window`` requests; from then on the share converges to the target within
-  ``ceil(|target - share| / max_step)`` updates. In a stationary workload the threshold
-  sits at the window's quantile; what remains is the sampling noise of a window of
-  ``window`` scores (about ``sqrt(target (1 - target) / window)``: 1.3 pp at 20 %,
-  1,000) plus the binomial noise of the requests themselves.
+  after ``window`` requests (default 100); the share converges to the target within
+  ``ceil(|target - share| / max_step)`` updates, one per request by default. The short
+  window makes the threshold noisy per request (about ``sqrt(target (1 - target) /
+  window)``: 4 pp at 20 %, 100), but the realized-share term averages that out over
+  ``realized_window`` requests.
+- Tuned on the drift benchmark (``bench/drift_bench.py``, ``docs/architecture.md``):
+  with the earlier defaults (window 1,000, an update every 20, no realized-share term) a
+  step shift that moved the fixed threshold's share from 20 % to 58 % kept some
+  1,000-request windows 15 pp off the target; with these defaults the worst was about
+  2-3 pp.
 - Bounds: the threshold never leaves ``[min_threshold, max_threshold]`` (for a score in
   [0, 1], the defaults). Scores observed are those of every item the policy scored,
   whether the hard policy let it escalate or not: the target is a share of the scored
@@ -31,20 +44,23 @@ Dynamics (what an operator can rely on):
 
 Edge-error target (``target_edge_error``): the controller reads the pair's online
 estimate of the edge's error among kept answers (``edge_error_estimate.py``, from shadow
-checks) and, at the same cadence, moves the window's escalated share by ``max_step``:
-up (threshold down, more escalated) while the estimate's interval lies wholly above the
-target, down while it lies wholly below, and not at all while the interval holds the
-target (the dead band is the interval: the controller does not chase sampling noise).
-The estimate is read at the current threshold (the checks of items it would still keep),
-so checks of items a lowered threshold now escalates do not push it further.
-It steps only after ``min_checks`` checks, and then only once ``checks_per_step`` new
-checks have arrived since its last step, so each step is judged on evidence gathered
-after it: with shadow sampling at rate r of kept answers, at most one step per
-``checks_per_step / r`` kept answers (2,500 at 50 checks and 2 %). Settling after a
-shift: ``ceil(|share change needed| / max_step)`` steps, each waiting that long; the
-estimate's own window (its last ``window`` checks) lags a shift of the workload: the
-pre-shift checks dilute the new ones until they are outnumbered, so the first steps come
-once enough post-shift evidence has arrived to push the interval off the target.
+checks) once per ``checks_per_step`` new checks (50), and moves the window's escalated
+share by ``max_step``: up (threshold down, more escalated) while the estimate's interval
+lies wholly above the target, down while it lies wholly below, not at all while the
+interval holds the target (the interval is the dead band: the controller does not chase
+sampling noise). Each judgment thus rests on checks gathered after the last step; at a
+shadow rate r of kept answers, at most one step per ``checks_per_step / r`` kept answers
+(2,500 at 2 %). The estimate is read at the current threshold (only the checks of items
+it still keeps count, once ``min_checks`` of them), so checks of items a lowered
+threshold now escalates do not push it further (no wind-up). After a workload shift the
+estimate's own window (its last ``window`` checks) lags: the pre-shift checks dilute the
+new ones, so the first steps come once the post-shift evidence pushes the interval off
+the target, and each later step waits for its 50 checks. Coming from above (the edge
+got worse), it stops as soon as the interval reaches the target, so it settles near the
+top of the band: the true error then sits up to the interval's half-width above the
+target (about 2 pp at 400 checks and 5 %); a longer estimate window narrows the band
+and lengthens the lag. The realized-share correction
+is the cloud-share target's; the edge-error target has none.
 
 ``state()`` is the controller's state for metrics (threshold, window share, target,
 window size, updates, last step, whether the last step was clipped).
@@ -60,7 +76,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from router_service.edge_error_estimate import EdgeErrorEstimate
+from router_service.edge_error_estimate import EdgeErrorEstimator
 
 
 @dataclass(frozen=True)
@@ -70,11 +86,13 @@ class ControllerSettings:
 
     target_share: float | None = None
     target_edge_error: float | None = None
-    window: int = 1000
+    window: int = 100
     max_age_s: float = 600.0
-    update_every: int = 20
+    update_every: int = 1
     max_step: float = 0.02
-    min_samples: int = 200
+    min_samples: int = 100
+    realized_window: int = 1000
+    realized_gain: float = 2.0
     min_threshold: float = 0.0
     max_threshold: float = 1.0
     # Edge-error target only: shadow checks before the first step, and new checks
@@ -91,8 +109,12 @@ class ControllerSettings:
             raise ValueError(f"{name} must be within [0, 1]")
         if self.min_checks < 1 or self.checks_per_step < 1:
             raise ValueError("min_checks and checks_per_step must be positive")
-        if self.window < 1 or self.update_every < 1 or self.min_samples < 1:
-            raise ValueError("window, update_every and min_samples must be positive")
+        if min(self.window, self.update_every, self.min_samples, self.realized_window) < 1:
+            raise ValueError(
+                "window, update_every, min_samples and realized_window must be positive"
+            )
+        if self.realized_gain < 0.0:
+            raise ValueError("realized_gain must not be negative")
         if self.min_samples > self.window:
             raise ValueError("min_samples cannot exceed the window")
         if not 0.0 < self.max_step <= 1.0:
@@ -123,6 +145,8 @@ class ControllerState:
     holds_edge_error: bool
     # The window's share at or above the threshold (the share the controller steers).
     window_share: float
+    # The share of the last realized_window observations that were escalated.
+    realized_share: float
     window_size: int
     updates: int
     # The last update's change of the window share (bounded by max_step).
@@ -137,26 +161,29 @@ class ControllerState:
 class ThresholdController:
     """Holds one pair's target; ``threshold`` is what the router compares scores with,
     ``observe`` feeds it the scores it decided on. For an edge-error target,
-    ``edge_error(threshold)`` reads the pair's estimate among the checked answers the
-    threshold keeps (``EdgeErrorEstimator.estimate(below=threshold)``)."""
+    ``edge_error`` is the pair's estimator, read among the checked answers the threshold
+    keeps (``estimate(below=threshold)``)."""
 
     def __init__(
         self,
         settings: ControllerSettings,
         initial_threshold: float,
         clock: Callable[[], float] = time.monotonic,
-        edge_error: Callable[[float], EdgeErrorEstimate] | None = None,
+        edge_error: EdgeErrorEstimator | None = None,
     ) -> None:
         if settings.holds_edge_error and edge_error is None:
             raise ValueError("an edge-error target needs the edge-error estimate")
         self.settings = settings
         self._edge_error = edge_error
-        # The estimate's check count at the last step (steps wait for new checks).
+        # The estimator's check count when last judged (each judgment waits for new ones).
         self._checks_at_step = 0
         self._clock = clock
         self._threshold = self._bounded(initial_threshold)
         self._scores: deque[float] = deque(maxlen=settings.window)
         self._times: deque[float] = deque(maxlen=settings.window)
+        # (time, escalated) of the last realized_window observations.
+        self._outcomes: deque[tuple[float, bool]] = deque(maxlen=settings.realized_window)
+        self._escalated = 0  # how many of _outcomes were escalated
         self._since_update = 0
         self._updates = 0
         self._last_step = 0.0
@@ -170,6 +197,7 @@ class ThresholdController:
         """Add the scores of items just decided on; update the threshold when due."""
         now = self._clock()
         for score in scores:
+            self._record_outcome(now, float(score) >= self._threshold)
             self._scores.append(float(score))
             self._times.append(now)
             self._since_update += 1
@@ -177,11 +205,22 @@ class ThresholdController:
                 self._since_update = 0
                 self._update(now)
 
+    def _record_outcome(self, now: float, escalated: bool) -> None:
+        if len(self._outcomes) == self._outcomes.maxlen:
+            self._escalated -= self._outcomes[0][1]
+        self._outcomes.append((now, escalated))
+        self._escalated += escalated
+
     def _expire(self, now: float) -> None:
         oldest = now - self.settings.max_age_s
         while self._times and self._times[0] < oldest:
             self._times.popleft()
             self._scores.popleft()
+        while self._outcomes and self._outcomes[0][0] < oldest:
+            self._escalated -= self._outcomes.popleft()[1]
+
+    def _realized_share(self) -> float:
+        return self._escalated / len(self._outcomes) if self._outcomes else 0.0
 
     def _update(self, now: float) -> None:
         self._expire(now)
@@ -196,7 +235,9 @@ class ThresholdController:
             # Stepping at all means the interval excludes the target.
             catching_up = step != 0.0
         else:
-            error = self.settings.target - share
+            target = self.settings.target
+            goal = target + self.settings.realized_gain * (target - self._realized_share())
+            error = min(max(goal, 0.0), 1.0) - share
             step = max(-self.settings.max_step, min(self.settings.max_step, error))
             catching_up = abs(error) > self.settings.max_step
         if step != 0.0 or not self.settings.holds_edge_error:
@@ -207,22 +248,22 @@ class ThresholdController:
 
     def _edge_error_step(self) -> float | None:
         """The share change the edge-error target asks for: +max_step, -max_step, or 0
-        while the estimate's interval holds the target; None while there is no new
-        evidence to judge by (no update)."""
+        while the estimate's interval holds the target; None (no update) until
+        ``checks_per_step`` checks have arrived since the last judgment."""
         assert self._edge_error is not None
-        estimate = self._edge_error(self._threshold)
-        fresh = estimate.total - self._checks_at_step
-        if estimate.samples < self.settings.min_checks or fresh < self.settings.checks_per_step:
+        # Cheap first: with an update per request, most updates find no new evidence.
+        if self._edge_error.total - self._checks_at_step < self.settings.checks_per_step:
             return None
+        estimate = self._edge_error.estimate(below=self._threshold)
+        if estimate.samples < self.settings.min_checks:
+            return None
+        self._checks_at_step = estimate.total
         target = self.settings.target
         if estimate.lower > target:
-            step = self.settings.max_step  # the edge errs too often: escalate more
-        elif estimate.upper < target:
-            step = -self.settings.max_step  # room to keep more on the edge
-        else:
-            return 0.0
-        self._checks_at_step = estimate.total
-        return step
+            return self.settings.max_step  # the edge errs too often: escalate more
+        if estimate.upper < target:
+            return -self.settings.max_step  # room to keep more on the edge
+        return 0.0
 
     def _bounded(self, threshold: float) -> float:
         return min(max(threshold, self.settings.min_threshold), self.settings.max_threshold)
@@ -237,6 +278,7 @@ class ThresholdController:
             target=self.settings.target,
             holds_edge_error=self.settings.holds_edge_error,
             window_share=share,
+            realized_share=self._realized_share(),
             window_size=len(window),
             updates=self._updates,
             last_step=self._last_step,
