@@ -98,9 +98,12 @@ def _goal_row(goal: str, measured: str, met: bool) -> str:
 def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) -> str:
     mesh = json.loads((out / "mesh_bench.json").read_text())
     faults = json.loads((out / "fault_bench.json").read_text())
-    goal_rows = [
-        (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
-    ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    shadow = json.loads((out / "shadow_bench.json").read_text())
+    goal_rows = (
+        [(goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]]
+        + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+        + [(shadow["goal"]["goal"], shadow["goal"]["measured"], shadow["goal"]["met"])]
+    )
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -148,6 +151,15 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 4. Over-the-air update time",
         "",
         (out / "ota_bench.md").read_text().strip(),
+        "",
+        "## 5. Shadow checks and the edge-error target",
+        "",
+        "`python -m bench.shadow_bench`: an offline simulation over the test split (and its "
+        "drifted streams, `workload/drift.py`) with the real edge and cloud models' outputs "
+        "and the committed policy. The estimate is of disagreement with the cloud (what a "
+        "shadow check can see); the edge's error against the labels is shown beside it.",
+        "",
+        (out / "shadow_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -237,6 +249,8 @@ def main() -> None:
     run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
     rounds = ["--rounds", "3"] if args.quick else []
     run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
+    shadow = ["--seeds", "5", "--drift-requests", "8000"] if args.quick else []
+    run([python, "-m", "bench.shadow_bench", *shadow, "--out", str(out / "shadow_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,38 @@ def test_the_router_takes_one_target_and_the_edge_error_target_needs_shadow_chec
         "a:1", "b:2", controller_target_edge_error=0.05, shadow_check_rate=0.02
     )
     assert settings.controller_target_share is None
+
+
+async def test_the_edge_error_target_moves_the_threshold_from_shadow_checks(
+    tmp_path: Path,
+) -> None:
+    """controller_target_edge_error: the scripted cloud disagrees with every kept edge
+    answer (class 7 vs 3), so once 50 checks are in, the estimate's interval lies above
+    the 5 % target and the controller escalates more (lowers the threshold); decisions
+    report it. A new policy empties the pair's estimate."""
+    async with scripted_mesh(
+        tmp_path,
+        shadow_check_rate=1.0,
+        shadow_max_in_flight=64,
+        controller_target_edge_error=0.05,
+    ) as mesh:
+        router = mesh.router.router
+        shadow = router.shadow
+        assert shadow is not None
+        controller = router.controllers["fashion-mnist"]
+        calibrated = controller.threshold
+        for index in range(4):
+            await mesh.stub.Infer(
+                request([CONFIDENT] * 32, mesh, request_id=f"e{index}"), timeout=10
+            )
+            await shadow.drain()
+        estimate = router.edge_error["fashion-mnist"].estimate()
+        assert estimate.samples == 128 and estimate.estimate == 1.0
+        state = controller.state()
+        assert state.holds_edge_error and state.last_step == 0.02 and state.catching_up
+        assert controller.threshold < calibrated
+        # The next decision uses (and reports) the threshold the checks moved.
+        reply = await mesh.stub.Infer(request([CONFIDENT], mesh, request_id="e-n"), timeout=10)
+        assert reply.decision.threshold == pytest.approx(controller.threshold)
+        router.install_policy("fashion-mnist", router.policies["fashion-mnist"])
+        assert router.edge_error["fashion-mnist"].estimate().samples == 0
