@@ -99,10 +99,12 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     mesh = json.loads((out / "mesh_bench.json").read_text())
     faults = json.loads((out / "fault_bench.json").read_text())
     drift = json.loads((out / "drift_bench.json").read_text())
+    shadow = json.loads((out / "shadow_bench.json").read_text())
     goal_rows = (
         [(goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in drift["goals"]]
+        + [(shadow["goal"]["goal"], shadow["goal"]["measured"], shadow["goal"]["met"])]
     )
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
@@ -156,6 +158,15 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 5. The cloud-share target under drift, and the view's decision latency",
         "",
         (out / "drift_bench.md").read_text().strip(),
+        "",
+        "## 6. Shadow checks and the edge-error target",
+        "",
+        "`python -m bench.shadow_bench`: an offline simulation over the test split (and its "
+        "drifted streams, `workload/drift.py`) with the real edge and cloud models' outputs "
+        "and the committed policy. The estimate is of disagreement with the cloud (what a "
+        "shadow check can see); the edge's error against the labels is shown beside it.",
+        "",
+        (out / "shadow_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -247,6 +258,8 @@ def main() -> None:
     run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
     drift = ["--length", "4000", "--latency-calls", "1000"] if args.quick else []
     run([python, "-m", "bench.drift_bench", *drift, "--out", str(out / "drift_bench.json")])
+    shadow = ["--seeds", "5", "--drift-requests", "8000"] if args.quick else []
+    run([python, "-m", "bench.shadow_bench", *shadow, "--out", str(out / "shadow_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)

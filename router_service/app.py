@@ -28,7 +28,7 @@ from router_service.escalation import ScoringPolicy, load_pair_policies
 from router_service.metrics import RouterMetrics, observe_router_state
 from router_service.oip_conversion import OIP_SERVICE_NAME, PairMetadata, TensorMetadata
 from router_service.oip_servicer import OipServicer, add_oip_servicer_to_server
-from router_service.outbox import Outbox
+from router_service.outbox import Outbox, ReconciledItem
 from router_service.policy_updater import POLICY_KIND, PolicyUpdater
 from router_service.reconciler import PairRoute, Reconciler
 from router_service.request_validation import PairSpec
@@ -175,8 +175,10 @@ class RouterNode:
             tracer=tracer,
             metrics=RouterMetrics(meter),
             reconciler=self.reconciler,
+            meter=meter,
+            shadow_labels=self._record_shadow_labels,
         )
-        register_controller_metrics(meter, self.router.controllers)
+        register_controller_metrics(meter, self.router.controllers, self.router.edge_error)
         # One admission limit for the router, whichever protocol a request came by.
         admission = Admission(
             settings.max_in_flight,
@@ -235,6 +237,10 @@ class RouterNode:
                 "router policy", pair=pair_name, version=policy.version, kind=policy.metadata.kind
             )
 
+    async def _record_shadow_labels(self, labels: Sequence[ReconciledItem]) -> None:
+        """Shadow checks' labels beside reconciliation's, for ``training.retrain``."""
+        await asyncio.to_thread(self.outbox.record, labels)
+
     def _policy_updater(self, registry: RegistryClient, pair: str) -> PolicyUpdater:
         settings = self.settings
 
@@ -289,9 +295,10 @@ class RouterNode:
             _log.warning("site report failed", code=error.code().name)
 
     async def stop(self, grace: float | None = None) -> None:
-        for task in self._tasks:
+        shadow = self.router.shadow
+        for task in [*self._tasks, *(shadow.tasks if shadow is not None else ())]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *(shadow.tasks if shadow is not None else ())]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.host.stop(grace)

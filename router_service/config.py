@@ -91,6 +91,24 @@ class RouterSettings(ServiceSettings):
     # threshold_controller.py): each pair's threshold follows a sliding window of its
     # scores, a bounded step at a time. Unset: the policy's calibrated threshold, fixed.
     controller_target_share: float | None = Field(default=None, ge=0, le=1)
+    # Or the other ONE target: the maximum edge error among answers kept on the edge,
+    # held from the shadow checks' online estimate (needs shadow_check_rate > 0). At
+    # most one of the two may be set.
+    controller_target_edge_error: float | None = Field(default=None, gt=0, lt=1)
+    # Shadow checks (router_service/shadow.py): this share of kept answers is also sent
+    # to the cloud in the background, billed and audited as purpose "shadow", to
+    # estimate the edge's error among kept answers; 0 turns them off. PUBLIC requests
+    # only, and INTERNAL ones through the pair's anonymiser only when
+    # shadow_check_internal is on; SENSITIVE never.
+    shadow_check_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    shadow_check_internal: bool = False
+    # Shadow calls in flight at once; a check that would exceed it is dropped (counted).
+    shadow_max_in_flight: int = Field(default=4, ge=1)
+    shadow_timeout_s: float = Field(default=2.0, gt=0)
+    # The estimate's sliding window of checks, and its interval's confidence.
+    edge_error_window: int = Field(default=1000, ge=1)
+    edge_error_confidence: float = Field(default=0.95, gt=0, lt=1)
+
     # Used when the call carries no gRPC deadline and the hints no budget.
     default_budget_s: float = Field(default=1.0, gt=0)
     # Circuit breaker per tier: HYBRIDMESH_ROUTER_BREAKER_EDGE__<FIELD>,
@@ -171,3 +189,13 @@ class RouterSettings(ServiceSettings):
     # This site's id in the registry's fleet view: the router reports the policy version
     # of each pair after every poll (the edge node reports its models under the same id).
     site_id: str = "site-local"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouterSettings:
+        if self.controller_target_share is not None and self.controller_target_edge_error:
+            raise ValueError(
+                "set one controller target: controller_target_share or controller_target_edge_error"
+            )
+        if self.controller_target_edge_error is not None and self.shadow_check_rate == 0:
+            raise ValueError("controller_target_edge_error needs shadow_check_rate > 0")
+        return self

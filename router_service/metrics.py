@@ -25,7 +25,9 @@ class RouterMetrics:
             "hybridmesh.router.items", description="Routed items by the tier that served them"
         )
         self._cost = meter.create_counter(
-            "hybridmesh.router.cost", unit="uUSD", description="Cost of served requests"
+            "hybridmesh.router.cost",
+            unit="uUSD",
+            description="Cost of served requests (shadow=true: shadow checks of kept answers)",
         )
         self._saved = meter.create_counter(
             "hybridmesh.router.saved", unit="uUSD", description="Saving against all-cloud"
@@ -67,7 +69,7 @@ class RouterMetrics:
         self._served_items += len(tiers)
         self._cloud_items += sum(1 for tier in tiers if tier == routing_pb2.TIER_CLOUD)
         spent = decision.cost.edge_micros + decision.cost.cloud_micros
-        self._cost.add(spent)
+        self._cost.add(spent, {"shadow": False})
         self._saved.add(max(decision.cost.all_cloud_micros - spent, 0))
         self._latency.record(decision.timings.total.ToNanoseconds() / 1e9)
         timings = decision.timings
@@ -75,6 +77,10 @@ class RouterMetrics:
             self._tier_latency.record(timings.edge.ToNanoseconds() / 1e9, {"tier": "edge"})
         if timings.HasField("cloud"):
             self._tier_latency.record(timings.cloud.ToNanoseconds() / 1e9, {"tier": "cloud"})
+
+    def record_shadow(self, micros: int, pair: str) -> None:
+        """A shadow check's cost: billed, but no request's (router_service/shadow.py)."""
+        self._cost.add(micros, {"shadow": True, "pair": pair})
 
 
 def observe_router_state(

@@ -3,7 +3,8 @@
 SQLite in WAL mode on the site's persistent volume, one file holding three things:
 ``outbox`` (items waiting for the cloud), ``reconciled`` (the cloud's answer beside the
 edge's for every reconciled item, with the item's input: the labelled examples for
-retraining the router) and nothing else, so a copy of the file is a consistent backup.
+retraining the router; ``source`` says whether reconciliation or a shadow check of a
+kept answer produced it) and nothing else, so a copy of the file is a consistent backup.
 
 Bounded: at ``max_items`` a new item evicts the oldest item of the lowest priority
 present, if that priority is not above its own; otherwise the new item is refused.
@@ -59,9 +60,12 @@ CREATE TABLE IF NOT EXISTS reconciled (
     cloud_class INTEGER NOT NULL,
     agrees INTEGER NOT NULL,
     input BLOB NOT NULL,
+    source TEXT NOT NULL DEFAULT 'reconciliation',
     PRIMARY KEY (request_id, item_index)
 );
 """
+# Files written before the ``source`` column had only reconciliation rows.
+ADD_SOURCE = "ALTER TABLE reconciled ADD COLUMN source TEXT NOT NULL DEFAULT 'reconciliation'"
 Synchronous = Literal["FULL", "NORMAL"]
 
 
@@ -106,6 +110,8 @@ class ReconciledItem:
     cloud_class: int
     # The item's input (a serialized Tensor of batch 1): with cloud_class, a labelled example.
     input: bytes
+    # "reconciliation" (an outbox item) or "shadow" (a shadow check of a kept answer).
+    source: str = "reconciliation"
 
     @property
     def agrees(self) -> bool:
@@ -157,6 +163,9 @@ class Outbox:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(reconciled)")}
+        if "source" not in columns:
+            self._db.execute(ADD_SOURCE)
         self._depth = self._scalar("SELECT count(*) FROM outbox")
 
     def close(self) -> None:
@@ -251,33 +260,50 @@ class Outbox:
             if removed == 0:
                 return False
             self._depth -= removed
-            self._db.executemany(
-                "INSERT INTO reconciled (request_id, item_index, pair, enqueued_at,"
-                " reconciled_at, edge_model, edge_class, cloud_model, cloud_class, agrees, input)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.request_id,
-                        r.item_index,
-                        r.pair,
-                        r.enqueued_at,
-                        r.reconciled_at,
-                        r.edge_model,
-                        r.edge_class,
-                        r.cloud_model,
-                        r.cloud_class,
-                        int(r.agrees),
-                        r.input,
-                    )
-                    for r in results
-                ],
-            )
-            # Keep the newest labelled examples only: the file stays bounded too.
-            self._db.execute(
-                "DELETE FROM reconciled WHERE rowid <= (SELECT max(rowid) FROM reconciled) - ?",
-                (self._max_reconciled,),
-            )
+            self._insert_reconciled(results)
             return True
+
+    def record(self, results: Sequence[ReconciledItem]) -> int:
+        """Record labelled examples that never waited in the outbox (shadow checks); an
+        (request id, item index) already recorded is kept as it is. Returns how many
+        were new."""
+        with self._lock, self._transaction():
+            return self._insert_reconciled(results, or_ignore=True)
+
+    def _insert_reconciled(
+        self, results: Sequence[ReconciledItem], *, or_ignore: bool = False
+    ) -> int:
+        before = self._db.total_changes
+        self._db.executemany(
+            f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO reconciled (request_id,"
+            " item_index, pair, enqueued_at, reconciled_at, edge_model, edge_class,"
+            " cloud_model, cloud_class, agrees, input, source)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.request_id,
+                    r.item_index,
+                    r.pair,
+                    r.enqueued_at,
+                    r.reconciled_at,
+                    r.edge_model,
+                    r.edge_class,
+                    r.cloud_model,
+                    r.cloud_class,
+                    int(r.agrees),
+                    r.input,
+                    r.source,
+                )
+                for r in results
+            ],
+        )
+        inserted = self._db.total_changes - before
+        # Keep the newest labelled examples only: the file stays bounded too.
+        self._db.execute(
+            "DELETE FROM reconciled WHERE rowid <= (SELECT max(rowid) FROM reconciled) - ?",
+            (self._max_reconciled,),
+        )
+        return inserted
 
     def oldest_age_s(self) -> float:
         """Age of the oldest waiting item in seconds (0 when empty), from an index: the
@@ -298,7 +324,7 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(
                 "SELECT request_id, item_index, pair, enqueued_at, reconciled_at, edge_model,"
-                f" edge_class, cloud_model, cloud_class, input FROM reconciled {where}"
+                f" edge_class, cloud_model, cloud_class, input, source FROM reconciled {where}"
                 " ORDER BY rowid"
             ).fetchall()
         return [ReconciledItem(*row) for row in rows]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 
 from hybridmesh.common.v1 import decision_pb2, tensor_pb2
@@ -46,6 +47,7 @@ from router_service.decision import (
     plan_escalation,
     settle,
 )
+from router_service.edge_error_estimate import EdgeErrorEstimator
 from router_service.escalation import ScoringPolicy
 from router_service.features import router_features
 from router_service.latency import RollingLatency
@@ -55,6 +57,7 @@ from router_service.policy import PolicyVerdict, RequestConstraints, Situation, 
 from router_service.reconciler import Reconciler, sampled
 from router_service.request_validation import PairSpec, validate_request
 from router_service.response import Prices, annotate, build_response, tensor_array
+from router_service.shadow import KeptAnswers, LabelSink, ShadowChecker, ShadowSettings
 from router_service.threshold_controller import ControllerSettings, ThresholdController
 from router_service.tier_api import CloudTierApi, EdgeTierApi, TierAnswer, TierUnavailableError
 from services import attributes
@@ -141,7 +144,11 @@ class Router:
         metrics: RouterMetrics | None = None,
         reconciler: Reconciler | None = None,
         clock: Callable[[], float] = time.monotonic,
+        meter: otel_metrics.Meter | None = None,
+        shadow_labels: LabelSink | None = None,
     ) -> None:
+        """``meter`` counts shadow checks; ``shadow_labels`` records their labels (the
+        outbox's reconciled table)."""
         self._settings = settings
         self._reconciler = reconciler
         self._pairs = {pair.name: pair for pair in pairs}
@@ -156,14 +163,40 @@ class Router:
         self._tracer = tracer
         self._metrics = metrics
         self._clock = clock
-        # The operator's cloud-share target held online, per pair (threshold_controller.py);
-        # none unless ``controller_target_share`` is set.
-        target = settings.controller_target_share
+        # Per pair: the edge's error among kept answers, from shadow checks (shadow.py).
+        self.edge_error: dict[str, EdgeErrorEstimator] = {
+            name: self._new_estimator() for name in self._pairs
+        }
+        self.shadow: ShadowChecker | None = None
+        if settings.shadow_check_rate > 0:
+            self.shadow = ShadowChecker(
+                ShadowSettings(
+                    rate=settings.shadow_check_rate,
+                    max_in_flight=settings.shadow_max_in_flight,
+                    timeout_s=settings.shadow_timeout_s,
+                    internal=settings.shadow_check_internal,
+                    cloud_price_micros=settings.cloud_price_micros,
+                ),
+                cloud,
+                self.edge_error,
+                tracer=tracer,
+                meter=meter,
+                labels=shadow_labels,
+                bill=metrics.record_shadow if metrics is not None else None,
+            )
+        # The operator's ONE target held online, per pair (threshold_controller.py): a
+        # cloud share or a maximum edge error; none unless one is set.
+        share, edge_error = (
+            settings.controller_target_share,
+            settings.controller_target_edge_error,
+        )
         self._controller_settings = (
-            ControllerSettings(target_share=target) if target is not None else None
+            ControllerSettings(target_share=share, target_edge_error=edge_error)
+            if share is not None or edge_error is not None
+            else None
         )
         self.controllers: dict[str, ThresholdController] = (
-            {name: self._new_controller(policy) for name, policy in self.policies.items()}
+            {name: self._new_controller(name, policy) for name, policy in self.policies.items()}
             if self._controller_settings is not None
             else {}
         )
@@ -190,16 +223,25 @@ class Router:
         if pair not in self._pairs or policy.metadata.pair != pair:
             raise ValueError(f"policy for {policy.metadata.pair!r} cannot serve pair {pair!r}")
         self.policies = {**self.policies, pair: policy}
+        # A new policy scores on its own scale: the old checks' scores no longer apply.
+        self.edge_error[pair] = self._new_estimator()
         if pair in self.controllers:
-            self.controllers[pair] = self._new_controller(policy)
+            self.controllers[pair] = self._new_controller(pair, policy)
 
     def _threshold_for(self, pair: str) -> float:
         controller = self.controllers.get(pair)
         return controller.threshold if controller is not None else self.policies[pair].threshold
 
-    def _new_controller(self, policy: ScoringPolicy) -> ThresholdController:
+    def _new_controller(self, pair: str, policy: ScoringPolicy) -> ThresholdController:
         assert self._controller_settings is not None
-        return ThresholdController(self._controller_settings, policy.threshold, self._clock)
+        return ThresholdController(
+            self._controller_settings, policy.threshold, self._clock, self.edge_error[pair]
+        )
+
+    def _new_estimator(self) -> EdgeErrorEstimator:
+        return EdgeErrorEstimator(
+            self._settings.edge_error_window, self._settings.edge_error_confidence
+        )
 
     async def infer(
         self,
@@ -242,6 +284,7 @@ class Router:
             )
             queued = await self._queue_owed(routed, facts, settlement)
             response = self._respond(routed, facts, settlement, final=True, queued=queued)
+            self._shadow_check(routed, facts, settlement)
             if facts.calls_ended_at is not None:
                 self._tail.observe(self._clock() - facts.calls_ended_at)
             annotate(span, response.decision)
@@ -523,6 +566,32 @@ class Router:
             routed.threshold,
             routed.policy.version,
             cloud_already_failed=facts.attempted(Purpose.CLOUD_ONLY) is not None,
+        )
+
+    def _shadow_check(self, routed: _Routed, facts: _Facts, settled: Settlement) -> None:
+        """Maybe start a background shadow check of the answers kept on the edge; the
+        response is already built and does not wait for it."""
+        if self.shadow is None or facts.edge is None or facts.plan is None:
+            return
+        kept = tuple(
+            index
+            for index, item in enumerate(settled.items)
+            if item.reason == decision_pb2.DECISION_REASON_EDGE_CONFIDENT
+        )
+        if not kept:
+            return
+        edge = facts.edge
+        self.shadow.maybe_check(
+            KeptAnswers(
+                request_id=routed.request_id,
+                pair=routed.pair,
+                privacy_class=routed.constraints.privacy_class,
+                inputs=routed.inputs,
+                indices=kept,
+                edge_classes=tuple(edge.classifications[i].top_k[0].class_index for i in kept),
+                scores=tuple(facts.plan.scores[i] for i in kept),
+                edge_model=f"{edge.model.name}:{edge.model.version}",
+            )
         )
 
     async def _queue_owed(self, routed: _Routed, facts: _Facts, settled: Settlement) -> bool:

@@ -1,5 +1,6 @@
-"""Online threshold controller: holds the operator's ONE target (a cloud share) under a
-shifting workload. Pure: no I/O, no telemetry, an injected clock.
+"""Online threshold controller: holds the operator's ONE target -- a cloud share, or a
+maximum edge error among the answers kept on the edge -- under a shifting workload.
+Pure: no I/O, no telemetry, an injected clock.
 
 A threshold calibrated once is only as good as the day it was calibrated: when the
 scores shift (new lighting, sensor noise), the share of items scoring above it moves
@@ -45,6 +46,26 @@ Dynamics (what an operator can rely on):
   whether the hard policy let it escalate or not: the target is a share of the scored
   workload.
 
+Edge-error target (``target_edge_error``): the controller reads the pair's online
+estimate of the edge's error among kept answers (``edge_error_estimate.py``, from shadow
+checks) once per ``checks_per_step`` new checks (50), and moves the window's escalated
+share by ``max_step``: up (threshold down, more escalated) while the estimate's interval
+lies wholly above the target, down while it lies wholly below, not at all while the
+interval holds the target (the interval is the dead band: the controller does not chase
+sampling noise). Each judgment thus rests on checks gathered after the last step; at a
+shadow rate r of kept answers, at most one step per ``checks_per_step / r`` kept answers
+(2,500 at 2 %). The estimate is read at the current threshold (only the checks of items
+it still keeps count, once ``min_checks`` of them), so checks of items a lowered
+threshold now escalates do not push it further (no wind-up). After a workload shift the
+estimate's own window (its last ``window`` checks) lags: the pre-shift checks dilute the
+new ones, so the first steps come once the post-shift evidence pushes the interval off
+the target, and each later step waits for its 50 checks. Coming from above (the edge
+got worse), it stops as soon as the interval reaches the target, so it settles near the
+top of the band: the true error then sits up to the interval's half-width above the
+target (about 2 pp at 400 checks and 5 %); a longer estimate window narrows the band
+and lengthens the lag. The realized-share correction
+is the cloud-share target's; the edge-error target has none.
+
 ``state()`` is the controller's state for metrics (threshold, window share, target,
 window size, updates, last step, whether the last step was clipped).
 """
@@ -59,12 +80,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from router_service.edge_error_estimate import EdgeErrorEstimator
+
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    """The operator's target and the controller's dynamics (see the module docstring)."""
+    """The operator's ONE target (``target_share`` or ``target_edge_error``, both in
+    [0, 1]) and the controller's dynamics (see the module docstring)."""
 
-    target_share: float
+    target_share: float | None = None
+    target_edge_error: float | None = None
     window: int = 100
     max_age_s: float = 600.0
     update_every: int = 2
@@ -74,10 +99,20 @@ class ControllerSettings:
     realized_gain: float = 4.0
     min_threshold: float = 0.0
     max_threshold: float = 1.0
+    # Edge-error target only: shadow checks before the first step, and new checks
+    # between steps.
+    min_checks: int = 50
+    checks_per_step: int = 50
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.target_share <= 1.0:
-            raise ValueError("target_share must be within [0, 1]")
+        if (self.target_share is None) == (self.target_edge_error is None):
+            raise ValueError("set exactly one target: target_share or target_edge_error")
+        target = self.target
+        if not 0.0 <= target <= 1.0:
+            name = "target_share" if self.target_share is not None else "target_edge_error"
+            raise ValueError(f"{name} must be within [0, 1]")
+        if self.min_checks < 1 or self.checks_per_step < 1:
+            raise ValueError("min_checks and checks_per_step must be positive")
         if min(self.window, self.update_every, self.min_samples, self.realized_window) < 1:
             raise ValueError(
                 "window, update_every, min_samples and realized_window must be positive"
@@ -93,13 +128,25 @@ class ControllerSettings:
         if self.min_threshold > self.max_threshold:
             raise ValueError("min_threshold must not exceed max_threshold")
 
+    @property
+    def target(self) -> float:
+        value = self.target_share if self.target_share is not None else self.target_edge_error
+        assert value is not None
+        return value
+
+    @property
+    def holds_edge_error(self) -> bool:
+        return self.target_edge_error is not None
+
 
 @dataclass(frozen=True)
 class ControllerState:
     """What the metrics export."""
 
     threshold: float
-    target_share: float
+    # The target in force: a cloud share, or (holds_edge_error) a maximum edge error.
+    target: float
+    holds_edge_error: bool
     # The window's share at or above the threshold (the share the controller steers).
     window_share: float
     # The share of the last realized_window observations that were escalated.
@@ -116,16 +163,24 @@ class ControllerState:
 
 
 class ThresholdController:
-    """Holds one pair's cloud-share target; ``threshold`` is what the router compares
-    scores with, ``observe`` feeds it the scores it decided on."""
+    """Holds one pair's target; ``threshold`` is what the router compares scores with,
+    ``observe`` feeds it the scores it decided on. For an edge-error target,
+    ``edge_error`` is the pair's estimator, read among the checked answers the threshold
+    keeps (``estimate(below=threshold)``)."""
 
     def __init__(
         self,
         settings: ControllerSettings,
         initial_threshold: float,
         clock: Callable[[], float] = time.monotonic,
+        edge_error: EdgeErrorEstimator | None = None,
     ) -> None:
+        if settings.holds_edge_error and edge_error is None:
+            raise ValueError("an edge-error target needs the edge-error estimate")
         self.settings = settings
+        self._edge_error = edge_error
+        # The estimator's check count when last judged (each judgment waits for new ones).
+        self._checks_at_step = 0
         self._clock = clock
         self._threshold = self._bounded(initial_threshold)
         self._scores: deque[float] = deque(maxlen=settings.window)
@@ -177,14 +232,42 @@ class ThresholdController:
             return
         window = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
         share = float(np.count_nonzero(window >= self._threshold)) / len(window)
-        target = self.settings.target_share
-        goal = target + self.settings.realized_gain * (target - self._realized_share())
-        error = min(max(goal, 0.0), 1.0) - share
-        step = max(-self.settings.max_step, min(self.settings.max_step, error))
-        self._threshold = self._bounded(_threshold_for_share(window, share + step))
+        if self.settings.holds_edge_error:
+            step = self._edge_error_step()
+            if step is None:
+                return
+            # Stepping at all means the interval excludes the target.
+            catching_up = step != 0.0
+        else:
+            target = self.settings.target
+            goal = target + self.settings.realized_gain * (target - self._realized_share())
+            error = min(max(goal, 0.0), 1.0) - share
+            step = max(-self.settings.max_step, min(self.settings.max_step, error))
+            catching_up = abs(error) > self.settings.max_step
+        if step != 0.0 or not self.settings.holds_edge_error:
+            self._threshold = self._bounded(_threshold_for_share(window, share + step))
         self._updates += 1
         self._last_step = step
-        self._catching_up = abs(error) > self.settings.max_step
+        self._catching_up = catching_up
+
+    def _edge_error_step(self) -> float | None:
+        """The share change the edge-error target asks for: +max_step, -max_step, or 0
+        while the estimate's interval holds the target; None (no update) until
+        ``checks_per_step`` checks have arrived since the last judgment."""
+        assert self._edge_error is not None
+        # Cheap first: with an update per request, most updates find no new evidence.
+        if self._edge_error.total - self._checks_at_step < self.settings.checks_per_step:
+            return None
+        estimate = self._edge_error.estimate(below=self._threshold)
+        if estimate.samples < self.settings.min_checks:
+            return None
+        self._checks_at_step = estimate.total
+        target = self.settings.target
+        if estimate.lower > target:
+            return self.settings.max_step  # the edge errs too often: escalate more
+        if estimate.upper < target:
+            return -self.settings.max_step  # room to keep more on the edge
+        return 0.0
 
     def _bounded(self, threshold: float) -> float:
         return min(max(threshold, self.settings.min_threshold), self.settings.max_threshold)
@@ -196,7 +279,8 @@ class ThresholdController:
         )
         return ControllerState(
             threshold=self._threshold,
-            target_share=self.settings.target_share,
+            target=self.settings.target,
+            holds_edge_error=self.settings.holds_edge_error,
             window_share=share,
             realized_share=self._realized_share(),
             window_size=len(window),

@@ -1,5 +1,6 @@
-"""The online threshold controller holds a 20 % cloud-share target on a scripted score
-stream with a step shift (pure: seeded stream, injected clock, deterministic)."""
+"""The online threshold controller holds a 20 % cloud-share target, and a 5 % edge-error
+target from shadow-check estimates, on scripted streams with a step shift (pure: seeded
+streams, injected clock, deterministic)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from router_service.edge_error_estimate import EdgeErrorEstimator
 from router_service.threshold_controller import ControllerSettings, ThresholdController
 
 TARGET = 0.2
@@ -190,5 +192,87 @@ def test_the_state_is_exported_as_metrics() -> None:
     )
     assert isinstance(threshold, NumberDataPoint) and isinstance(size, NumberDataPoint)
     assert threshold.value == controller.threshold
-    assert dict(threshold.attributes or {}) == {"pair": "fashion-mnist"}
+    assert dict(threshold.attributes or {}) == {
+        "pair": "fashion-mnist",
+        "target_kind": "cloud_share",
+    }
     assert size.value == controller.settings.window
+
+
+EDGE_ERROR_TARGET = 0.05
+
+
+def edge_error_run(seed: int, *, controlled: bool) -> tuple[float, float, int]:
+    """A scripted stream with a step shift: scores uniform in [0, 1], the edge wrong with
+    probability 0.4 x score, from item 10,000 on 0.8 x score (the edge got worse: the
+    calibrated threshold 0.25, which kept 5 % wrong, now keeps 10 % wrong). A random
+    20 % of kept answers are shadow-checked. Returns the true error among kept answers
+    over the last 20,000 items, the final threshold and the controller's updates."""
+    rng = np.random.default_rng(seed)
+    total, shift = 50_000, 10_000
+    scores = rng.random(total)
+    wrong = rng.random(total) < scores * np.where(np.arange(total) < shift, 0.4, 0.8)
+    checked = rng.random(total) < 0.2
+    estimator = EdgeErrorEstimator(window=400)
+    clock = FakeClock()
+    controller = ThresholdController(
+        ControllerSettings(target_edge_error=EDGE_ERROR_TARGET),
+        0.25,
+        clock,
+        edge_error=estimator,
+    )
+    kept = np.zeros(total, dtype=np.bool_)
+    for index, score in enumerate(scores):
+        clock.now = index * 0.01
+        kept[index] = score < (controller.threshold if controlled else 0.25)
+        if kept[index] and checked[index]:
+            estimator.observe(bool(wrong[index]), float(score))
+        if controlled:
+            controller.observe([float(score)])
+    tail = slice(total - 20_000, total)
+    error = float((wrong[tail] & kept[tail]).sum() / kept[tail].sum())
+    return error, controller.threshold, controller.state().updates
+
+
+def test_the_controller_holds_an_edge_error_target_through_a_step_shift() -> None:
+    for seed in range(3):
+        fixed_error, _, _ = edge_error_run(seed, controlled=False)
+        error, threshold, updates = edge_error_run(seed, controlled=True)
+        # The fixed threshold keeps twice the target's error after the shift, silently.
+        assert fixed_error > EDGE_ERROR_TARGET + 0.03, fixed_error
+        # The controller brings it back within its dead band, the estimate's interval
+        # (400 checks at 5-7 %: about +-2.3 pp), by lowering the threshold toward 0.125;
+        # coming from above, it stops near the band's top.
+        assert abs(error - EDGE_ERROR_TARGET) <= 0.02, (seed, error)
+        assert 0.1 < threshold < 0.16 and updates > 0
+
+
+def test_an_edge_error_target_waits_for_new_checks_before_each_step() -> None:
+    estimator = EdgeErrorEstimator(window=400)
+    settings = ControllerSettings(target_edge_error=0.05, checks_per_step=50, min_checks=50)
+    controller = ThresholdController(settings, 0.5, FakeClock(), estimator)
+    scores = np.random.default_rng(1).random(2000).tolist()
+    controller.observe(scores)  # no checks yet: nothing to judge by
+    assert controller.threshold == 0.5 and controller.state().updates == 0
+    for _ in range(50):
+        estimator.observe(True, 0.1)  # the edge is wrong on every kept answer checked
+    controller.observe(scores[:200])
+    state = controller.state()
+    # One step up in escalated share (threshold down), then none until 50 new checks.
+    assert state.last_step == settings.max_step and state.catching_up
+    assert controller.threshold < 0.5
+    held = controller.threshold
+    controller.observe(scores[:200])
+    assert controller.threshold == held
+    assert state.holds_edge_error and state.target == 0.05
+
+
+def test_exactly_one_target_and_an_estimate_for_the_edge_error_target() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        ControllerSettings()
+    with pytest.raises(ValueError, match="exactly one"):
+        ControllerSettings(target_share=0.2, target_edge_error=0.05)
+    with pytest.raises(ValueError, match="target_edge_error"):
+        ControllerSettings(target_edge_error=2.0)
+    with pytest.raises(ValueError, match="estimate"):
+        ThresholdController(ControllerSettings(target_edge_error=0.05), 0.3)
