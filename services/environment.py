@@ -29,7 +29,7 @@ SETTINGS_CLASSES = (
     "registry.config:RegistrySettings",
 )
 
-# Read by the command-line tools, not by a settings class.
+# Read by the command-line tools, the tests and tools/, not by a settings class.
 TOOL_VARIABLES = frozenset(
     {
         "HYBRIDMESH_STATE_DIR",  # hybridmesh: the local mesh's state directory
@@ -37,6 +37,9 @@ TOOL_VARIABLES = frozenset(
         "HYBRIDMESH_OPERATOR_TOKEN_FILE",  # hybridmesh registry: the operator's credentials
         "HYBRIDMESH_OPERATOR_TLS_DIR",
         "HYBRIDMESH_OPERATOR_KEYS",
+        "HYBRIDMESH_FUZZ_SEED",  # tests/test_fuzz.py
+        "HYBRIDMESH_FUZZ_CASES",
+        "HYBRIDMESH_SMOKE_MIRROR",  # tools/k8s_smoke.py
     }
 )
 
