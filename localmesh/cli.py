@@ -31,18 +31,17 @@ from workload.arguments import add_model_source_arguments
 from workload.catalog import CatalogError, check_against_store, load_catalog
 
 
-def _operator_defaults(state_dir: Path) -> None:
-    """``hybridmesh registry ...`` calls as the local mesh's operator unless told
-    otherwise (registry.cli reads these variables as its defaults)."""
+def _operator_defaults(state_dir: Path) -> dict[str, Path]:
+    """The local mesh's operator credentials, those that exist: ``hybridmesh registry``
+    calls as that operator unless told otherwise."""
     from localmesh.launcher import operator_credentials
 
     credentials = operator_credentials(state_dir)
-    for variable, path in (
-        ("HYBRIDMESH_OPERATOR_TOKEN_FILE", credentials["operator_token"]),
-        ("HYBRIDMESH_OPERATOR_KEYS", credentials["operator_keys"]),
-    ):
-        if Path(path).exists():
-            os.environ.setdefault(variable, path)
+    found = {
+        "token_file": Path(credentials["operator_token"]),
+        "keys": Path(credentials["operator_keys"]),
+    }
+    return {name: path for name, path in found.items() if path.exists()}
 
 
 def policy(args: argparse.Namespace) -> int:
@@ -235,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in {"policy", "router"}:
         return policy(args)
     if args.command == "registry":
-        _operator_defaults(args.state_dir)
-        return registry_cli.run(args)
+        return registry_cli.run(args, _operator_defaults(args.state_dir))
     if args.command in {"up", "demo"} and (problem := _catalog_problem(args)):
         sys.stderr.write(f"hybridmesh {args.command}: error: {problem}\n")
         return 2

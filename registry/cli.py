@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -256,19 +257,20 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _with_env_defaults(args: argparse.Namespace) -> None:
-    """Unset credentials from $HYBRIDMESH_OPERATOR_*, read after parsing so that the
-    caller may set them from options parsed with these (``--state-dir``)."""
+def _with_defaults(args: argparse.Namespace, fallback: Mapping[str, Path]) -> None:
+    """Unset credentials from $HYBRIDMESH_OPERATOR_*, else from ``fallback`` (attribute ->
+    path); read after parsing, so the caller may derive them from options (``--state-dir``)."""
     for attribute in ("token_file", "tls_dir", "keys"):
         if hasattr(args, attribute) and getattr(args, attribute) is None:
-            setattr(args, attribute, _env_path(attribute.upper()))
+            setattr(args, attribute, _env_path(attribute.upper()) or fallback.get(attribute))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, fallback: Mapping[str, Path] | None = None) -> int:
     """Run the parsed ``hybridmesh registry`` command: 0 done, 1 the server refused (its
-        status and message on stderr), 2 a local problem (a missing or unreadable file, a bad
-    key, an artifact already published), one line on stderr."""
-    _with_env_defaults(args)
+    status and message on stderr), 2 a local problem (a missing or unreadable file, a bad
+    key, an artifact already published), one line on stderr. ``fallback``: credentials
+    for options neither given nor in the environment (``token_file``, ``keys``)."""
+    _with_defaults(args, fallback or {})
     try:
         if args.registry_command == "keygen":
             key = generate_key(args.keys)
