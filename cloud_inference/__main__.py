@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from cloud_inference.app import CloudNode
 from cloud_inference.config import CloudSettings
+from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
@@ -24,6 +26,7 @@ async def _serve(settings: CloudSettings) -> None:
 def main() -> None:
     settings = CloudSettings()
     configure_logging(settings.log_level)
+    warn_unknown_variables(os.environ, settings.service_name)
     asyncio.run(_serve(settings))
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from registry.app import RegistryNode
 from registry.config import RegistrySettings
+from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
@@ -21,6 +23,7 @@ async def _serve(settings: RegistrySettings) -> None:
 def main() -> None:
     settings = RegistrySettings()
     configure_logging(settings.log_level)
+    warn_unknown_variables(os.environ, settings.service_name)
     asyncio.run(_serve(settings))
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from edge_node.config import EdgeSettings
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.config import RouterSettings
+from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
@@ -27,6 +29,7 @@ async def _serve(settings: RouterSettings) -> None:
 def main() -> None:
     settings = RouterSettings()
     configure_logging(settings.log_level)
+    warn_unknown_variables(os.environ, settings.service_name)
     asyncio.run(_serve(settings))
 
 

@@ -293,15 +293,20 @@ async def test_the_control_plane_refuses_strangers_and_sites(running: RunningMes
     assert downloads == [grpc.StatusCode.UNAUTHENTICATED] * 2
     assert store.channel("model", "fashion-edge") == before, "nothing was promoted"
     assert [list(m.refused_versions) for m in status.models] == [[]], "nothing was refused"
-    environment = {**os.environ, "HYBRIDMESH_STATE_DIR": str(state_dir)}
-    sites = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "localmesh.cli", "registry", "sites",
-         "--registry", running.state.endpoints["registry"]],
-        cwd=REPO, env=environment, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert sites.returncode == 0, sites.stderr
-    assert "site-local" in sites.stdout and "another-site" not in sites.stdout
+    # The operator's credentials come from the state dir: $HYBRIDMESH_STATE_DIR, or
+    # --state-dir given after the subcommand.
+    sites_command = ["registry", "sites", "--registry", running.state.endpoints["registry"]]
+    for environment, extra in (
+        ({**os.environ, "HYBRIDMESH_STATE_DIR": str(state_dir)}, []),
+        (dict(os.environ), ["--state-dir", str(state_dir)]),
+    ):
+        sites = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "localmesh.cli", *sites_command, *extra],
+            cwd=REPO, env=environment, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert sites.returncode == 0, sites.stderr
+        assert "site-local" in sites.stdout and "another-site" not in sites.stdout
 
 
 def _exists(path: str) -> bool:

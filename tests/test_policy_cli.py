@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from localmesh.cli import main as hybridmesh_main
 from router_service.escalation import LEARNED, MAX_SOFTMAX, load_policy
 from tests.helpers.digits_pair import PAIR, DigitsPair, build_digits_pair
 from tests.helpers.outbox_examples import reconcile_examples
-from training.retrain import main as retrain_main
 from training.retrain import reconciled_examples
-from training.train_policy import main as train_main
 from workload.catalog import CatalogError, DataSource, load_catalog
 from workload.pair_data import load_pair_split, npz_split_indices
 
@@ -145,7 +144,9 @@ def test_retrain_reads_the_outbox_in_the_pairs_dtype(digits: DigitsPair, tmp_pat
     pair = load_catalog(digits.catalog)[PAIR]
     policies = tmp_path / "policies"
     common = ["--pair", PAIR, "--catalog", str(digits.catalog), "--store", str(digits.store)]
-    assert train_main([*common, "--policies", str(policies), "--report", str(tmp_path / "r")]) == 0
+    report_base = str(tmp_path / "r")
+    train = ["policy", "train", *common, "--policies", str(policies), "--report", report_base]
+    assert hybridmesh_main(train) == 0
     edge = digits.models["digits-edge"].predict(digits.held_out[:40])
     cloud = digits.models["digits-cloud"].predict(digits.held_out[:40])
     reconcile_examples(
@@ -159,7 +160,8 @@ def test_retrain_reads_the_outbox_in_the_pairs_dtype(digits: DigitsPair, tmp_pat
     assert int(examples.labels.sum()) == int(np.sum(edge != cloud))
     report = tmp_path / "retrain.json"
     argv = [*common, "--policies", str(policies), "--outbox", str(tmp_path / "outbox.sqlite")]
-    assert retrain_main([*argv, "--min-gain", "-1.0", "--report", str(report)]) == 0
+    retrain = ["policy", "retrain", *argv, "--min-gain", "-1.0", "--report", str(report)]
+    assert hybridmesh_main(retrain) == 0
     assert json.loads(report.read_text())["reconciled_examples"] == 40
     candidate = load_policy(policies / PAIR / "2")
     assert candidate.metadata.pair == PAIR and candidate.metadata.kind == LEARNED

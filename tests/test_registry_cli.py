@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "registry.cli", *args],
+        [sys.executable, "-m", "localmesh.cli", "registry", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -11,12 +11,13 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from localmesh.cli import main as hybridmesh_main
 from registry.signing import generate_key
 from registry.store import RegistryStore
 from router_service.escalation import EscalationClassifier
 from router_service.policy_updater import POLICY_KIND
 from tests.helpers.outbox_examples import reconcile_examples
-from training.retrain import main, reconciled_examples
+from training.retrain import reconciled_examples
 from workload.catalog import load_catalog
 from workload.fashion_mnist import load_split
 
@@ -64,11 +65,11 @@ def test_publishes_only_when_better(tmp_path: Path, capsys: object) -> None:
         "--registry-root", str(tmp_path / "registry"), "--keys", str(tmp_path / "keys"),
     ]  # fmt: skip
     # An impossible margin: reported, nothing written or published.
-    assert main([*common, "--min-gain", "1.0"]) == 0
+    assert hybridmesh_main(["router", "retrain", *common, "--min-gain", "1.0"]) == 0
     assert not (policies / PAIR / "2").exists()
     assert not (tmp_path / "registry").exists()
     # Any candidate counts as better: written as v2, signed, published and promoted.
-    assert main([*common, "--min-gain", "-1.0"]) == 0
+    assert hybridmesh_main(["router", "retrain", *common, "--min-gain", "-1.0"]) == 0
     candidate = EscalationClassifier(policies / PAIR / "2")
     assert candidate.version == "2" and 0.0 < candidate.threshold < 1.0
     store = RegistryStore(tmp_path / "registry")

@@ -1,17 +1,20 @@
 """The command-line arguments of the policy lifecycle (``hybridmesh policy train |
-evaluate | retrain``, ``python -m training.train_policy``, ``python -m training.retrain``):
-light to import, so ``hybridmesh --help`` does not load the training libraries."""
+evaluate | retrain``, ``hybridmesh router retrain``): light to import, so ``hybridmesh
+--help`` does not load the training libraries."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from workload.arguments import add_model_source_arguments
+
 # Reports go to <DEFAULT_RESULTS>/<pair>/: no pair's report overwrites another's.
 DEFAULT_RESULTS = Path("results/policies")
 
 
 def parse_target(text: str) -> tuple[str, float]:
+    """``cloud-share=0.2`` -> ("cloud-share", 0.2); argparse reports anything else."""
     kind, _, value = text.partition("=")
     try:
         number = float(value)
@@ -31,24 +34,7 @@ def add_pair_arguments(parser: argparse.ArgumentParser, *, default_pair: str | N
         help="the catalog pair (its name in models/catalog.toml)"
         + (f"; default {default_pair}" if default_pair else ""),
     )
-    parser.add_argument(
-        "--catalog",
-        type=Path,
-        default=Path("models/catalog.toml"),
-        help="the pair catalog: models, tensors, output kind, data (default %(default)s)",
-    )
-    parser.add_argument(
-        "--store",
-        type=Path,
-        default=Path("models/store"),
-        help="the model store holding both models (default %(default)s)",
-    )
-    parser.add_argument(
-        "--policies",
-        type=Path,
-        default=Path("models/policies"),
-        help="policy root: versions live in <policies>/<pair>/<version>/ (default %(default)s)",
-    )
+    add_model_source_arguments(parser)
     parser.add_argument(
         "--cloud-price-micros",
         type=int,
@@ -58,6 +44,7 @@ def add_pair_arguments(parser: argparse.ArgumentParser, *, default_pair: str | N
 
 
 def add_resamples_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resamples``: the paired bootstrap's resample count."""
     parser.add_argument(
         "--resamples",
         type=int,
@@ -67,6 +54,7 @@ def add_resamples_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_report_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--report``: the report's base path."""
     parser.add_argument(
         "--report",
         type=Path,

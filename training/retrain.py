@@ -2,8 +2,8 @@
 taught, and publish it through the signed registry only if it is better.
 
 ``hybridmesh policy retrain --pair NAME --outbox var/mesh/router/outbox.sqlite``
-``  [--registry-root var/registry --keys ~/.hybridmesh/keys]`` (or ``python -m
-training.retrain``; ``hybridmesh router retrain`` is an alias).
+``  [--registry-root var/registry --keys ~/.hybridmesh/keys]`` (``hybridmesh router
+retrain`` is the same, for the pair fashion-mnist unless ``--pair``).
 
 Data: the router-train split of the pair's declared data with its ground-truth label
 ("the cloud fixes the edge"), plus every reconciled example in the outbox for the pair:
@@ -43,7 +43,7 @@ from services.classification import to_probabilities
 from services.errors import InvalidArgumentError
 from services.tensors import DATATYPE_BY_KSERVE_NAME, decode_tensor
 from services.views import apply_view
-from training.arguments import DEFAULT_RESULTS, add_retrain_arguments
+from training.arguments import DEFAULT_RESULTS
 from training.calibration import operating_point, threshold_for_cloud_share
 from training.train_policy import (
     SplitOutputs,
@@ -226,15 +226,9 @@ def report(comparison: Comparison) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_retrain_arguments(parser, default_pair="fashion-mnist")
-    return run(parser.parse_args(argv))
-
-
 def run(args: argparse.Namespace) -> int:
+    """``hybridmesh policy retrain`` / ``hybridmesh router retrain`` (arguments:
+    ``training.arguments.add_retrain_arguments``); 2 on a catalog or data problem."""
     try:
         return _run(args)
     except CatalogError as error:
@@ -302,7 +296,3 @@ def _run(args: argparse.Namespace) -> int:
         store.promote(POLICY_KIND, args.pair, version, key)
         sys.stdout.write(f"published and promoted {args.pair} policy v{version}\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Train, calibrate and evaluate a model pair's router escalation policy.
 
-``hybridmesh policy train --pair NAME --target cloud-share=0.2`` (or ``python -m
-training.train_policy``) runs the pair's edge and cloud models (named in
-``models/catalog.toml``, tensors and output kind from the catalog and the manifests) over
+``hybridmesh policy train --pair NAME --target cloud-share=0.2`` runs the pair's edge
+and cloud models (named in ``models/catalog.toml``, tensors and output kind from the
+catalog and the manifests) over
 the router-train, calibration and test splits of the pair's declared data
 (``workload.pair_data``), fits the classifier on router-train, picks the classifier and
 the threshold on calibration for the ONE operator target, writes a versioned policy to
@@ -55,7 +55,7 @@ from router_service.escalation import (
 from router_service.features import feature_names, router_features
 from services.classification import to_probabilities
 from services.views import apply_view
-from training.arguments import add_train_arguments, report_base
+from training.arguments import report_base
 from training.calibration import (
     OperatingPoint,
     accuracy_curve,
@@ -224,15 +224,6 @@ def curves(
     oracle = outputs.cloud_fixes_edge.astype(np.float32)
     curves_["oracle"] = accuracy_curve(oracle, outputs.edge_correct, outputs.cloud_correct, SHARES)
     return curves_
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_train_arguments(parser, default_pair="fashion-mnist")
-    args = parser.parse_args(argv)
-    return run_cli(train, args)
 
 
 def run_cli(command: Any, args: argparse.Namespace) -> int:
@@ -793,6 +784,15 @@ def write_report(report: dict[str, Any], base: Path) -> None:
     figure.tight_layout()
     figure.savefig(base.with_suffix(".png"), dpi=120)
     plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.train_policy`` (what ``make bench`` runs) is ``hybridmesh policy
+    train`` for the pair fashion-mnist unless ``--pair`` says otherwise."""
+    from localmesh.cli import main as hybridmesh
+
+    given = sys.argv[1:] if argv is None else argv
+    return hybridmesh(["policy", "train", "--pair", "fashion-mnist", *given])
 
 
 if __name__ == "__main__":

@@ -190,8 +190,10 @@ def load_catalog(path: Path) -> dict[str, ModelPair]:
     """Every pair in the catalog, by name. Raises CatalogError naming the bad entry."""
     try:
         raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise CatalogError(f"{path}: {error}") from error
+    except OSError as error:
+        raise CatalogError(f"{path}: {error.strerror or error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise CatalogError(f"{path}: not valid TOML ({error})") from error
     tables = raw.get("pairs", {})
     if not isinstance(tables, dict):
         raise CatalogError(f"{path}: pairs must be a table of [pairs.<name>] tables")

@@ -1,10 +1,16 @@
 // Calls hybridmesh's RouterService from Node with nothing but the .proto files.
-// Usage: node examples/node/infer.js <router host:port> <raw 784-byte uint8 image file>
-// Prints the answer and its decision as JSON.
+// Usage: node examples/node/infer.js [ROUTER] [--index N | --image FILE]
+//   ROUTER: host:port; default: the running local mesh's router (endpoints.router in
+//     $HYBRIDMESH_STATE_DIR/state.json, default var/mesh), so --random-ports works too.
+//   --index: a Fashion-MNIST test image (Debian's dataset-fashion-mnist), default 0;
+//   --image: a raw 784-byte uint8 28x28 image file instead.
+// Prints the answer and its decision as JSON, enums by name.
 "use strict";
 
 const path = require("path");
 const fs = require("fs");
+const zlib = require("zlib");
+const { parseArgs } = require("util");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
@@ -18,7 +24,30 @@ const definition = protoLoader.loadSync("hybridmesh/router/v1/router_service.pro
 });
 const { RouterService } = grpc.loadPackageDefinition(definition).hybridmesh.router.v1;
 
-const [target, imageFile] = process.argv.slice(2);
+const { values: options, positionals } = parseArgs({
+  options: { index: { type: "string", default: "0" }, image: { type: "string" } },
+  allowPositionals: true,
+});
+
+function routerAddress(given) {
+  if (given) return given;
+  const state = path.join(process.env.HYBRIDMESH_STATE_DIR || "var/mesh", "state.json");
+  if (!fs.existsSync(state)) {
+    console.error(`no router address given and no mesh is up (${state} is missing)`);
+    process.exit(1);
+  }
+  return JSON.parse(fs.readFileSync(state, "utf8")).endpoints.router;
+}
+
+function testImage(index) {
+  // IDX: a 16-byte header, then 28x28 uint8 images one after another.
+  const file = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz";
+  const start = 16 + index * 784;
+  return zlib.gunzipSync(fs.readFileSync(file)).subarray(start, start + 784);
+}
+
+const target = routerAddress(positionals[0]);
+const image = options.image ? fs.readFileSync(options.image) : testImage(Number(options.index));
 const client = new RouterService(target, grpc.credentials.createInsecure());
 const request = {
   model: "fashion-mnist",
@@ -27,7 +56,7 @@ const request = {
       name: "image",
       datatype: "DATA_TYPE_UINT8",
       shape: [1, 1, 28, 28],
-      raw_contents: fs.readFileSync(imageFile),
+      raw_contents: image,
     },
   ],
   hints: { privacy_class: "PRIVACY_CLASS_PUBLIC", preference: "ROUTE_PREFERENCE_AUTO" },
