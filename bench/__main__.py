@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plots
+from bench.mesh_bench import measured_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
@@ -98,9 +99,9 @@ def _goal_row(goal: str, measured: str, met: bool) -> str:
 def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) -> str:
     mesh = json.loads((out / "mesh_bench.json").read_text())
     faults = json.loads((out / "fault_bench.json").read_text())
-    goal_rows = [
-        (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
-    ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    goal_rows = [(goal["goal"], measured_text(goal), goal["met"]) for goal in mesh["goals"]] + [
+        (goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)
+    ]
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(

@@ -1,6 +1,7 @@
 """hybridmesh: run the local mesh.
 
   hybridmesh up [--detach] [--random-ports] [--wan-delay-ms 40]   start every part
+                [--edge-mode in-process|remote]
   hybridmesh down                                                  stop a detached mesh
   hybridmesh status                                                health, pairs' versions
   hybridmesh demo [--limit 10000]                                  the main job (make demo)
@@ -20,7 +21,10 @@
 returns once every part is healthy. ``<state-dir>/state.json``: {"endpoints": {...},
 "pids": {...}, "logs": {...}, "wan_delay_ms": N, "state_dir": ..., "started_at": ...,
 "supervisor_pid": N, "catalog": ..., "store": ...}. ``up`` and ``demo`` serve every pair
-of ``--catalog`` (default models/catalog.toml).
+of ``--catalog`` (default models/catalog.toml). By default the router runs the edge model
+in its own process (``--edge-mode in-process``, a co-located site: one hop less, measured
+faster in docs/benchmarks.md); ``--edge-mode remote`` starts the edge node as its own
+process, as at a site where the model runs on another box.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
         log_level="warning",
         models=ModelSources(args.catalog, args.store, args.policies),
+        edge_mode=args.edge_mode,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -122,7 +127,7 @@ def up_detached(args: argparse.Namespace, console: Console) -> int:
     command += ["--wan-delay-ms", str(args.wan_delay_ms)]
     command += ["--random-ports"] if args.random_ports else []
     command += ["--catalog", str(args.catalog), "--store", str(args.store)]
-    command += ["--policies", str(args.policies)]
+    command += ["--policies", str(args.policies), "--edge-mode", args.edge_mode]
     with log.open("ab") as stream:
         supervisor = subprocess.Popen(
             command,
@@ -159,7 +164,9 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         serving = await grpc_serving(state.endpoints[name])
         healthy &= serving
         label = "SERVING" if serving else "NOT SERVING"
-        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+        pid = state.pids.get(name)
+        where = f"pid {pid}" if pid is not None else "in the router's process"
+        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  {where}")
     for name in ("envoy", "triton"):
         alive = _alive(state.pids.get(name))
         healthy &= alive
@@ -254,11 +261,12 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             otlp_http_traces_url=receiver.http_traces_url,
             log_level="warning",
             models=ModelSources(args.catalog, args.store, args.policies),
+            edge_mode=args.edge_mode,
         )
     )
+    edge = "edge node" if args.edge_mode == "remote" else "router with the edge model in it"
     console.print(
-        "starting the local mesh: Triton, cloud service, Envoy (mTLS, emulated WAN), "
-        "edge node, router"
+        f"starting the local mesh: Triton, cloud service, Envoy (mTLS, emulated WAN), {edge}"
     )
     try:
         state = await mesh.up()
@@ -378,6 +386,14 @@ def main() -> None:
             type=int,
             default=40,
             help="emulated WAN delay at the cloud ingress (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--edge-mode",
+            choices=("in-process", "remote"),
+            default="in-process",
+            help="in-process: the router runs the edge model itself (co-located site, "
+            "the faster path, docs/benchmarks.md); remote: the edge node is its own "
+            "process (default %(default)s)",
         )
         mesh_command.add_argument(
             "--catalog",
