@@ -41,6 +41,7 @@ from workload.triton_repository import cloud_models, write_repository
 
 STATE_FILE = "state.json"
 EdgeMode = Literal["remote", "in-process"]
+OTEL_SAMPLER_VARIABLES = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 SITE_TOKEN = "local-site-token"  # the local mesh's one edge site
 DEFAULT_PORTS = {
     "router": 50051,
@@ -175,7 +176,13 @@ class LocalMesh:
         return WanControl(self.ports["envoy_admin"])
 
     def _environment(self, extra: dict[str, str]) -> dict[str, str]:
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        # The caller's OTLP settings stay out (the mesh sets its own below); the standard
+        # sampler variables pass through, so tracing's cost can be set as anywhere else.
+        environment = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("OTEL_") or k in OTEL_SAMPLER_VARIABLES
+        }
         if self.options.otlp_grpc_endpoint:
             environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.options.otlp_grpc_endpoint
             environment["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
