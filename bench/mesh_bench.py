@@ -62,6 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 Call = Callable[[], Awaitable[object]]
 # Latency-only scenarios: their throughput at c=32 is the WAN's, not the mesh's.
 WAN_SCENARIOS = ("router_cloud_wan", "router_escalated_wan")
+UNEXPECTED_SHARE = 0.01
 
 
 def router_request(
@@ -207,11 +208,21 @@ async def one_run(
             stub: Any = router,
         ) -> Call:
             request = router_request(image, preference)
+            calls = unexpected = 0
 
             async def call() -> object:
+                # A loaded machine can slow one edge call past its cap, and the router
+                # rightly serves that one elsewhere: tolerated up to 1 % of the calls;
+                # beyond that the figure would not be the scenario's.
+                nonlocal calls, unexpected
                 reply = await stub.Infer(request, timeout=5)
+                calls += 1
                 if reply.decision.served_by != served_by:
-                    raise UnexpectedServiceError(reply.decision.explanation)
+                    unexpected += 1
+                    if unexpected > max(2, UNEXPECTED_SHARE * calls):
+                        raise UnexpectedServiceError(
+                            f"{unexpected} of {calls} calls: {reply.decision.explanation}"
+                        )
                 return reply
 
             return call
