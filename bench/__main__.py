@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plots
+from bench.mesh_bench import measured_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
@@ -101,7 +102,7 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     drift = json.loads((out / "drift_bench.json").read_text())
     shadow = json.loads((out / "shadow_bench.json").read_text())
     goal_rows = (
-        [(goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]]
+        [(goal["goal"], measured_text(goal), goal["met"]) for goal in mesh["goals"]]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in drift["goals"]]
         + [(shadow["goal"]["goal"], shadow["goal"]["measured"], shadow["goal"]["met"])]

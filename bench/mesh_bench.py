@@ -8,13 +8,19 @@ proxy in front of the edge node, then measures, one uint8 Fashion-MNIST image pe
 - ``echo``: a bare grpc.aio echo hop (the floor of one Python gRPC hop);
 - ``edge_direct``: edge_node called directly;
 - ``envoy_proxy_edge``: Envoy as a plain gRPC proxy in front of the edge node;
-- ``router_edge``: edge-served requests through the router (an image the edge keeps);
+- ``router_edge``: edge-served requests through the router (an image the edge keeps),
+  the edge node a separate process (``edge_mode = "remote"``);
+- ``router_colocated_edge``: the same through a second router that runs the edge model
+  in its own process (``edge_mode = "in-process"``, router_service/colocated_edge.py);
 - ``triton_direct``: tritonclient calling Triton directly (no WAN);
+- ``cloud_direct``: the cloud service called directly (no router, no Envoy), in front
+  of the same Triton;
 - ``router_cloud``: CLOUD_ONLY requests through router, Envoy (mTLS) and cloud service,
   with the WAN emulation at 0 ms, so the ratio to ``triton_direct`` is pure overhead;
 - ``router_cloud_wan``: the same with the emulated 40 ms WAN (latency only);
 - ``router_escalated_wan``: an image the router escalates (edge, then cloud over the
-  WAN), the path a hard case really takes (latency only).
+  WAN), the path a hard case really takes (latency only);
+- the router's decision for one item in process (``bench.decision_bench``), once per run.
 
 Scenarios run interleaved, ``--runs`` times; the report gives medians and ratios.
 ``python -m bench.mesh_bench --runs 3 --out results/mesh_bench.json``
@@ -37,12 +43,14 @@ import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 
+from bench import decision_bench
 from bench.load import ServerProcess, free_port, latency, median, publish_report, throughput
+from hybridmesh.cloud.v1 import cloud_service_pb2, cloud_service_pb2_grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
 from localmesh.envoy import EnvoyPorts, WanControl, envoy_command, plain_proxy_config, write_config
-from localmesh.launcher import LocalMesh, MeshOptions, stop_process_group
+from localmesh.launcher import SITE_TOKEN, LocalMesh, MeshOptions, stop_process_group
 from services.tensors import encode_tensor
 from workload.fashion_mnist import load_split
 
@@ -54,6 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 Call = Callable[[], Awaitable[object]]
 # Latency-only scenarios: their throughput at c=32 is the WAN's, not the mesh's.
 WAN_SCENARIOS = ("router_cloud_wan", "router_escalated_wan")
+UNEXPECTED_SHARE = 0.01
 
 
 def router_request(
@@ -169,20 +178,51 @@ async def one_run(
     finally:
         await triton.close()
 
-    async with grpc.aio.insecure_channel(endpoints["router"]) as channel:
+    cloud_request = cloud_service_pb2.InferRequest(
+        request_id="bench",
+        model=model_pb2.ModelRef(name=CLOUD_MODEL),
+        inputs=[encode_tensor("image", escalated)],
+        top_k=3,
+        privacy_class=routing_pb2.PRIVACY_CLASS_PUBLIC,
+    )
+    site = (("authorization", f"Bearer {SITE_TOKEN}"),)
+    async with grpc.aio.insecure_channel(endpoints["cloud"]) as channel:
+        cloud_stub = cloud_service_pb2_grpc.CloudServiceStub(channel)
+
+        async def call_cloud() -> object:
+            return await cloud_stub.Infer(cloud_request, timeout=5, metadata=site)
+
+        results["cloud_direct"] = await measure(call_cloud, args, args.count)
+
+    async with (
+        grpc.aio.insecure_channel(endpoints["router"]) as channel,
+        grpc.aio.insecure_channel(endpoints["router_colocated"]) as colocated_channel,
+    ):
         router = router_service_pb2_grpc.RouterServiceStub(channel)
+        colocated = router_service_pb2_grpc.RouterServiceStub(colocated_channel)
 
         def router_call(
             image: npt.NDArray[np.uint8],
             preference: routing_pb2.RoutePreference.ValueType,
             served_by: routing_pb2.Tier.ValueType,
+            stub: Any = router,
         ) -> Call:
             request = router_request(image, preference)
+            calls = unexpected = 0
 
             async def call() -> object:
-                reply = await router.Infer(request, timeout=5)
+                # A loaded machine can slow one edge call past its cap, and the router
+                # rightly serves that one elsewhere: tolerated up to 1 % of the calls;
+                # beyond that the figure would not be the scenario's.
+                nonlocal calls, unexpected
+                reply = await stub.Infer(request, timeout=5)
+                calls += 1
                 if reply.decision.served_by != served_by:
-                    raise UnexpectedServiceError(reply.decision.explanation)
+                    unexpected += 1
+                    if unexpected > max(2, UNEXPECTED_SHARE * calls):
+                        raise UnexpectedServiceError(
+                            f"{unexpected} of {calls} calls: {reply.decision.explanation}"
+                        )
                 return reply
 
             return call
@@ -193,6 +233,9 @@ async def one_run(
         )
         edge_tier, cloud_tier = routing_pb2.TIER_EDGE, routing_pb2.TIER_CLOUD
         results["router_edge"] = await measure(router_call(kept, auto, edge_tier), args, args.count)
+        results["router_colocated_edge"] = await measure(
+            router_call(kept, auto, edge_tier, colocated), args, args.count
+        )
         await asyncio.to_thread(mesh.wan.set_delay, 0)
         try:
             results["router_cloud"] = await measure(
@@ -222,6 +265,16 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
         / summary["envoy_proxy_edge"]["throughput_rps"],
         "envoy_proxy_over_edge_direct_p50": summary["envoy_proxy_edge"]["p50_ms"]
         / summary["edge_direct"]["p50_ms"],
+        "router_colocated_edge_over_edge_direct_p50": summary["router_colocated_edge"]["p50_ms"]
+        / summary["edge_direct"]["p50_ms"],
+        "router_colocated_edge_over_edge_direct_p99": summary["router_colocated_edge"]["p99_ms"]
+        / summary["edge_direct"]["p99_ms"],
+        "router_colocated_edge_over_envoy_proxy_throughput": summary["router_colocated_edge"][
+            "throughput_rps"
+        ]
+        / summary["envoy_proxy_edge"]["throughput_rps"],
+        "cloud_direct_over_triton_direct_p50": summary["cloud_direct"]["p50_ms"]
+        / summary["triton_direct"]["p50_ms"],
         "router_cloud_over_triton_direct_p50": summary["router_cloud"]["p50_ms"]
         / summary["triton_direct"]["p50_ms"],
         "router_cloud_over_triton_direct_throughput": summary["router_cloud"]["throughput_rps"]
@@ -234,18 +287,36 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 GOALS = (
-    # (ratio key, bound, "max" or "min", the issue's words)
+    # (ratio key, bound, "max" or "min", the issue's words); issue 21's goals
     (
-        "router_edge_over_edge_direct_p50",
-        1.5,
+        "router_colocated_edge_over_edge_direct_p50",
+        1.3,
         "max",
-        "edge-served via router p50 <= 1.5x edge direct",
+        "edge-served via router, co-located edge: p50 <= 1.3x edge direct",
     ),
     (
-        "router_edge_over_envoy_proxy_throughput",
-        0.6,
+        "router_colocated_edge_over_envoy_proxy_throughput",
+        1.0,
         "min",
-        "router throughput >= 0.6x Envoy proxy",
+        "router throughput, co-located edge >= 1.0x Envoy proxy",
+    ),
+    (
+        "router_edge_over_edge_direct_p50",
+        2.0,
+        "max",
+        "edge-served via router, remote edge: p50 <= 2.0x edge direct",
+    ),
+    (
+        "router_cloud_over_triton_direct_p50",
+        3.0,
+        "max",
+        "cloud path without WAN p50 <= 3.0x direct Triton",
+    ),
+    (
+        "cloud_direct_over_triton_direct_p50",
+        1.3,
+        "max",
+        "cloud service alone p50 <= 1.3x direct Triton",
     ),
     (
         "router_cloud_wan_over_triton_plus_wan_p50",
@@ -280,12 +351,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 random_ports=True,
                 wan_delay_ms=WAN_MS,
                 log_level="warning",
+                edge_mode="remote",
             )
         )
         echo = ServerProcess(["-m", "bench.echo_server", "--port", "{port}"])
         plain: PlainEnvoy | None = None
         try:
             state = await mesh.up()
+            colocated_router = await mesh.add_router("router_colocated", "in-process")
             await echo.wait_serving(health=False)
             plain = PlainEnvoy(directory, int(state.endpoints["edge"].rsplit(":", 1)[1]))
             await plain.wait_ready()
@@ -294,15 +367,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "echo": echo.address,
                 "edge_direct": state.endpoints["edge"],
                 "envoy_proxy_edge": plain.address,
+                "router_colocated": colocated_router,
             }
             async with grpc.aio.insecure_channel(endpoints["router"]) as channel:
                 kept, escalated = await pick_images(
                     router_service_pb2_grpc.RouterServiceStub(channel), images
                 )
-            runs = []
+            runs, decisions = [], []
             for index in range(args.runs):
                 sys.stderr.write(f"mesh bench: run {index + 1} of {args.runs}\n")
                 runs.append(await one_run(mesh, endpoints, kept, escalated, args))
+                decisions.append(decision_bench.measure(args.decision_count))
         finally:
             if plain is not None:
                 await plain.stop()
@@ -318,14 +393,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for scenario in runs[0]
     }
     ratio = ratios(summary)
+    decision = {key: median([run[key] for run in decisions]) for key in decisions[0]}
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"wan_delay_ms": WAN_MS},
         "runs": runs,
         "median": summary,
         "samples_ms": samples,
         "ratios": ratio,
-        "goals": goals(ratio),
+        "decision": decision,
+        "decision_runs": decisions,
+        "goals": [*goals(ratio), decision_bench.goal(decision)],
     }
+
+
+def measured_text(goal: dict[str, Any]) -> str:
+    """A goal's figure as the page shows it: a ratio unless it says otherwise."""
+    return str(goal.get("display", f"{goal['measured']:.2f}x"))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -344,9 +427,30 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {scenario} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {rate} |")
     lines += ["", "| ratio | value |", "| --- | --- |"]
     lines += [f"| {key} | {value:.2f}x |" for key, value in report["ratios"].items()]
+    decision = report["decision"]
+    lines += [
+        "",
+        f"Decision for one item in process (`bench.decision_bench`, {decision['count']:.0f} "
+        "requests per run, medians of the runs; CPU = the thread's own CPU time):",
+        "",
+        "| | p50 µs | p99 µs |",
+        "| --- | --- | --- |",
+        f"| decision, wall clock | {decision['decision_p50_us']:.1f} "
+        f"| {decision['decision_p99_us']:.1f} |",
+        f"| decision, CPU | {decision['decision_cpu_p50_us']:.1f} "
+        f"| {decision['decision_cpu_p99_us']:.1f} |",
+        f"| of which features | {decision['features_p50_us']:.1f} | |",
+        f"| of which score (numpy) | {decision['score_p50_us']:.1f} "
+        f"| {decision['score_p99_us']:.1f} |",
+    ]
+    if "onnx_session_score_p50_us" in decision:
+        lines.append(
+            f"| the ONNX session's score, same items | {decision['onnx_session_score_p50_us']:.1f}"
+            f" | {decision['onnx_session_score_p99_us']:.1f} |"
+        )
     lines += ["", "| goal | measured | met |", "| --- | --- | --- |"]
     lines += [
-        f"| {goal['goal']} | {goal['measured']:.2f}x | {'yes' if goal['met'] else '**no**'} |"
+        f"| {goal['goal']} | {measured_text(goal)} | {'yes' if goal['met'] else '**no**'} |"
         for goal in report["goals"]
     ]
     return "\n".join(lines)
@@ -360,6 +464,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--decision-count", type=int, default=5000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     report = asyncio.run(main_async(args))

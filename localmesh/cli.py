@@ -149,6 +149,15 @@ def _add_mesh_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             help="emulated WAN delay at the cloud ingress (default %(default)s)",
         )
         add_model_source_arguments(mesh_command)
+        mesh_command.add_argument(
+            "--edge-mode",
+            choices=("in-process", "remote"),
+            default="in-process",
+            help="in-process: the router runs the edge model itself (a co-located site, "
+            "one hop less, the faster path in docs/benchmarks.md); remote: the edge node is "
+            "its own process, as at a site where the model runs on another box "
+            "(default %(default)s)",
+        )
     demo_parser.add_argument(
         "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
     )

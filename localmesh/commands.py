@@ -53,6 +53,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
         log_level="warning",
         models=ModelSources(args.catalog, args.store, args.policies),
+        edge_mode=args.edge_mode,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -100,7 +101,7 @@ def up_detached(args: argparse.Namespace, console: Console) -> int:
     command += ["--wan-delay-ms", str(args.wan_delay_ms)]
     command += ["--random-ports"] if args.random_ports else []
     command += ["--catalog", str(args.catalog), "--store", str(args.store)]
-    command += ["--policies", str(args.policies)]
+    command += ["--policies", str(args.policies), "--edge-mode", args.edge_mode]
     with log.open("ab") as stream:
         supervisor = subprocess.Popen(
             command,
@@ -137,7 +138,9 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         serving = await grpc_serving(state.endpoints[name])
         healthy &= serving
         label = "SERVING" if serving else "NOT SERVING"
-        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  pid {state.pids.get(name)}")
+        pid = state.pids.get(name)
+        where = f"pid {pid}" if pid is not None else "in the router's process"
+        console.print(f"  {name:8} {state.endpoints[name]:22} {label}  {where}")
     for name in ("envoy", "triton"):
         alive = _alive(state.pids.get(name))
         healthy &= alive
@@ -232,11 +235,12 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             otlp_http_traces_url=receiver.http_traces_url,
             log_level="warning",
             models=ModelSources(args.catalog, args.store, args.policies),
+            edge_mode=args.edge_mode,
         )
     )
+    edge = "edge node" if args.edge_mode == "remote" else "router with the edge model in it"
     console.print(
-        "starting the local mesh: Triton, cloud service, Envoy (mTLS, emulated WAN), "
-        "edge node, router"
+        f"starting the local mesh: Triton, cloud service, Envoy (mTLS, emulated WAN), {edge}"
     )
     try:
         state = await mesh.up()

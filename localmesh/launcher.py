@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import grpc
@@ -39,6 +40,8 @@ from services.logging import get_logger
 from workload.triton_repository import cloud_models, write_repository
 
 STATE_FILE = "state.json"
+EdgeMode = Literal["remote", "in-process"]
+OTEL_SAMPLER_VARIABLES = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 SITE_TOKEN = "local-site-token"  # the local mesh's one edge site
 DEFAULT_PORTS = {
     "router": 50051,
@@ -128,6 +131,9 @@ class MeshOptions:
     # Start the parts in order up to this one only (e.g. "cloud": Triton and the cloud
     # service), for tests of one end of the mesh.
     last_part: str = "router"
+    # "remote": the edge node is its own process; "in-process": the router runs the edge
+    # model itself (router_service/colocated_edge.py), serving the edge's port too.
+    edge_mode: EdgeMode = "remote"
     # The pairs to serve: catalog, model store, policy root; None: the repository's
     # models/ (catalog.toml, store, policies). Every catalog pair is served.
     models: ota.ModelSources | None = None
@@ -156,6 +162,8 @@ class LocalMesh:
         self.outbox_path = self.state_dir / "router" / "outbox.sqlite"
         self.state: MeshState | None = None
         self._triton_supervisor: asyncio.Task[None] | None = None
+        self._site: ota.SiteArtifacts | None = None
+        self._trusted = "[]"
         self.models = (
             options.models or ota.ModelSources.of_repository(options.repository_root)
         ).resolved()
@@ -168,7 +176,13 @@ class LocalMesh:
         return WanControl(self.ports["envoy_admin"])
 
     def _environment(self, extra: dict[str, str]) -> dict[str, str]:
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        # The caller's OTLP settings stay out (the mesh sets its own below); the standard
+        # sampler variables pass through, so tracing's cost can be set as anywhere else.
+        environment = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("OTEL_") or k in OTEL_SAMPLER_VARIABLES
+        }
         if self.options.otlp_grpc_endpoint:
             environment["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.options.otlp_grpc_endpoint
             environment["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
@@ -330,57 +344,125 @@ class LocalMesh:
         )
         await self._wait_ready("registry")
 
-        self._spawn(
-            "edge",
-            [python, "-m", "edge_node"],
-            self._environment(
-                {
-                    "HYBRIDMESH_EDGE_PORT": str(self.ports["edge"]),
-                    "HYBRIDMESH_EDGE_METRICS_PORT": str(self.ports["edge_metrics"]),
-                    # Every catalog pair's edge model.
-                    "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps(self.models.edge_models()),
-                    "HYBRIDMESH_EDGE_LOG_LEVEL": level,
-                    "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
-                    "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
-                    "HYBRIDMESH_EDGE_SITE_ID": ota.SITE,
-                    "HYBRIDMESH_EDGE_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
-                    "HYBRIDMESH_EDGE_ADMIN_TOKENS_FILE": str(site.credentials.edge_admin_tokens),
-                    "HYBRIDMESH_EDGE_TRUSTED_KEYS": trusted,
-                    "HYBRIDMESH_EDGE_GOLDEN_SET": str(site.golden_set),
-                    "HYBRIDMESH_EDGE_UPDATE_STAGING": str(site.staging / "edge"),
-                    "HYBRIDMESH_EDGE_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
-                }
-            ),
-        )
-        await self._wait_ready("edge")
+        self._site = site
+        self._trusted = trusted
+        if self.options.edge_mode == "remote":
+            self._spawn(
+                "edge",
+                [python, "-m", "edge_node"],
+                self._environment(
+                    self._edge_environment(self.ports["edge"], self.ports["edge_metrics"])
+                ),
+            )
+            await self._wait_ready("edge")
 
         self._spawn(
             "router",
             [python, "-m", "router_service"],
             self._environment(
-                {
-                    "HYBRIDMESH_ROUTER_PORT": str(self.ports["router"]),
-                    "HYBRIDMESH_ROUTER_METRICS_PORT": str(self.ports["router_metrics"]),
-                    "HYBRIDMESH_ROUTER_EDGE_TARGET": self.endpoint("edge"),
-                    "HYBRIDMESH_ROUTER_CLOUD_TARGET": self.endpoint("envoy"),
-                    "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(router_tls),
-                    "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
-                    "HYBRIDMESH_ROUTER_LOG_LEVEL": level,
-                    "HYBRIDMESH_ROUTER_CATALOG": str(self.models.catalog),
-                    "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(self.outbox_path),
-                    "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": self.audit_logs["router_audit"],
-                    # One policy root per pair under it (the site's copies).
-                    "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policies_dir),
-                    "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
-                    "HYBRIDMESH_ROUTER_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
-                    "HYBRIDMESH_ROUTER_TRUSTED_KEYS": trusted,
-                    "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),
-                    "HYBRIDMESH_ROUTER_POLICY_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
-                    **self.options.router_environment,
-                }
+                self._router_environment(
+                    self.options.edge_mode,
+                    port=self.ports["router"],
+                    metrics_port=self.ports["router_metrics"],
+                    edge_port=self.ports["edge"],
+                    outbox=self.outbox_path,
+                    audit_log=Path(self.audit_logs["router_audit"]),
+                )
             ),
         )
         await self._wait_ready("router")
+        if self.options.edge_mode == "in-process":
+            # The co-located edge serves its own port (health, admin, EdgeService) from
+            # the router's process; it loaded its models before the router served.
+            await self._wait_ready("edge")
+
+    def _edge_environment(self, port: int, metrics_port: int) -> dict[str, str]:
+        """The edge node's settings, whether it runs alone or inside a router."""
+        site = self._site
+        assert site is not None, "the site is prepared before any edge starts"
+        return {
+            "HYBRIDMESH_EDGE_PORT": str(port),
+            "HYBRIDMESH_EDGE_METRICS_PORT": str(metrics_port),
+            # Every catalog pair's edge model.
+            "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps(self.models.edge_models()),
+            "HYBRIDMESH_EDGE_LOG_LEVEL": self.options.log_level,
+            "HYBRIDMESH_EDGE_MODEL_STORE": str(site.edge_store),
+            "HYBRIDMESH_EDGE_REGISTRY_TARGET": self.endpoint("registry"),
+            "HYBRIDMESH_EDGE_SITE_ID": ota.SITE,
+            "HYBRIDMESH_EDGE_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
+            "HYBRIDMESH_EDGE_ADMIN_TOKENS_FILE": str(site.credentials.edge_admin_tokens),
+            "HYBRIDMESH_EDGE_TRUSTED_KEYS": self._trusted,
+            "HYBRIDMESH_EDGE_GOLDEN_SET": str(site.golden_set),
+            "HYBRIDMESH_EDGE_UPDATE_STAGING": str(site.staging / "edge"),
+            "HYBRIDMESH_EDGE_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
+        }
+
+    def _router_environment(
+        self,
+        edge_mode: EdgeMode,
+        *,
+        port: int,
+        metrics_port: int,
+        edge_port: int,
+        outbox: Path,
+        audit_log: Path,
+    ) -> dict[str, str]:
+        site = self._site
+        assert site is not None, "the site is prepared before any router starts"
+        environment = {
+            "HYBRIDMESH_ROUTER_PORT": str(port),
+            "HYBRIDMESH_ROUTER_METRICS_PORT": str(metrics_port),
+            "HYBRIDMESH_ROUTER_EDGE_MODE": edge_mode,
+            "HYBRIDMESH_ROUTER_EDGE_TARGET": f"127.0.0.1:{edge_port}",
+            "HYBRIDMESH_ROUTER_CLOUD_TARGET": self.endpoint("envoy"),
+            "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(self.state_dir / "router-tls"),
+            "HYBRIDMESH_ROUTER_CLOUD_SITE_TOKEN": SITE_TOKEN,
+            "HYBRIDMESH_ROUTER_LOG_LEVEL": self.options.log_level,
+            "HYBRIDMESH_ROUTER_CATALOG": str(self.models.catalog),
+            "HYBRIDMESH_ROUTER_OUTBOX_PATH": str(outbox),
+            "HYBRIDMESH_ROUTER_AUDIT_LOG_PATH": str(audit_log),
+            # One policy root per pair under it (the site's copies).
+            "HYBRIDMESH_ROUTER_POLICIES_DIR": str(site.policies_dir),
+            "HYBRIDMESH_ROUTER_REGISTRY_TARGET": self.endpoint("registry"),
+            "HYBRIDMESH_ROUTER_REGISTRY_TOKEN_FILE": str(site.credentials.site_token),
+            "HYBRIDMESH_ROUTER_TRUSTED_KEYS": self._trusted,
+            "HYBRIDMESH_ROUTER_POLICY_UPDATE_STAGING": str(site.staging / "router"),
+            "HYBRIDMESH_ROUTER_POLICY_UPDATE_INTERVAL_S": UPDATE_INTERVAL_S,
+            **self.options.router_environment,
+        }
+        if edge_mode == "in-process":
+            # The co-located edge node reads its own settings in the router's process.
+            environment |= self._edge_environment(edge_port, metrics_port)
+        return environment
+
+    async def add_router(self, name: str, edge_mode: EdgeMode) -> str:
+        """Start one more router beside the mesh's (its own ports, outbox and audit log;
+        the same cloud ingress, registry and policies), e.g. to compare edge modes in
+        one run; ``down`` stops it first. Returns its address."""
+        if self.state is None:
+            raise RuntimeError("the mesh is not up")
+        port, metrics_port, edge_port = free_port(), free_port(), free_port()
+        self.logs[name] = str(self.state_dir / "logs" / f"{name}.log")
+        self._spawn(
+            name,
+            [sys.executable, "-m", "router_service"],
+            self._environment(
+                self._router_environment(
+                    edge_mode,
+                    port=port,
+                    metrics_port=metrics_port,
+                    edge_port=edge_port if edge_mode == "in-process" else self.ports["edge"],
+                    outbox=self.state_dir / name / "outbox.sqlite",
+                    audit_log=self.state_dir / "logs" / f"{name}_audit.jsonl",
+                )
+            ),
+        )
+        address = f"127.0.0.1:{port}"
+        await self._wait(lambda: grpc_serving(address), name)
+        self.state.endpoints[name] = address
+        self.state.pids[name] = self.processes[name].pid
+        self.state.write()
+        return address
 
     def _intake_environment(self) -> dict[str, str]:
         if not self.options.cloud_intake_log:
@@ -444,7 +526,8 @@ class LocalMesh:
             self._triton_supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._triton_supervisor
-        for name in reversed(PARTS):
+        added = [name for name in self.processes if name not in PARTS]  # add_router's
+        for name in [*added, *reversed(PARTS)]:
             process = self.processes.pop(name, None)
             if process is not None:
                 await stop_process_group(process.pid, grace_s, process)

@@ -98,10 +98,7 @@ class RouterNode:
         for pair in pairs:
             anonymiser(pair.anonymiser)  # an unknown anonymiser fails at start, not at upload
         factory = ChannelFactory(telemetry.client_interceptors(), settings.max_message_bytes)
-        self._edge_channel = factory.create(settings.edge_target)
-        self._cloud_channel = factory.create(
-            settings.cloud_target, credentials=mtls_credentials(settings.cloud_tls_dir)
-        )
+        self._edge_channel, self._cloud_channel = _tier_channels(settings, telemetry)
         if settings.policies_seed is not None:
             for seeded in seed_versions(
                 settings.policies_seed, settings.policies_dir, [pair.name for pair in pairs]
@@ -340,6 +337,20 @@ class RouterNode:
                     await self.host.set_serving(name, serving)
                 _log.info("router health", serving=serving, **self.tier_up)
             await asyncio.sleep(HEALTH_POLL_S)
+
+
+def _tier_channels(
+    settings: RouterSettings, telemetry: Telemetry
+) -> tuple[grpc.aio.Channel, grpc.aio.Channel]:
+    """The edge and cloud channels. Every call on them is made by tiers.py (which checks
+    its deadline, ``require_timeout``) or the health watch (timeout=1.0), so they skip
+    the deadline interceptor: one client interceptor layer less per request."""
+    factory = ChannelFactory(
+        telemetry.client_interceptors(), settings.max_message_bytes, deadline_interceptor=False
+    )
+    return factory.create(settings.edge_target), factory.create(
+        settings.cloud_target, credentials=mtls_credentials(settings.cloud_tls_dir)
+    )
 
 
 async def _is_serving(stub: health_pb2_grpc.HealthStub) -> bool:

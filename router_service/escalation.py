@@ -25,12 +25,19 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from router_service.features import SUMMARY_FEATURES, VIEW_FEATURES, feature_names
+from router_service.linear_score import LinearLogisticScore
+from services.logging import get_logger
 
 POLICY_FILE = "policy.json"
 CLASSIFIER_FILE = "classifier.onnx"
 POLICY_SCHEMA = "hybridmesh.router-policy/v1"
 LEARNED, MAX_SOFTMAX = "learned", "max-softmax"
 DEFAULT_POLICY_VERSION = "max-softmax-default"
+# The numpy score must match the session's to this (float32 rounding of a 16-term sum).
+LINEAR_SCORE_TOLERANCE = 1e-6
+PROBE_ROWS = 256
+
+_log = get_logger("router.escalation")
 
 
 class PolicyArtifactError(Exception):
@@ -186,7 +193,8 @@ def load_pair_policies(
 
 
 class EscalationClassifier:
-    """A learned policy: scores items with its ONNX classifier."""
+    """A learned policy: scores items with its ONNX classifier (a logistic regression's
+    own weights in numpy when they reproduce the session, ``linear_score.py``)."""
 
     def __init__(self, directory: Path) -> None:
         self.metadata = read_policy_metadata(directory)
@@ -212,6 +220,24 @@ class EscalationClassifier:
             (o.name for o in outputs if o.name == "probabilities"),
             next(o.name for o in outputs if o.type == "tensor(float)"),
         )
+        self._outputs = [self._output]
+        self.linear = self._checked_linear(model_bytes, directory)
+
+    def _checked_linear(self, model_bytes: bytes, directory: Path) -> LinearLogisticScore | None:
+        linear = LinearLogisticScore.from_onnx(model_bytes)
+        if linear is None:
+            return None
+        # Probe rows around the features' own scale: probabilities, statistics, views.
+        probe = (
+            np.random.default_rng(0)
+            .normal(0.5, 0.5, (PROBE_ROWS, len(self.metadata.feature_names)))
+            .astype(np.float32)
+        )
+        gap = float(np.abs(linear(probe) - self._session_score(probe)).max())
+        if gap > LINEAR_SCORE_TOLERANCE:
+            _log.warning("linear score disagrees with the session", policy=str(directory), gap=gap)
+            return None
+        return linear
 
     @property
     def version(self) -> str:
@@ -227,7 +253,13 @@ class EscalationClassifier:
             raise ValueError(
                 f"{features.shape[1]} features, policy expects {len(self.metadata.feature_names)}"
             )
-        (raw,) = self._session.run([self._output], {self._input: features})
+        if self.linear is not None:
+            return self.linear(features)
+        return self._session_score(features)
+
+    def _session_score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """[n] scores from the ONNX session itself (the artifact's reference)."""
+        (raw,) = self._session.run(self._outputs, {self._input: features})
         scores = np.asarray(raw, dtype=np.float32)
         if scores.ndim == 2:
             scores = scores[:, -1]

@@ -36,6 +36,11 @@ VIEW_FEATURES = (
     "edge_class_probability",
 )
 VIEW_PREFIX = "view_"
+# Per uint8 level: the level, its square, and whether it counts as ink ([256, 3] int64).
+_LEVELS = np.arange(256, dtype=np.int64)
+_UINT8_WEIGHTS = np.stack(
+    [_LEVELS, _LEVELS * _LEVELS, (_LEVELS > INK_LEVEL * 255.0).astype(np.int64)], axis=1
+)
 
 Views = Mapping[str, npt.NDArray[np.float32]]
 
@@ -168,9 +173,9 @@ def _one_item(
     probabilities: npt.NDArray[np.float32], inputs: npt.NDArray[np.generic]
 ) -> npt.NDArray[np.float32]:
     """The same features for a single item (the router's usual request), with scalar
-    arithmetic instead of a dozen numpy calls: 40 vs 183 µs p50 here under load
-    (a perf_counter loop of 3,000 calls); equal to the vectorised path within
-    float32 rounding (``tests/test_router_learning.py``)."""
+    arithmetic instead of a dozen numpy calls (``bench/decision_bench.py`` measures it);
+    equal to the vectorised path within float32 rounding
+    (``tests/test_router_learning.py``)."""
     row = [float(value) for value in probabilities[0].tolist()]
     ordered = sorted(row, reverse=True)
     top1 = ordered[0]
@@ -180,7 +185,14 @@ def _one_item(
     )
     pixels = inputs.reshape(-1)
     count = pixels.size
-    if np.issubdtype(inputs.dtype, np.integer):
+    if pixels.dtype == np.uint8:
+        # One histogram, then prepared per-level weights: the exact integer sums of the
+        # pixels, their squares and the ink pixels in two numpy calls instead of five.
+        total, squares, ink_count = (np.bincount(pixels, minlength=256) @ _UINT8_WEIGHTS).tolist()
+        mean = total / count / 255.0
+        variance = squares / count / (255.0 * 255.0) - mean * mean
+        ink = ink_count / count
+    elif np.issubdtype(inputs.dtype, np.integer):
         wide = pixels.astype(np.int64)
         mean = int(wide.sum()) / count / 255.0
         variance = int(np.dot(wide, wide)) / count / (255.0 * 255.0) - mean * mean

@@ -14,6 +14,9 @@ from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from services.errors import FailedPreconditionError, InvalidArgumentError
 
 Reason: TypeAlias = decision_pb2.DecisionReason.ValueType
+# Built once: the enums' ``values()`` makes a new list on every call.
+_PRIVACY_CLASSES = frozenset(routing_pb2.PrivacyClass.values())
+_PREFERENCES = frozenset(routing_pb2.RoutePreference.values())
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,10 @@ class RequestConstraints:
     @classmethod
     def from_hints(cls, hints: routing_pb2.RoutingHints) -> RequestConstraints:
         privacy = hints.privacy_class or routing_pb2.PRIVACY_CLASS_INTERNAL
-        if privacy not in routing_pb2.PrivacyClass.values():
+        if privacy not in _PRIVACY_CLASSES:
             raise InvalidArgumentError(f"unknown value {privacy}", field="hints.privacy_class")
         preference = hints.preference or routing_pb2.ROUTE_PREFERENCE_AUTO
-        if preference not in routing_pb2.RoutePreference.values():
+        if preference not in _PREFERENCES:
             raise InvalidArgumentError(f"unknown value {preference}", field="hints.preference")
         max_cost = hints.max_cost_micros if hints.HasField("max_cost_micros") else None
         if max_cost is not None and max_cost < 0:

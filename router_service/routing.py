@@ -61,7 +61,7 @@ from router_service.shadow import KeptAnswers, LabelSink, ShadowChecker, ShadowS
 from router_service.threshold_controller import ControllerSettings, ThresholdController
 from router_service.tier_api import CloudTierApi, EdgeTierApi, TierAnswer, TierUnavailableError
 from services import attributes
-from services.classification import softmax
+from services.classification import softmax, softmax_one_row
 from services.errors import DeadlineExceededError, UnavailableError
 from services.tensors import encode_tensor
 from services.validation import check_duration
@@ -546,14 +546,15 @@ class Router:
     def _plan(self, routed: _Routed, facts: _Facts) -> EscalationPlan:
         assert facts.edge is not None
         started = self._clock()
-        probabilities = _probabilities(routed.pair, facts.edge.outputs[0])
+        probabilities = edge_probabilities(routed.pair, facts.edge.outputs[0])
         views = {
-            view: _probabilities(
+            view: edge_probabilities(
                 routed.pair, facts.view_outputs[view_output_name(facts.edge.outputs[0].name, view)]
             )
             for view in routed.policy.metadata.views
         }
-        scores = routed.policy.score(router_features(probabilities, routed.inputs, views))
+        features = router_features(probabilities, routed.inputs, views)
+        scores = routed.policy.score(features)
         facts.timings["classifier"] = self._clock() - started
         controller = self.controllers.get(routed.pair.name)
         if controller is not None:
@@ -562,7 +563,7 @@ class Router:
             routed.verdict,
             routed.constraints,
             scores,
-            probabilities.max(axis=1),
+            features[:, 0],  # the top-1 probability (features.SUMMARY_FEATURES)
             routed.threshold,
             routed.policy.version,
             cloud_already_failed=facts.attempted(Purpose.CLOUD_ONLY) is not None,
@@ -754,9 +755,13 @@ class Router:
         )
 
 
-def _probabilities(pair: PairSpec, output: tensor_pb2.Tensor) -> npt.NDArray[np.float32]:
-    scores = tensor_array(output).astype(np.float32)
-    return scores if pair.outputs_probabilities else softmax(scores)
+def edge_probabilities(pair: PairSpec, output: tensor_pb2.Tensor) -> npt.NDArray[np.float32]:
+    """[n, classes] float32 probabilities from the edge's output tensor."""
+    scores = tensor_array(output)
+    if pair.outputs_probabilities:
+        return scores.astype(np.float32)
+    # One item is the usual request: scalar math beats numpy's per-call cost there.
+    return softmax_one_row(scores) if scores.shape[0] == 1 else softmax(scores.astype(np.float32))
 
 
 def _split_views(

@@ -27,9 +27,13 @@ from router_service.tier_api import (
     TierUnavailableError,
     never_connected,
 )
+from services.channels import require_timeout
 from services.errors import FailedPreconditionError
 
 ResponseT = TypeVar("ResponseT")
+# The methods the tiers call, as require_timeout names them.
+EDGE_INFER = "/hybridmesh.edge.v1.EdgeService/Infer"
+CLOUD_INFER = "/hybridmesh.cloud.v1.CloudService/Infer"
 
 
 class LocalCallError(Exception):
@@ -128,6 +132,7 @@ class EdgeTier:
         views: Sequence[str] = (),
     ) -> TierAnswer:
         request = edge_infer_request(request_id, model, inputs, top_k, views)
+        timeout_s = require_timeout(EDGE_INFER, timeout_s)
         response, elapsed = await guarded_call(
             "edge",
             self.breaker,
@@ -198,6 +203,8 @@ class CloudTier:
             ("x-hybridmesh-privacy-class", routing_pb2.PrivacyClass.Name(privacy_class)),
         )
 
+        deadline_s = require_timeout(CLOUD_INFER, timeout_s)
+
         def send() -> Awaitable[cloud_service_pb2.InferResponse]:
             # Audited once the breaker let the call through, before the bytes go out.
             self._audit.record(
@@ -208,7 +215,7 @@ class CloudTier:
                 purpose=purpose,
                 regions_blurred=sum(a.regions_blurred for a in anonymised),
             )
-            return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
+            return self._stub.Infer(request, timeout=deadline_s, metadata=metadata)
 
         try:
             response, elapsed = await guarded_call(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,16 @@ def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     exp = np.exp(shifted)
     result: npt.NDArray[np.float32] = exp / exp.sum(axis=-1, keepdims=True)
     return result
+
+
+def softmax_one_row(logits: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+    """``softmax`` of a [1, classes] array with scalar math (~3 µs instead of six numpy
+    calls' ~10); equal to it within float32 rounding. [1, classes] float32."""
+    row = logits.reshape(-1).tolist()
+    top = max(row)
+    exp = [math.exp(value - top) for value in row]
+    total = sum(exp)
+    return np.array([[value / total for value in exp]], dtype=np.float32)
 
 
 def top_k(

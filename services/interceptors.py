@@ -165,7 +165,16 @@ def map_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandle
 
 
 class ErrorMappingInterceptor(_ServerInterceptor):
-    """Turns a ServiceError raised by a handler into its status, message and details."""
+    """Turns a ServiceError raised by a handler into its status, message and details.
+
+    Innermost, it sees each method's registered handler, the same object on every call:
+    the wrapped handler is made on a method's first call and reused (no per-call
+    closures and handler objects)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
@@ -178,4 +187,10 @@ class ErrorMappingInterceptor(_ServerInterceptor):
         if handler is None:
             # No such method: grpc itself answers UNIMPLEMENTED for a missing handler.
             return None  # type: ignore[return-value]
-        return map_errors(handler)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = map_errors(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

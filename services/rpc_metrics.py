@@ -54,6 +54,10 @@ def _status(context: Context, error: BaseException | None) -> int:
 
 class RpcMetricsInterceptor(_ServerInterceptor):
     def __init__(self, meter: metrics.Meter) -> None:
+        # method -> (the handler below, its wrapped handler), made on a method's first call.
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
         self._duration = seconds_histogram(
             meter,
             "rpc.server.call.duration",
@@ -117,11 +121,24 @@ class RpcMetricsInterceptor(_ServerInterceptor):
         handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if handler is None:
             return None  # type: ignore[return-value]
+        method = handler_call_details.method
+        # Inside the tracing interceptor, the handler below is the same object on every
+        # call of a method (the error mapping's cached one): wrap it once.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped_handler = self._wrap_handler(method, handler)
+        self._wrapped[method] = (handler, wrapped_handler)
+        return wrapped_handler
+
+    def _wrap_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         for attribute, (factory, _streamed) in HANDLER_FACTORIES.items():
             behavior = getattr(handler, attribute)
             if behavior is None:
                 continue
-            wrapped = self._wrap(handler_call_details.method, behavior)
+            wrapped = self._wrap(method, behavior)
             if wrapped is None:
                 return handler
             return factory(

@@ -50,12 +50,12 @@ class Telemetry:
     def server_interceptors(
         self, *, tracing: bool = True
     ) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        """The RPC duration metric of every call (services/rpc_metrics.py), then, with
-        ``tracing``, a server span per RPC; health checks are not traced (they would
-        drown the rest)."""
+        """With ``tracing``, a server span per RPC (health checks are not traced: they
+        would drown the rest), then the RPC duration metric of every call
+        (services/rpc_metrics.py)."""
         if self._rpc_metrics is None:  # one instrument, however many servers share it
             self._rpc_metrics = RpcMetricsInterceptor(self.meter("hybridmesh.rpc"))
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [self._rpc_metrics]
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if tracing:
             interceptors.append(
                 aio_server_interceptor(  # type: ignore[no-untyped-call]
@@ -63,6 +63,9 @@ class Telemetry:
                     filter_=grpc_filters.negate(grpc_filters.health_check()),
                 )
             )
+        # Inside the span, still outside the error mapping (it records the status the
+        # caller got); there it sees a stable handler per method and wraps it once.
+        interceptors.append(self._rpc_metrics)
         return interceptors
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.decision_bench import goal
 from bench.fault_bench import FAULTS, Sample, breaker_transitions, summarise
-from bench.mesh_bench import goals, ratios
+from bench.mesh_bench import goals, measured_text, ratios
 from bench.plots import _open_spans
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from services.logging import configure_logging, get_logger
@@ -97,24 +98,41 @@ def test_goals_are_judged_from_the_measured_ratios() -> None:
             "edge_direct",
             "envoy_proxy_edge",
             "router_edge",
+            "router_colocated_edge",
             "triton_direct",
+            "cloud_direct",
             "router_cloud",
             "router_cloud_wan",
             "router_escalated_wan",
         )
     }
-    summary["router_edge"] = {"p50_ms": 1.6, "p99_ms": 3.0, "throughput_rps": 600.0}
+    summary["router_edge"] = {"p50_ms": 2.1, "p99_ms": 3.0, "throughput_rps": 600.0}
+    summary["router_colocated_edge"] = {"p50_ms": 1.3, "p99_ms": 2.0, "throughput_rps": 999.0}
+    summary["cloud_direct"] = {"p50_ms": 1.2, "p99_ms": 2.0, "throughput_rps": 900.0}
+    summary["router_cloud"] = {"p50_ms": 3.1, "p99_ms": 5.0, "throughput_rps": 300.0}
     summary["router_cloud_wan"] = {"p50_ms": 60.0, "p99_ms": 70.0}
     summary["router_escalated_wan"] = {"p50_ms": 62.0, "p99_ms": 70.0}
     ratio = ratios(summary)
-    assert ratio["router_edge_over_edge_direct_p50"] == pytest.approx(1.6)
+    assert ratio["router_edge_over_edge_direct_p50"] == pytest.approx(2.1)
     assert ratio["router_cloud_wan_over_triton_plus_wan_p50"] == pytest.approx(60.0 / 41.0)
     verdicts = {goal["ratio"]: goal["met"] for goal in goals(ratio)}
     assert verdicts == {
-        "router_edge_over_edge_direct_p50": False,  # 1.6x > 1.5x
-        "router_edge_over_envoy_proxy_throughput": True,  # 0.6x >= 0.6x
+        "router_colocated_edge_over_edge_direct_p50": True,  # 1.3x <= 1.3x
+        "router_colocated_edge_over_envoy_proxy_throughput": False,  # 0.999x < 1.0x
+        "router_edge_over_edge_direct_p50": False,  # 2.1x > 2.0x
+        "router_cloud_over_triton_direct_p50": False,  # 3.1x > 3.0x
+        "cloud_direct_over_triton_direct_p50": True,  # 1.2x <= 1.3x
         "router_cloud_wan_over_triton_plus_wan_p50": True,  # 1.46x <= 1.5x
     }
+
+
+def test_the_decision_goal_is_its_cpu_p99_and_shows_the_wall_clock_beside_it() -> None:
+    row = goal({"decision_cpu_p99_us": 50.0, "decision_p99_us": 900.0})
+    assert row["met"] and row["measured"] == 50.0
+    assert measured_text(row) == "50.0 µs CPU (wall-clock p99 900 µs)"
+    assert not goal({"decision_cpu_p99_us": 50.1, "decision_p99_us": 50.1})["met"]
+    ratio_row = {"measured": 1.234}
+    assert measured_text(ratio_row) == "1.23x"
 
 
 def test_breaker_open_spans_close_on_leaving_open_and_run_to_the_end_otherwise() -> None:

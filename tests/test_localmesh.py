@@ -26,7 +26,7 @@ from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as reg
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
 from hybridmesh.router.v1 import router_service_pb2_grpc
-from localmesh.launcher import LocalMesh, MeshOptions, MeshState
+from localmesh.launcher import LocalMesh, MeshOptions, MeshState, stop_process_group
 from localmesh.otlp_receiver import OtlpReceiver
 from ota.artifacts import ArtifactRef
 from registry.signing import PRIVATE_KEY_FILE, load_private_key, sign_promotion
@@ -165,6 +165,41 @@ async def test_wan_delay_is_switchable_at_run_time(running: RunningMesh) -> None
             await asyncio.to_thread(running.mesh.wan.set_delay, 40)
     assert before.decision.timings.cloud.ToMilliseconds() >= 40
     assert slowed.decision.timings.cloud.ToMilliseconds() >= 400
+
+
+@MODULE_LOOP
+async def test_a_router_with_the_edge_in_its_process_serves_beside_the_remote_one(
+    running: RunningMesh,
+) -> None:
+    """The co-located edge mode on the same mesh (what `hybridmesh demo` runs by default):
+    the extra router answers edge-kept images from the edge model in its own process
+    (its edge port is its own, not the edge node's) and escalates hard ones to the same
+    cloud; the remote router beside it is untouched."""
+    mesh = running.mesh
+    address = await mesh.add_router("router_colocated", "in-process")
+    state = MeshState.read(Path(running.state.state_dir))
+    assert state.endpoints["router_colocated"] == address
+    colocated_pid = state.pids["router_colocated"]
+    assert colocated_pid not in (state.pids["router"], state.pids["edge"])
+    easy = router_request(IMAGES[EASY[0] : EASY[0] + 1])
+    hard = router_request(IMAGES[HARD[0] : HARD[0] + 1])
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        kept = await stub.Infer(easy, timeout=5)
+        escalated = await stub.Infer(hard, timeout=5)
+    assert kept.decision.served_by == routing_pb2.TIER_EDGE, kept.decision.explanation
+    assert kept.decision.edge_model.name == "fashion-edge"
+    assert escalated.decision.served_by == routing_pb2.TIER_CLOUD, escalated.decision.explanation
+    # The edge node process was not asked: its own router's answers are the same as before.
+    async with grpc.aio.insecure_channel(running.state.endpoints["router"]) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        remote = await stub.Infer(easy, timeout=5)
+    assert remote.decision.served_by == routing_pb2.TIER_EDGE
+    assert remote.decision.escalation_score == pytest.approx(kept.decision.escalation_score)
+    # Stopped like any part (down stops added routers first); here, by itself.
+    process = mesh.processes.pop("router_colocated")
+    await stop_process_group(process.pid, 5.0, process)
+    assert not _exists(f"/proc/{colocated_pid}")
 
 
 @MODULE_LOOP
@@ -346,6 +381,8 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
         assert f"pid {new_triton}" in status.stdout and "supervisor" in status.stdout
         assert status.stdout.count("SERVING") == 4 and "NOT SERVING" not in status.stdout
         assert "outbox   0 queued" in status.stdout, status.stdout
+        # The CLI's default edge mode: the edge model runs in the router's process.
+        assert "edge" not in state["pids"] and "in the router's process" in status.stdout
     finally:
         hybridmesh("down")
     # Every process has exited and been reaped (a zombie still has its /proc entry).
