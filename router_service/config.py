@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from router_service.breaker import BreakerConfig
+from router_service.drain_rate import DrainRateConfig
 from services.config import ServiceSettings
 
 
@@ -139,10 +140,16 @@ class RouterSettings(ServiceSettings):
     outbox_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Labelled examples kept (newest first) for retraining the router.
     outbox_max_examples: int = Field(default=100_000, ge=0)
-    # Reconciliation: at most this many requests per second go to the cloud, so a
-    # recovering cloud is not stampeded by the backlog; failed items back off
-    # exponentially from drain_backoff_base_s up to drain_backoff_max_s.
+    # Reconciliation starts at drain_rate_per_s requests per second and adapts within
+    # [drain_rate_min_per_s, drain_rate_max_per_s] (router_service.drain_rate: AIMD on
+    # the replays' latency against drain_latency_tolerance x its unloaded baseline, and
+    # the cloud's retry pushback), so a recovering cloud is not stampeded by the backlog
+    # and the router's live traffic keeps its latency; min = max gives a fixed rate.
+    # Failed items back off exponentially from drain_backoff_base_s up to _max_s.
     drain_rate_per_s: float = Field(default=20.0, gt=0)
+    drain_rate_min_per_s: float = Field(default=5.0, gt=0)
+    drain_rate_max_per_s: float = Field(default=500.0, gt=0)
+    drain_latency_tolerance: float = Field(default=1.5, ge=1)
     drain_batch: int = Field(default=32, ge=1)
     # Reconciliation calls in flight at once: with a 40 ms WAN one at a time would cap
     # the drain at ~25 requests/s whatever the rate limit says.
@@ -171,3 +178,16 @@ class RouterSettings(ServiceSettings):
     # This site's id in the registry's fleet view: the router reports the policy version
     # of each pair after every poll (the edge node reports its models under the same id).
     site_id: str = "site-local"
+
+    @model_validator(mode="after")
+    def _drain_rates(self) -> RouterSettings:
+        self.drain_rate_config()  # DrainRateConfig checks min <= start <= max
+        return self
+
+    def drain_rate_config(self) -> DrainRateConfig:
+        return DrainRateConfig(
+            initial_per_s=self.drain_rate_per_s,
+            min_per_s=self.drain_rate_min_per_s,
+            max_per_s=self.drain_rate_max_per_s,
+            tolerance=self.drain_latency_tolerance,
+        )

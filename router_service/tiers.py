@@ -26,6 +26,7 @@ from router_service.tier_api import (
     TierHealth,
     TierUnavailableError,
     never_connected,
+    retry_pushback_s,
 )
 from services.errors import FailedPreconditionError
 
@@ -79,7 +80,14 @@ async def guarded_call(
         breaker.record(permit, outcome, time.perf_counter() - started)
         detail = error.details() or ""
         failure = Failure.NOT_SENT if never_connected(error.code(), detail) else Failure.FAILED
-        raise TierUnavailableError(tier, error.code(), detail, failure=failure) from error
+        pushback = (
+            retry_pushback_s(error.trailing_metadata())
+            if isinstance(error, grpc.aio.AioRpcError)
+            else None
+        )
+        raise TierUnavailableError(
+            tier, error.code(), detail, failure=failure, retry_pushback_s=pushback
+        ) from error
     except BaseException:
         # Our caller gave up (hedge lost, client went away), or the call failed before
         # it was sent (e.g. the audit record could not be written): says nothing about
