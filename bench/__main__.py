@@ -101,6 +101,8 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     goal_rows = [
         (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
     ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    outbox = json.loads((out / "outbox_bench.json").read_text())
+    goal_rows += [(goal["goal"], goal["measured"], goal["met"]) for goal in outbox["goals"]]
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -148,6 +150,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 4. Over-the-air update time",
         "",
         (out / "ota_bench.md").read_text().strip(),
+        "",
+        "## Outbox: cost per queued escalation at any depth, and the drain after an outage",
+        "",
+        (out / "outbox_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -237,6 +243,9 @@ def main() -> None:
     run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
     rounds = ["--rounds", "3"] if args.quick else []
     run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
+    outbox = ["--runs", "1", "--backlog", "2000", "--before-s", "8"] if args.quick else []
+    command = [python, "-m", "bench.outbox_bench", "costs", *outbox]
+    run([*command, "--out", str(out / "outbox_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)
