@@ -2,10 +2,12 @@
 cloud's retry pushback. Pure logic with an injectable clock.
 
 The rate rises by a fixed step per window while the window's median reconciliation
-latency stays within ``tolerance`` times the baseline (the lowest window median seen
-lately: the path's unloaded latency, WAN included), and is multiplied by ``decrease``
-when it does not, when a call times out, or when the cloud sheds it (RESOURCE_EXHAUSTED):
-then no call is sent before the cloud's ``grpc-retry-pushback-ms`` (gRFC A6) has passed.
+latency stays within ``tolerance`` times the baseline (a low percentile of the recent
+window medians: the path's unloaded latency, WAN included), and is multiplied by
+``decrease`` when ``windows_to_cut`` windows in a row exceed it (one slow window on a
+shared, noisy host is not congestion), when a call times out, or when the cloud sheds it
+(RESOURCE_EXHAUSTED): then no call is sent before the cloud's ``grpc-retry-pushback-ms``
+(gRFC A6) has passed.
 Latency is measured on the router's event loop, so a router too busy to serve its live
 traffic on time slows the drain as a cloud that queues does. One decrease per window, so a
 burst of failures of calls sent together counts as one congestion signal (TCP's rule);
@@ -32,18 +34,22 @@ class DrainRateConfig:
     # Added to the rate after a window within the latency target.
     increase_per_s: float = 10.0
     # The rate is multiplied by this on congestion, a timeout or pushback.
-    decrease: float = 0.5
-    # Congestion: a window's median latency above tolerance x the baseline.
+    decrease: float = 0.7
+    # Congestion: windows_to_cut windows in a row with a median latency above
+    # tolerance x the baseline.
     tolerance: float = 1.5
+    windows_to_cut: int = 2
+    # The baseline: this quantile of the last baseline_windows window medians.
+    baseline_quantile: float = 0.1
     window_s: float = 0.5
     # A window decides only with at least this many latencies in it.
     min_samples: int = 3
-    # The baseline is the lowest window median of the last this many windows.
+    # How many recent window medians the baseline is taken from.
     baseline_windows: int = 120
     # Wait after a RESOURCE_EXHAUSTED that came without a pushback.
     default_pushback_s: float = 1.0
     # The rate rises only when the last window sent at least this share of it.
-    used_share_to_rise: float = 0.8
+    used_share_to_rise: float = 0.7
 
     def __post_init__(self) -> None:
         if not 0 < self.min_per_s <= self.initial_per_s <= self.max_per_s:
@@ -52,6 +58,8 @@ class DrainRateConfig:
             raise ValueError("decrease must be in (0, 1)")
         if self.tolerance < 1:
             raise ValueError("tolerance must be at least 1")
+        if not 0 <= self.baseline_quantile < 1 or self.windows_to_cut < 1:
+            raise ValueError("baseline_quantile must be in [0, 1), windows_to_cut at least 1")
         if self.window_s <= 0 or self.increase_per_s < 0 or self.default_pushback_s < 0:
             raise ValueError("window_s must be > 0, increase_per_s and default_pushback_s >= 0")
 
@@ -77,6 +85,9 @@ class DrainRateController:
         self._sent_in_window = 0
         self._decreased_in_window = False
         self._next_send = self._window_started
+        # Sends per second in the last two decided windows (what was really sent).
+        self._achieved: deque[float] = deque(maxlen=2)
+        self._congested_windows = 0
         self._hold_until = self._window_started
 
     def wait_s(self) -> float:
@@ -113,7 +124,10 @@ class DrainRateController:
             return
         self._decreased_in_window = True
         self.decreases += 1
-        self.rate_per_s = max(self.config.min_per_s, self.rate_per_s * self.config.decrease)
+        # From what was actually sent, when less than allowed: halving an allowance the
+        # drain was not using would not slow it at all.
+        sending = min(self.rate_per_s, max(self._achieved, default=self.rate_per_s))
+        self.rate_per_s = max(self.config.min_per_s, sending * self.config.decrease)
         # The next send keeps the new, wider spacing.
         self._next_send = max(self._next_send, self._clock() + 1.0 / self.rate_per_s)
 
@@ -136,13 +150,19 @@ class DrainRateController:
         median = statistics.median(self._samples)
         self._medians.append(median)
         self.latency_s = median
-        self.baseline_s = min(self._medians)
+        ordered = sorted(self._medians)
+        self.baseline_s = ordered[int(self.config.baseline_quantile * len(ordered))]
+        used = self._sent_in_window / elapsed
+        self._achieved.append(used)
+        congested = median > self.config.tolerance * self.baseline_s
+        self._congested_windows = self._congested_windows + 1 if congested else 0
         if self._decreased_in_window:
             return
-        if median > self.config.tolerance * self.baseline_s:
-            self._decrease()
+        if congested:
+            if self._congested_windows >= self.config.windows_to_cut:
+                self._decrease()
+                self._congested_windows = 0
             return
-        used = self._sent_in_window / elapsed
         if used >= self.config.used_share_to_rise * self.rate_per_s:
             self.rate_per_s = min(
                 self.config.max_per_s, self.rate_per_s + self.config.increase_per_s

@@ -1,9 +1,12 @@
 """The outbox drain after an outage on the in-process mesh (real router, edge node, cloud
 service and Triton): the adaptive rate honours the real cloud's shedding
 (RESOURCE_EXHAUSTED with gRFC A6 retry pushback), and the backlog drains with nothing
-lost or reconciled twice."""
+lost or reconciled twice; during an outage queued escalations do not each wake the
+reconciliation worker."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from opentelemetry.sdk.metrics.export import Gauge
@@ -12,6 +15,7 @@ from hybridmesh.router.v1 import router_service_pb2
 from localmesh.triton import TritonServer
 from router_service.config import CloudBreakerSettings
 from router_service.outbox import read_stats
+from router_service.reconciler import MAX_ROUNDS_PER_S
 from tests.helpers.item_difficulty import easy_and_hard
 from tests.helpers.local_mesh import Mesh, restart_cloud, start_mesh, stop_mesh
 from tests.helpers.requests import router_request
@@ -98,5 +102,35 @@ async def test_a_backlog_drains_through_the_clouds_pushback_and_nothing_is_lost(
         assert mesh.router_counter("hybridmesh.outbox.reconciled_items") == BACKLOG
         assert mesh.router_counter("hybridmesh.outbox.drain.pushbacks") == rate.pushbacks
         assert gauge(mesh, "hybridmesh.outbox.drain.rate") == rate.rate_per_s
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_queued_escalations_during_an_outage_do_not_each_wake_the_worker(
+    mesh_triton: TritonServer,
+) -> None:
+    """Issue 21 #4: the worker's rounds (each a drain attempt and maybe an age read) are
+    bounded in rate, not one per queued escalation as before."""
+    mesh = await start_mesh(mesh_triton.grpc_url, drain_idle_s=0.5)
+    try:
+        reconciler = mesh.router.reconciler
+        rounds = 0
+        refresh_age = reconciler._refresh_age
+
+        async def counted_round() -> None:  # a spy on the real round: once per round
+            nonlocal rounds
+            rounds += 1
+            await refresh_age()
+
+        reconciler._refresh_age = counted_round  # type: ignore[method-assign]
+        await mesh.cloud.stop(0)  # the outage
+        started = time.monotonic()
+        for n in range(BACKLOG):
+            reply = await mesh.stub.Infer(named(HARD[n % len(HARD)], f"quiet-{n}"), timeout=5)
+            assert reply.decision.queued_for_reconciliation
+        elapsed = time.monotonic() - started
+        assert mesh.router.outbox.depth == BACKLOG
+        assert rounds <= elapsed * MAX_ROUNDS_PER_S + 2, (rounds, elapsed)
+        assert rounds < BACKLOG / 2, (rounds, elapsed)
     finally:
         await stop_mesh(mesh)
