@@ -284,6 +284,7 @@ def load_workload() -> Workload:
 
 async def measure(options: Options, state_dir: Path) -> dict[str, Any]:
     workload = load_workload()
+    bookkeeping = bookkeeping_cost(options.depths, workload)
     mesh = LocalMesh(
         MeshOptions(
             state_dir=state_dir,
@@ -313,7 +314,7 @@ async def measure(options: Options, state_dir: Path) -> dict[str, Any]:
             drains.append(await bench.drain(run))
     finally:
         await mesh.down()
-    return summarise(options, costs, drains)
+    return {**summarise(options, costs, drains), "in_process_outbox_us": bookkeeping}
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
@@ -401,9 +402,18 @@ def markdown(report: dict[str, Any]) -> str:
             for depth, row in report["escalation_cost"].items()
         ],
         "",
+        "The outbox's own share, measured in the benchmark's process (put + age read + "
+        "stats per escalation, synchronous NORMAL, CPU µs, median of 3 passes of 500): "
+        + ", ".join(
+            f"depth {int(depth):,}: {us:.0f} µs"
+            for depth, us in report.get("in_process_outbox_us", {}).items()
+        )
+        + ".",
+        "",
         f"Drain of {options['backlog']:,} queued items (released at once, as when the cloud "
         f"is back) under a steady load of {options['load_per_s']:.0f} requests/s (the test "
-        f"split in order), medians of {options['runs']} runs:",
+        f"split in order), medians of {options['runs']} runs (each column its own median; "
+        "the ratio is the median of the per-run ratios):",
         "",
         "| drain items/s | drain s | router CPU µs / item | load p50 before / during ms "
         "| load p99 before / during ms | p99 ratio |",
@@ -428,3 +438,38 @@ def run(options: Options, out: Path | None) -> dict[str, Any]:
         report = asyncio.run(measure(options, Path(state_dir)))
     publish_report(out, report, markdown(report))
     return report
+
+
+def bookkeeping_cost(depths: Sequence[int], workload: Workload, puts: int = 500) -> dict[str, Any]:
+    """In this process: the outbox's own work per queued escalation at each depth (and as
+    many history rows), i.e. what the router does per escalation during an outage:
+    ``put`` (synchronous NORMAL, so fsync does not drown the figure), the age read and
+    ``stats``; CPU µs per escalation from ``time.process_time``, median of 3 passes."""
+    import tempfile
+
+    from router_service.outbox import OutboxItem, Priority
+
+    payload = _tensor(workload.images, workload.hard[0])
+    result: dict[str, Any] = {}
+    for depth in depths:
+        passes = []
+        for attempt in range(3):
+            with tempfile.TemporaryDirectory() as directory:
+                path = Path(directory) / "outbox.sqlite"
+                prefill(path, workload, depth, depth, time.time() + HOLD_BACK_S)
+                outbox = Outbox(path, max_items=depth + puts + 1, synchronous="NORMAL")
+                started = time.process_time()
+                for n in range(puts):
+                    outbox.put(
+                        OutboxItem(
+                            f"new-{attempt}-{n}", Priority.ESCALATION, PAIR, 1, 1, (0,), (3,),
+                            "fashion-edge:1", payload,
+                        )
+                    )  # fmt: skip
+                    outbox.oldest_age_s()
+                    outbox.stats()
+                passes.append((time.process_time() - started) / puts * 1e6)
+                outbox.close()
+        result[str(depth)] = float(statistics.median(passes))
+        _print({"in_process_outbox_us_per_escalation": result[str(depth)], "depth": depth})
+    return result

@@ -7,6 +7,7 @@ themselves; the router decides whether the other tier answers instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -206,16 +207,28 @@ class CloudTier:
             ("x-hybridmesh-privacy-class", routing_pb2.PrivacyClass.Name(privacy_class)),
         )
 
+        audit = functools.partial(
+            self._audit.record,
+            request_id=request_id,
+            privacy_class=privacy_class,
+            anonymiser=anonymiser,
+            tensors=request.inputs,
+            purpose=purpose,
+            regions_blurred=sum(a.regions_blurred for a in anonymised),
+        )
+
+        async def audited_in_thread() -> cloud_service_pb2.InferResponse:
+            # A replay's audit record (an fsync) is written off the event loop, so a
+            # drain does not stall live requests behind its disk writes; it is still
+            # written before the bytes go out.
+            await asyncio.to_thread(audit)
+            return await self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
+
         def send() -> Awaitable[cloud_service_pb2.InferResponse]:
             # Audited once the breaker let the call through, before the bytes go out.
-            self._audit.record(
-                request_id=request_id,
-                privacy_class=privacy_class,
-                anonymiser=anonymiser,
-                tensors=request.inputs,
-                purpose=purpose,
-                regions_blurred=sum(a.regions_blurred for a in anonymised),
-            )
+            if background:
+                return audited_in_thread()
+            audit()
             return self._stub.Infer(request, timeout=timeout_s, metadata=metadata)
 
         try:
