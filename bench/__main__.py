@@ -101,12 +101,14 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     faults = json.loads((out / "fault_bench.json").read_text())
     drift = json.loads((out / "drift_bench.json").read_text())
     shadow = json.loads((out / "shadow_bench.json").read_text())
-    goal_rows = (
+    goal_rows: list[tuple[str, str, bool]] = (
         [(goal["goal"], measured_text(goal), goal["met"]) for goal in mesh["goals"]]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
         + [(goal["goal"], goal["measured"], goal["met"]) for goal in drift["goals"]]
         + [(shadow["goal"]["goal"], shadow["goal"]["measured"], shadow["goal"]["met"])]
     )
+    outbox = json.loads((out / "outbox_bench.json").read_text())
+    goal_rows += [(goal["goal"], goal["measured"], goal["met"]) for goal in outbox["goals"]]
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -168,6 +170,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "shadow check can see); the edge's error against the labels is shown beside it.",
         "",
         (out / "shadow_bench.md").read_text().strip(),
+        "",
+        "## 7. Outbox: cost per queued escalation at any depth, and the drain after an outage",
+        "",
+        (out / "outbox_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -261,6 +267,9 @@ def main() -> None:
     run([python, "-m", "bench.drift_bench", *drift, "--out", str(out / "drift_bench.json")])
     shadow = ["--seeds", "5", "--drift-requests", "8000"] if args.quick else []
     run([python, "-m", "bench.shadow_bench", *shadow, "--out", str(out / "shadow_bench.json")])
+    outbox = ["--runs", "1", "--backlog", "2000", "--before-s", "8"] if args.quick else []
+    command = [python, "-m", "bench.outbox_bench", "costs", *outbox]
+    run([*command, "--out", str(out / "outbox_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)

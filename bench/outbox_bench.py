@@ -1,7 +1,11 @@
-"""Measure the outbox: write cost per item, and the drain rate on the real local mesh.
+"""Measure the outbox: write cost per item, the drain rate on the real local mesh, and
+(``costs``, part of ``make bench``) what queueing costs the router at any depth and how
+fast a backlog drains without hurting live traffic.
 
   python -m bench.outbox_bench write [--items 2000] [--runs 5]
-  python -m bench.outbox_bench drain [--items 200] [--runs 3] [--rate 1000]
+  python -m bench.outbox_bench drain [--items 200] [--runs 3] [--rate 500]  (a fixed rate)
+  python -m bench.outbox_bench costs [--runs 3] [--depths 0 5000 50000] [--backlog 5000]
+                                     [--out results/bench/outbox_bench.json]
 
 ``write``: ``Outbox.put`` of one fashion-mnist item (784-byte input), one transaction
 each, on a file in the current directory's filesystem, for synchronous FULL and NORMAL.
@@ -9,7 +13,18 @@ each, on a file in the current directory's filesystem, for synchronous FULL and 
 service, sends ``--items`` hard requests (each queued), restarts the cloud and reads the
 reconciliation times from the outbox: rate = items / (last - first reconciled_at), so the
 breaker's open period and the health poll before the first replay do not count.
-Prints one JSON line per run and the medians.
+``costs``: one local mesh. (1) Router CPU per queued escalation at each outbox depth:
+the cloud service is killed; per run and depth (interleaved), the router is stopped, its
+outbox file refilled with that many queued items (and as many reconciled rows of
+history), the router restarted, and hard requests sent one at a time, each answered by
+the edge and queued; CPU = utime + stime of the router process from /proc/<pid>/stat
+over the measured requests, divided by their number. (2) Drain of a backlog under a
+steady light load (the test split in order, a fixed request rate): the router starts
+with ``--backlog`` queued items held back (next attempt far ahead), the load's p99 is
+measured for a while, then one UPDATE makes every item due (as when the cloud is back)
+and the load's p99 is measured until the outbox is empty; drain rate = items / (last -
+first reconciled_at). Prints one JSON line per measurement and, with ``--out``, writes
+the report (JSON + Markdown) with its goals.
 """
 
 from __future__ import annotations
@@ -96,6 +111,8 @@ async def measure_drain(items: int, runs: int, rate: float) -> float:
                 log_level="warning",
                 router_environment={
                     "HYBRIDMESH_ROUTER_DRAIN_RATE_PER_S": str(rate),
+                    "HYBRIDMESH_ROUTER_DRAIN_RATE_MIN_PER_S": str(rate),
+                    "HYBRIDMESH_ROUTER_DRAIN_RATE_MAX_PER_S": str(rate),
                     "HYBRIDMESH_ROUTER_DRAIN_BATCH": "64",
                     "HYBRIDMESH_ROUTER_DRAIN_IDLE_S": "0.05",
                     "HYBRIDMESH_ROUTER_DRAIN_BACKOFF_BASE_S": "0.2",
@@ -173,12 +190,38 @@ def main() -> None:
     drain = sub.add_parser("drain")
     drain.add_argument("--items", type=int, default=200)
     drain.add_argument("--runs", type=int, default=3)
-    drain.add_argument("--rate", type=float, default=1000.0)
+    drain.add_argument("--rate", type=float, default=500.0)
+    costs = sub.add_parser("costs")
+    costs.add_argument("--runs", type=int, default=3)
+    costs.add_argument("--depths", type=int, nargs="+", default=[0, 5_000, 50_000])
+    costs.add_argument("--escalations", type=int, default=400)
+    costs.add_argument("--backlog", type=int, default=5_000)
+    costs.add_argument("--load-per-s", type=float, default=20.0)
+    costs.add_argument("--before-s", type=float, default=15.0)
+    costs.add_argument(
+        "--router-env", nargs="*", default=[], metavar="NAME=VALUE",
+        help="extra HYBRIDMESH_ROUTER_* settings, e.g. a fixed drain rate to compare",
+    )  # fmt: skip
+    costs.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.what == "write":
         _print({"median_us_per_item": measure_write(args.items, args.runs)})
-    else:
+    elif args.what == "drain":
         _print({"median_drain_per_s": asyncio.run(measure_drain(args.items, args.runs, args.rate))})
+    else:
+        from bench.outbox_costs import Options, run
+
+        environment = dict(pair.split("=", 1) for pair in args.router_env)
+        options = Options(
+            runs=args.runs,
+            depths=args.depths,
+            escalations=args.escalations,
+            backlog=args.backlog,
+            load_per_s=args.load_per_s,
+            before_s=args.before_s,
+            router_environment=environment,
+        )
+        run(options, args.out)
 
 
 if __name__ == "__main__":

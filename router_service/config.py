@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from router_service.breaker import BreakerConfig
+from router_service.drain_rate import DrainRateConfig
 from services.config import ServiceSettings
 
 
@@ -157,14 +158,21 @@ class RouterSettings(ServiceSettings):
     outbox_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Labelled examples kept (newest first) for retraining the router.
     outbox_max_examples: int = Field(default=100_000, ge=0)
-    # Reconciliation: at most this many requests per second go to the cloud, so a
-    # recovering cloud is not stampeded by the backlog; failed items back off
-    # exponentially from drain_backoff_base_s up to drain_backoff_max_s.
+    # Reconciliation starts at drain_rate_per_s requests per second and adapts within
+    # [drain_rate_min_per_s, drain_rate_max_per_s] (router_service.drain_rate: AIMD on
+    # the replays' latency against drain_latency_tolerance x its unloaded baseline, and
+    # the cloud's retry pushback), so a recovering cloud is not stampeded by the backlog
+    # and the router's live traffic keeps its latency; min = max gives a fixed rate.
+    # Failed items back off exponentially from drain_backoff_base_s up to _max_s.
     drain_rate_per_s: float = Field(default=20.0, gt=0)
-    drain_batch: int = Field(default=32, ge=1)
+    drain_rate_min_per_s: float = Field(default=5.0, gt=0)
+    drain_rate_max_per_s: float = Field(default=500.0, gt=0)
+    drain_latency_tolerance: float = Field(default=1.5, ge=1)
+    drain_batch: int = Field(default=128, ge=1)
     # Reconciliation calls in flight at once: with a 40 ms WAN one at a time would cap
-    # the drain at ~25 requests/s whatever the rate limit says.
-    drain_concurrency: int = Field(default=8, ge=1)
+    # the drain at ~25 requests/s, 8 at ~130/s, whatever the rate says; the rate, not
+    # this bound, sets the pace.
+    drain_concurrency: int = Field(default=32, ge=1)
     drain_idle_s: float = Field(default=0.5, gt=0)
     drain_timeout_s: float = Field(default=5.0, gt=0)
     drain_backoff_base_s: float = Field(default=1.0, gt=0)
@@ -199,3 +207,16 @@ class RouterSettings(ServiceSettings):
         if self.controller_target_edge_error is not None and self.shadow_check_rate == 0:
             raise ValueError("controller_target_edge_error needs shadow_check_rate > 0")
         return self
+
+    @model_validator(mode="after")
+    def _drain_rates(self) -> RouterSettings:
+        self.drain_rate_config()  # DrainRateConfig checks min <= start <= max
+        return self
+
+    def drain_rate_config(self) -> DrainRateConfig:
+        return DrainRateConfig(
+            initial_per_s=self.drain_rate_per_s,
+            min_per_s=self.drain_rate_min_per_s,
+            max_per_s=self.drain_rate_max_per_s,
+            tolerance=self.drain_latency_tolerance,
+        )

@@ -9,6 +9,7 @@ from opentelemetry import metrics
 
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from router_service.breaker import BreakerState
+from router_service.drain_rate import DrainRateController
 from router_service.escalation import ScoringPolicy
 from services.rpc_metrics import seconds_histogram
 
@@ -111,4 +112,54 @@ def observe_router_state(
         "hybridmesh.router.policy.info",
         callbacks=[policy_info],
         description="The router policy version each pair is served with (value 1)",
+    )
+
+
+def observe_drain_rate(meter: metrics.Meter, controller: DrainRateController) -> None:
+    """The outbox drain's adaptive rate state, read at scrape time (plain numbers the
+    controller keeps; reading them changes nothing)."""
+
+    def gauge(name: str, unit: str, read: Callable[[], float], description: str) -> None:
+        meter.create_observable_gauge(
+            name,
+            unit=unit,
+            callbacks=[lambda _options: [metrics.Observation(read())]],
+            description=description,
+        )
+
+    gauge(
+        "hybridmesh.outbox.drain.rate",
+        "1/s",
+        lambda: controller.rate_per_s,
+        "Reconciliation calls per second the drain allows now (adaptive, AIMD)",
+    )
+    gauge(
+        "hybridmesh.outbox.drain.latency",
+        "s",
+        lambda: controller.latency_s,
+        "Median reconciliation latency of the drain's last decided window",
+    )
+    gauge(
+        "hybridmesh.outbox.drain.latency_baseline",
+        "s",
+        lambda: controller.baseline_s,
+        "Lowest recent window median: the drain slows above tolerance x this",
+    )
+
+    def counter(name: str, read: Callable[[], int], description: str) -> None:
+        meter.create_observable_counter(
+            name,
+            callbacks=[lambda _options: [metrics.Observation(read())]],
+            description=description,
+        )
+
+    counter(
+        "hybridmesh.outbox.drain.pushbacks",
+        lambda: controller.pushbacks,
+        "Reconciliation calls the cloud shed (RESOURCE_EXHAUSTED)",
+    )
+    counter(
+        "hybridmesh.outbox.drain.decreases",
+        lambda: controller.decreases,
+        "Times the drain rate was cut (latency over target, timeout or pushback)",
     )

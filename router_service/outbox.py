@@ -4,7 +4,12 @@ SQLite in WAL mode on the site's persistent volume, one file holding three thing
 ``outbox`` (items waiting for the cloud), ``reconciled`` (the cloud's answer beside the
 edge's for every reconciled item, with the item's input: the labelled examples for
 retraining the router; ``source`` says whether reconciliation or a shadow check of a
-kept answer produced it) and nothing else, so a copy of the file is a consistent backup.
+kept answer produced it) and ``outbox_counts`` (their row counts, kept by triggers),
+so a copy of the file is a consistent backup.
+
+Bookkeeping costs the same at any depth and history: every query the router runs per
+item is a lookup or a range over an index, and the counts ``stats`` reports are counters
+kept by triggers in the same transaction as the rows they count, never a scan.
 
 Bounded: at ``max_items`` a new item evicts the oldest item of the lowest priority
 present, if that priority is not above its own; otherwise the new item is refused.
@@ -26,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,7 +50,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT ''
 );
+-- Eviction: the oldest item of the lowest priority.
 CREATE INDEX IF NOT EXISTS outbox_by_priority ON outbox (priority, seq);
+-- due(): per priority, the items whose next attempt is due, as a range of this index.
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (priority, next_attempt_at);
 -- The oldest item's age is read often (a metric): min() over this index is O(log n).
 CREATE INDEX IF NOT EXISTS outbox_by_enqueued_at ON outbox (enqueued_at);
 CREATE TABLE IF NOT EXISTS reconciled (
@@ -63,6 +71,29 @@ CREATE TABLE IF NOT EXISTS reconciled (
     source TEXT NOT NULL DEFAULT 'reconciliation',
     PRIMARY KEY (request_id, item_index)
 );
+-- Row counts kept by triggers in the writing transaction: stats() reads three rows.
+CREATE TABLE IF NOT EXISTS outbox_counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS outbox_counts_put AFTER INSERT ON outbox BEGIN
+    UPDATE outbox_counts SET value = value + 1 WHERE name = 'depth';
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_counts_take AFTER DELETE ON outbox BEGIN
+    UPDATE outbox_counts SET value = value - 1 WHERE name = 'depth';
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_counts_reconciled AFTER INSERT ON reconciled BEGIN
+    UPDATE outbox_counts SET value = value + 1 WHERE name = 'reconciled';
+    UPDATE outbox_counts SET value = value + 1 WHERE name = 'corrections' AND NEW.agrees = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS outbox_counts_trimmed AFTER DELETE ON reconciled BEGIN
+    UPDATE outbox_counts SET value = value - 1 WHERE name = 'reconciled';
+    UPDATE outbox_counts SET value = value - 1 WHERE name = 'corrections' AND OLD.agrees = 0;
+END;
+"""
+# A file written before outbox_counts existed is counted once, when it is opened.
+_SEED_COUNTS = """
+INSERT OR IGNORE INTO outbox_counts (name, value)
+    SELECT 'depth', count(*) FROM outbox
+    UNION ALL SELECT 'reconciled', count(*) FROM reconciled
+    UNION ALL SELECT 'corrections', count(*) FROM reconciled WHERE agrees = 0
 """
 # Files written before the ``source`` column had only reconciliation rows.
 ADD_SOURCE = "ALTER TABLE reconciled ADD COLUMN source TEXT NOT NULL DEFAULT 'reconciliation'"
@@ -162,11 +193,14 @@ class Outbox:
         # crash (kill -9) but the last commits may be lost on power loss.
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(reconciled)")}
-        if "source" not in columns:
-            self._db.execute(ADD_SOURCE)
-        self._depth = self._scalar("SELECT count(*) FROM outbox")
+        with self._transaction():
+            for statement in _statements(SCHEMA):
+                self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(reconciled)")}
+            if "source" not in columns:
+                self._db.execute(ADD_SOURCE)
+            self._db.execute(_SEED_COUNTS)
+        self._depth = _stats(self._db, self._clock()).depth
 
     def close(self) -> None:
         with self._lock:
@@ -186,9 +220,7 @@ class Outbox:
                 return PutResult(stored=False, already_reconciled=True)
             evicted: tuple[str, ...] = ()
             if self._depth >= self.max_items:
-                victim = self._db.execute(
-                    "SELECT request_id, priority FROM outbox ORDER BY priority, seq LIMIT 1"
-                ).fetchone()
+                victim = self._db.execute(VICTIM_QUERY).fetchone()
                 if victim is None or victim[1] > item.priority:
                     return PutResult(stored=False)
                 self._db.execute("DELETE FROM outbox WHERE request_id = ?", (victim[0],))
@@ -216,30 +248,17 @@ class Outbox:
             return PutResult(stored=True, evicted=evicted)
 
     def due(self, limit: int) -> list[OutboxItem]:
-        """Items whose next attempt is due, most important and oldest first."""
+        """Up to ``limit`` items whose next attempt is due: the highest priority first,
+        within a priority the one due longest first (never tried: the oldest). One index
+        range per priority, so items backing off cost nothing here."""
+        rows: list[tuple[Any, ...]] = []
         with self._lock:
-            rows = self._db.execute(
-                "SELECT request_id, priority, pair, privacy_class, top_k, item_indices,"
-                " edge_classes, edge_model, inputs, enqueued_at, attempts FROM outbox"
-                " WHERE next_attempt_at <= ? ORDER BY priority DESC, seq LIMIT ?",
-                (self._clock(), limit),
-            ).fetchall()
-        return [
-            OutboxItem(
-                request_id=row[0],
-                priority=Priority(row[1]),
-                pair=row[2],
-                privacy_class=row[3],
-                top_k=row[4],
-                item_indices=tuple(json.loads(row[5])),
-                edge_classes=tuple(json.loads(row[6])),
-                edge_model=row[7],
-                inputs=row[8],
-                enqueued_at=row[9],
-                attempts=row[10],
-            )
-            for row in rows
-        ]
+            now = self._clock()
+            for priority in sorted(Priority, reverse=True):
+                if len(rows) >= limit:
+                    break
+                rows += self._db.execute(DUE_QUERY, (int(priority), now, limit - len(rows)))
+        return [_item(row) for row in rows]
 
     def defer(self, request_id: str, error: str, delay_s: float) -> None:
         """A failed attempt: try again after ``delay_s``."""
@@ -299,22 +318,19 @@ class Outbox:
         )
         inserted = self._db.total_changes - before
         # Keep the newest labelled examples only: the file stays bounded too.
-        self._db.execute(
-            "DELETE FROM reconciled WHERE rowid <= (SELECT max(rowid) FROM reconciled) - ?",
-            (self._max_reconciled,),
-        )
+        self._db.execute(TRIM_QUERY, (self._max_reconciled,))
         return inserted
 
     def oldest_age_s(self) -> float:
         """Age of the oldest waiting item in seconds (0 when empty), from an index: the
-        same cost at any depth or history, unlike ``stats``."""
+        same cost at any depth or history."""
         with self._lock:
-            (oldest,) = self._db.execute("SELECT min(enqueued_at) FROM outbox").fetchone()
+            (oldest,) = self._db.execute(OLDEST_QUERY).fetchone()
         return 0.0 if oldest is None else max(self._clock() - oldest, 0.0)
 
     def stats(self) -> OutboxStats:
-        """Depth, oldest age and the reconciled history's counts: scans the history, so
-        for ``hybridmesh status`` and tests, never the request path."""
+        """Depth, oldest age (s) and the kept history's counts (reconciled items, and
+        those whose cloud answer differed): counters and one index lookup, no scan."""
         with self._lock:
             return _stats(self._db, self._clock())
 
@@ -339,10 +355,6 @@ class Outbox:
         )
         return found.fetchone() is not None
 
-    def _scalar(self, sql: str) -> int:
-        value: int = self._db.execute(sql).fetchone()[0]
-        return value
-
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
@@ -360,16 +372,55 @@ class _Transaction:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
+# The queries the router runs per item or per round; tests check their plans use an index.
+DUE_QUERY = (
+    "SELECT request_id, priority, pair, privacy_class, top_k, item_indices, edge_classes,"
+    " edge_model, inputs, enqueued_at, attempts FROM outbox"
+    " WHERE priority = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+)
+OLDEST_QUERY = "SELECT min(enqueued_at) FROM outbox"
+VICTIM_QUERY = "SELECT request_id, priority FROM outbox ORDER BY priority, seq LIMIT 1"
+# The history's oldest rows past the bound: a rowid range from its start.
+TRIM_QUERY = "DELETE FROM reconciled WHERE rowid <= (SELECT max(rowid) FROM reconciled) - ?"
+COUNTS_QUERY = "SELECT name, value FROM outbox_counts"
+
+
+def _item(row: tuple[Any, ...]) -> OutboxItem:
+    return OutboxItem(
+        request_id=row[0],
+        priority=Priority(row[1]),
+        pair=row[2],
+        privacy_class=row[3],
+        top_k=row[4],
+        item_indices=tuple(json.loads(row[5])),
+        edge_classes=tuple(json.loads(row[6])),
+        edge_model=row[7],
+        inputs=row[8],
+        enqueued_at=row[9],
+        attempts=row[10],
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """``script`` split into whole statements (a trigger body holds ``;`` too), so the
+    schema is created inside one explicit transaction (executescript commits first)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    return statements
+
+
 def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
-    depth, oldest = db.execute("SELECT count(*), min(enqueued_at) FROM outbox").fetchone()
-    reconciled, disagreements = db.execute(
-        "SELECT count(*), coalesce(sum(agrees = 0), 0) FROM reconciled"
-    ).fetchone()
+    counts = dict(db.execute(COUNTS_QUERY).fetchall())
+    (oldest,) = db.execute(OLDEST_QUERY).fetchone()
     return OutboxStats(
-        depth=depth,
+        depth=counts.get("depth", 0),
         oldest_age_s=0.0 if oldest is None else max(now - oldest, 0.0),
-        reconciled_items=reconciled,
-        corrections=disagreements,
+        reconciled_items=counts.get("reconciled", 0),
+        corrections=counts.get("corrections", 0),
     )
 
 

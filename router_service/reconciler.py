@@ -3,8 +3,15 @@ is back, record the cloud's answer beside the edge's, publish the disagreements.
 
 Idempotent end to end: the outbox is keyed by request id (a retried request is not
 queued twice), the cloud deduplicates replays by request id and payload, and an item is
-removed and its results recorded in one transaction. Rate-limited (a token bucket, so a
-recovering cloud is not stampeded by the backlog) and backing off per item.
+removed and its results recorded in one transaction. Paced by an adaptive rate
+(router_service.drain_rate: as fast as the replays' latency and the cloud's retry
+pushback allow, so a recovering cloud is not stampeded by the backlog and live traffic
+keeps its latency) and backing off per item.
+
+The worker's bookkeeping costs the same at any depth: it does not wake while the cloud
+is out (enqueues during an outage only write the item), runs at most
+``MAX_ROUNDS_PER_S`` rounds a second, and reads the oldest item's age from an index at
+most once per ``AGE_REFRESH_S``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from opentelemetry import metrics, trace
 
@@ -24,6 +32,8 @@ from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from router_service.breaker import BreakerState
 from router_service.config import RouterSettings
 from router_service.corrections import CorrectionFeed
+from router_service.drain_rate import DrainRateController
+from router_service.metrics import observe_drain_rate
 from router_service.outbox import Outbox, OutboxItem, Priority, ReconciledItem
 from router_service.tier_api import CloudTierApi, TierUnavailableError
 from services.errors import ServiceError
@@ -32,27 +42,11 @@ from services.tensors import DATATYPE_TO_NUMPY, encode_tensor
 
 # The outbox age metric is read at most this often (seconds).
 AGE_REFRESH_S = 1.0
+# The worker's rounds (a due() query, an age refresh) at most this often, however many
+# enqueues wake it.
+MAX_ROUNDS_PER_S = 20.0
 
 _log = get_logger("router_service.reconciler")
-
-
-class TokenBucket:
-    """Pure rate limiter: ``rate`` tokens per second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._updated = clock()
-
-    def wait_s(self) -> float:
-        """Take a token: 0 if one was available, else how long to wait for it."""
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
-        self._updated = now
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 def backoff_s(attempts: int, base_s: float, max_s: float, jitter: float) -> float:
@@ -133,7 +127,8 @@ class Reconciler:
         self._tracer = tracer
         self.metrics = OutboxMetrics(meter, outbox)
         self.feed = feed or CorrectionFeed()
-        self._bucket = TokenBucket(settings.drain_rate_per_s, settings.drain_rate_per_s, clock)
+        self.rate = DrainRateController(settings.drain_rate_config(), clock)
+        observe_drain_rate(meter, self.rate)
         self._wake = asyncio.Event()
         self._age_refreshed_at = -AGE_REFRESH_S
 
@@ -167,12 +162,15 @@ class Reconciler:
             self.metrics.dropped.add(1, {"reason": "refused", "priority": priority})
         if result.stored:
             self.metrics.enqueued.add(1, {"priority": priority})
-            self._wake.set()
+            if self._cloud_ready():  # while the cloud is out, the idle poll is enough
+                self._wake.set()
         return result.stored or result.duplicate
 
     async def run(self) -> None:
-        """The worker: drain while the cloud is ready, otherwise wait."""
+        """The worker: drain while the cloud is ready, otherwise wait (woken by an
+        enqueue, or every ``drain_idle_s``), at most ``MAX_ROUNDS_PER_S`` rounds a second."""
         while True:
+            started = time.monotonic()
             drained = 0
             try:
                 if self._cloud_ready():
@@ -186,6 +184,9 @@ class Reconciler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.drain_idle_s)
+            # A burst of enqueues (or a round that found nothing due) costs one round per
+            # interval, not one per item.
+            await asyncio.sleep(max(0.0, started + 1.0 / MAX_ROUNDS_PER_S - time.monotonic()))
 
     async def _refresh_age(self) -> None:
         """The oldest item's age for the metric, at most once per AGE_REFRESH_S: every
@@ -212,18 +213,20 @@ class Reconciler:
                 return 0
             return int(await self._reconcile(items[0], probe=True))
         slots = asyncio.Semaphore(self._settings.drain_concurrency)
-        cloud_failed = False
+        cloud_failed = asyncio.Event()
 
         async def one(item: OutboxItem) -> bool:
-            nonlocal cloud_failed
             async with slots:
-                if cloud_failed or not self._cloud_ready():
+                if cloud_failed.is_set() or not self._cloud_ready():
                     return False
-                wait = self._bucket.wait_s()
+                wait = self.rate.wait_s()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    if cloud_failed.is_set():  # another replay failed while this one waited
+                        return False
                 reconciled = await self._reconcile(item)
-                cloud_failed |= not reconciled
+                if not reconciled:
+                    cloud_failed.set()
                 return reconciled
 
         return sum(await asyncio.gather(*(one(item) for item in items)))
@@ -255,12 +258,22 @@ class Reconciler:
                 )
             except TierUnavailableError as error:
                 span.set_attribute("hybridmesh.data_left_site", error.code is not None)
+                if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    if error.retry_pushback_s is not None:
+                        span.set_attribute(
+                            "hybridmesh.retry_pushback_ms", round(error.retry_pushback_s * 1e3)
+                        )
+                    self.rate.pushback(error.retry_pushback_s)
+                elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.rate.timed_out()
                 await self._defer(item, str(error))
                 return False
             except ServiceError as error:
                 await self._defer(item, str(error))
                 return True
             span.set_attribute("hybridmesh.data_left_site", True)
+            if not probe:  # a probe's latency is that of a cloud just back, alone
+                self.rate.observe(answer.elapsed_s)
         results = self._results(item, tensor, answer.classifications, answer.model)
         if await asyncio.to_thread(self.outbox.complete, item.request_id, results):
             disagreements = [r for r in results if not r.agrees]
@@ -325,4 +338,4 @@ class Reconciler:
         ]
 
 
-__all__ = ["PairRoute", "Priority", "Reconciler", "TokenBucket", "backoff_s", "sampled"]
+__all__ = ["PairRoute", "Priority", "Reconciler", "backoff_s", "sampled"]

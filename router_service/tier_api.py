@@ -8,7 +8,7 @@ router's sequencing on these types is what lets it be tested without Triton.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +17,7 @@ import grpc
 from hybridmesh.common.v1 import model_pb2, routing_pb2, tensor_pb2
 from router_service.breaker import CircuitBreaker
 from router_service.latency import RollingLatency
+from services.errors import RETRY_PUSHBACK_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,14 @@ class TierUnavailableError(Exception):
         detail: str,
         *,
         failure: Failure | None = None,
+        retry_pushback_s: float | None = None,
     ) -> None:
         super().__init__(f"{tier}: {detail}")
         self.tier = tier
         self.code = code
         self.detail = detail
+        # The peer's gRFC A6 retry pushback (grpc-retry-pushback-ms), in seconds.
+        self.retry_pushback_s = retry_pushback_s
         self.failure = failure or (Failure.REFUSED if code is None else Failure.FAILED)
 
     @property
@@ -77,6 +81,18 @@ class TierUnavailableError(Exception):
     def refused(self) -> bool:
         """The router refused the call itself (nothing was attempted)."""
         return self.failure is Failure.REFUSED
+
+
+def retry_pushback_s(trailing_metadata: object) -> float | None:
+    """The gRFC A6 pushback (``grpc-retry-pushback-ms``) in a call's trailing metadata,
+    in seconds; None when absent or not a non-negative integer (A6: then do not wait)."""
+    if not isinstance(trailing_metadata, Iterable):
+        return None
+    for key, value in trailing_metadata:
+        if key == RETRY_PUSHBACK_METADATA_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return int(text) / 1e3 if text.isdigit() else None
+    return None
 
 
 def never_connected(code: grpc.StatusCode, detail: str) -> bool:

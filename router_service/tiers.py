@@ -7,6 +7,7 @@ themselves; the router decides whether the other tier answers instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -26,6 +27,7 @@ from router_service.tier_api import (
     TierHealth,
     TierUnavailableError,
     never_connected,
+    retry_pushback_s,
 )
 from services.channels import require_timeout
 from services.errors import FailedPreconditionError
@@ -83,7 +85,14 @@ async def guarded_call(
         breaker.record(permit, outcome, time.perf_counter() - started)
         detail = error.details() or ""
         failure = Failure.NOT_SENT if never_connected(error.code(), detail) else Failure.FAILED
-        raise TierUnavailableError(tier, error.code(), detail, failure=failure) from error
+        pushback = (
+            retry_pushback_s(error.trailing_metadata())
+            if isinstance(error, grpc.aio.AioRpcError)
+            else None
+        )
+        raise TierUnavailableError(
+            tier, error.code(), detail, failure=failure, retry_pushback_s=pushback
+        ) from error
     except BaseException:
         # Our caller gave up (hedge lost, client went away), or the call failed before
         # it was sent (e.g. the audit record could not be written): says nothing about
@@ -204,17 +213,28 @@ class CloudTier:
         )
 
         deadline_s = require_timeout(CLOUD_INFER, timeout_s)
+        audit = functools.partial(
+            self._audit.record,
+            request_id=request_id,
+            privacy_class=privacy_class,
+            anonymiser=anonymiser,
+            tensors=request.inputs,
+            purpose=purpose,
+            regions_blurred=sum(a.regions_blurred for a in anonymised),
+        )
+
+        async def audited_in_thread() -> cloud_service_pb2.InferResponse:
+            # A replay's audit record (an fsync) is written off the event loop, so a
+            # drain does not stall live requests behind its disk writes; it is still
+            # written before the bytes go out.
+            await asyncio.to_thread(audit)
+            return await self._stub.Infer(request, timeout=deadline_s, metadata=metadata)
 
         def send() -> Awaitable[cloud_service_pb2.InferResponse]:
             # Audited once the breaker let the call through, before the bytes go out.
-            self._audit.record(
-                request_id=request_id,
-                privacy_class=privacy_class,
-                anonymiser=anonymiser,
-                tensors=request.inputs,
-                purpose=purpose,
-                regions_blurred=sum(a.regions_blurred for a in anonymised),
-            )
+            if background:
+                return audited_in_thread()
+            audit()
             return self._stub.Infer(request, timeout=deadline_s, metadata=metadata)
 
         try:

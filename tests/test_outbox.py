@@ -17,7 +17,7 @@ from router_service.outbox import (
     ReconciledItem,
     read_stats,
 )
-from router_service.reconciler import TokenBucket, backoff_s, sampled
+from router_service.reconciler import backoff_s, sampled
 from services.errors import ResourceExhaustedError
 from tests.helpers.outbox_examples import item, results
 
@@ -151,17 +151,6 @@ def test_reconciled_rows_are_bounded(tmp_path: Path) -> None:
         ("c", 0),
         ("c", 2),
     ]
-
-
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(rate=10.0, burst=2.0, clock=clock)
-    assert [bucket.wait_s(), bucket.wait_s()] == [0.0, 0.0]
-    assert bucket.wait_s() == pytest.approx(0.1)  # the third waits for its token
-    assert bucket.wait_s() == pytest.approx(0.2)  # and the fourth behind it
-    clock.now += 10.0  # idle time refills no more than the burst
-    assert [bucket.wait_s(), bucket.wait_s()] == [0.0, 0.0]
-    assert bucket.wait_s() > 0
 
 
 def test_backoff_doubles_up_to_the_cap_with_bounded_jitter() -> None:

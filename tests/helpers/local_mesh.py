@@ -54,16 +54,21 @@ class Mesh:
         return total
 
 
-async def start_cloud(triton_url: str, spans: InMemorySpanExporter, port: int = 0) -> CloudNode:
+async def start_cloud(
+    triton_url: str, spans: InMemorySpanExporter, port: int = 0, **overrides: object
+) -> CloudNode:
+    """``overrides``: CloudSettings fields (e.g. its admission limits)."""
+    values: dict[str, object] = {
+        "port": port,
+        "triton_url": triton_url,
+        "model_store": STORE,
+        "site_token_sha256": {"site": token_sha256(TOKEN)},
+        "health_poll_s": 0.1,
+        "shutdown_grace_seconds": 0.0,
+        **overrides,
+    }
     cloud = CloudNode(
-        CloudSettings(
-            port=port,
-            triton_url=triton_url,
-            model_store=STORE,
-            site_token_sha256={"site": token_sha256(TOKEN)},
-            health_poll_s=0.1,
-            shutdown_grace_seconds=0.0,
-        ),
+        CloudSettings.model_validate(values),
         create_telemetry("cloud", span_processors=[SimpleSpanProcessor(spans)], export_otlp=False),
         TRITON_MODELS,
     )
@@ -156,7 +161,7 @@ async def any_edge_mesh(
     await stop_mesh(running)
 
 
-async def restart_cloud(mesh: Mesh, triton_url: str) -> None:
+async def restart_cloud(mesh: Mesh, triton_url: str, **overrides: object) -> None:
     """A new cloud service on the port the router already points at (an outage ends)."""
     port = int(mesh.cloud.host.address.rsplit(":", 1)[1])
-    mesh.cloud = await start_cloud(triton_url, mesh.cloud_spans, port)
+    mesh.cloud = await start_cloud(triton_url, mesh.cloud_spans, port, **overrides)
