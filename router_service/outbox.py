@@ -292,8 +292,8 @@ class Outbox:
     def _insert_reconciled(
         self, results: Sequence[ReconciledItem], *, or_ignore: bool = False
     ) -> int:
-        before = self._db.total_changes
-        self._db.executemany(
+        # rowcount, not total_changes: the counters' triggers change rows too.
+        cursor = self._db.executemany(
             f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO reconciled (request_id,"
             " item_index, pair, enqueued_at, reconciled_at, edge_model, edge_class,"
             " cloud_model, cloud_class, agrees, input, source)"
@@ -316,7 +316,7 @@ class Outbox:
                 for r in results
             ],
         )
-        inserted = self._db.total_changes - before
+        inserted = cursor.rowcount
         # Keep the newest labelled examples only: the file stays bounded too.
         self._db.execute(TRIM_QUERY, (self._max_reconciled,))
         return inserted
