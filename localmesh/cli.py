@@ -75,6 +75,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         otlp_http_traces_url=os.environ.get("HYBRIDMESH_TRITON_OTLP_HTTP_URL"),
         log_level="warning",
         models=ModelSources(args.catalog, args.store, args.policies),
+        workers=args.workers,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -221,15 +222,23 @@ async def site_versions(registry: str, operator_token: str) -> dict[tuple[str, s
 
 
 def _print_outbox(state: MeshState, console: Console) -> None:
-    """Queue depth and age of the router's outbox, read from its SQLite file."""
-    if not state.outbox or not Path(state.outbox).exists():
+    """Queue depth and age of the router's outbox, read from its SQLite file (one per
+    worker, ``outbox.worker<i>.sqlite``, when the router runs several)."""
+    path = Path(state.outbox) if state.outbox else None
+    files = [] if path is None else sorted(path.parent.glob(f"{path.stem}.worker*{path.suffix}"))
+    if path is not None and path.exists():
+        files.insert(0, path)
+    if not files:
         console.print("  outbox   none yet")
         return
-    stats = read_stats(Path(state.outbox))
-    console.print(
-        f"  outbox   {stats.depth} queued, oldest {stats.oldest_age_s:.1f} s; "
-        f"{stats.reconciled_items} item(s) reconciled, {stats.corrections} correction(s)"
-    )
+    for file in files:
+        stats = read_stats(file)
+        label = file.stem.rpartition(".")[2] if file != path else ""
+        console.print(
+            f"  outbox   {label + ': ' if label else ''}{stats.depth} queued, oldest "
+            f"{stats.oldest_age_s:.1f} s; {stats.reconciled_items} item(s) reconciled, "
+            f"{stats.corrections} correction(s)"
+        )
 
 
 def _alive(pid: int | None) -> bool:
@@ -254,6 +263,7 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             otlp_http_traces_url=receiver.http_traces_url,
             log_level="warning",
             models=ModelSources(args.catalog, args.store, args.policies),
+            workers=args.workers,
         )
     )
     console.print(
@@ -378,6 +388,13 @@ def main() -> None:
             type=int,
             default=40,
             help="emulated WAN delay at the cloud ingress (default %(default)s)",
+        )
+        mesh_command.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="worker processes of the router and of the cloud service, each on its one "
+            "port (default %(default)s)",
         )
         mesh_command.add_argument(
             "--catalog",

@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from router_service.breaker import BreakerConfig
 from services.config import ServiceSettings
+from services.workers import worker_settings
 
 
 class BreakerSettings(BaseModel):
@@ -171,3 +172,29 @@ class RouterSettings(ServiceSettings):
     # This site's id in the registry's fleet view: the router reports the policy version
     # of each pair after every poll (the edge node reports its models under the same id).
     site_id: str = "site-local"
+
+    @model_validator(mode="after")
+    def _workers_with_remote_edge(self) -> RouterSettings:
+        if self.workers > 1 and self.edge_mode == "in-process":
+            # Each worker would run its own co-located edge node: its admin port, model
+            # store updates and canary would be per process, and an admin call would
+            # reach one worker only.
+            raise ValueError("workers > 1 needs edge_mode 'remote' (not 'in-process')")
+        return self
+
+    def for_worker(self, index: int, port: int) -> RouterSettings:
+        """These settings for worker ``index`` of ``workers`` on the shared ``port``:
+        its own /metrics port, outbox file (``outbox.sqlite`` -> ``outbox.worker1.sqlite``,
+        drained by that worker alone), policy staging directory, and its share of the
+        drain rate (so the cloud sees ``drain_rate_per_s`` from the site in all)."""
+        settings = worker_settings(self, index, port)
+        if self.workers == 1:
+            return settings
+        outbox = self.outbox_path
+        return settings.model_copy(
+            update={
+                "outbox_path": outbox.with_name(f"{outbox.stem}.worker{index}{outbox.suffix}"),
+                "policy_update_staging": self.policy_update_staging / f"worker{index}",
+                "drain_rate_per_s": self.drain_rate_per_s / self.workers,
+            }
+        )

@@ -33,3 +33,7 @@ class ServiceSettings(BaseSettings):
     # Prometheus /metrics over HTTP on this port (services/prometheus.py), on ``host``;
     # 0: off. The local mesh gives each service one and records them in state.json.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Worker processes serving ``port`` together (SO_REUSEPORT, services/workers.py), for
+    # the services whose ``__main__`` runs through ``run_workers`` (router, cloud). With
+    # several, worker i serves /metrics on ``metrics_port + i``.
+    workers: int = Field(default=1, ge=1, le=64)
