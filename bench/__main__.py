@@ -31,6 +31,7 @@ def run(command: list[str]) -> None:
 
 
 FAULT_SECTION = "## 3. Faults under load"
+SCALE_SECTION = "## 4b. Overload and worker processes (`python -m bench.scale_bench`)"
 # A cancelled call's cloud call must end within this of the cancel (issue 15).
 CANCEL_RUN_ON_GOAL_MS = 100.0
 
@@ -98,9 +99,12 @@ def _goal_row(goal: str, measured: str, met: bool) -> str:
 def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) -> str:
     mesh = json.loads((out / "mesh_bench.json").read_text())
     faults = json.loads((out / "fault_bench.json").read_text())
-    goal_rows = [
-        (goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]
-    ] + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+    scale = json.loads((out / "scale_bench.json").read_text())
+    goal_rows = (
+        [(goal["goal"], f"{goal['measured']:.2f}x", goal["met"]) for goal in mesh["goals"]]
+        + [(goal["goal"], goal["measured"], goal["met"]) for goal in fault_goals(faults)]
+        + [(goal["goal"], goal["measured"], goal["met"]) for goal in scale["goals"]]
+    )
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -148,6 +152,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 4. Over-the-air update time",
         "",
         (out / "ota_bench.md").read_text().strip(),
+        "",
+        SCALE_SECTION,
+        "",
+        (out / "scale_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -237,6 +245,8 @@ def main() -> None:
     run([python, "-m", "bench.fault_bench", *fault, "--out", str(out / "fault_bench.json")])
     rounds = ["--rounds", "3"] if args.quick else []
     run([python, "-m", "bench.ota_bench", *rounds, "--out", str(out / "ota_bench.json")])
+    scale = ["--runs", "1", "--seconds", "2", "--count", "100"] if args.quick else []
+    run([python, "-m", "bench.scale_bench", *scale, "--out", str(out / "scale_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)

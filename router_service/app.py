@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,14 +43,31 @@ from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
 from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
+from services.shedding import SheddingInterceptor
 from services.telemetry import Telemetry
 from services.tensors import DATATYPE_BY_KSERVE_NAME
 from workload.catalog import load_catalog
 
 ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
 HEALTH_POLL_S = 0.5
+# The calls that take an admission slot; shed before tracing (services/shedding.py).
+SHED_METHODS = (
+    f"/{ROUTER_SERVICE_NAME}/Infer",
+    f"/{ROUTER_SERVICE_NAME}/InferStream",
+    f"/{OIP_SERVICE_NAME}/ModelInfer",
+)
 
 _log = get_logger("router_service")
+
+
+def _with_shedding(
+    telemetry: list[grpc.aio.ServerInterceptor[Any, Any]],
+    shedding: grpc.aio.ServerInterceptor[Any, Any],
+) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """The RPC metric first (a shed call is counted, with its status), the shedding, then
+    tracing: a refused call costs no span (Telemetry.server_interceptors' order)."""
+    rpc_metrics, *tracing = telemetry
+    return [rpc_metrics, shedding, *tracing]
 
 
 def oip_pairs_from_catalog(path: Path) -> dict[str, PairMetadata]:
@@ -210,7 +228,10 @@ class RouterNode:
                     serving_at_start=False,
                 ),
             ],
-            interceptors=telemetry.server_interceptors(tracing=settings.tracing_enabled),
+            interceptors=_with_shedding(
+                telemetry.server_interceptors(tracing=settings.tracing_enabled),
+                SheddingInterceptor(admission, SHED_METHODS),
+            ),
         )
         # Draining ends the endless WatchCorrections streams at once (corrections.py).
         self.host.on_draining(self.reconciler.feed.close)
