@@ -443,7 +443,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=300, help="calls of the unloaded phase")
     parser.add_argument("--seconds", type=float, default=4.0, help="each load phase")
-    parser.add_argument("--concurrency", type=int, default=32, help="capacity phase, in all")
+    parser.add_argument("--concurrency", type=int, default=16, help="capacity phase, in all")
     parser.add_argument("--clients", type=int, default=2, help="load generator processes")
     parser.add_argument("--deadline-ms", type=float, default=1000.0, help="overload calls")
     parser.add_argument(

@@ -41,6 +41,7 @@ from services.admission import Admission, observe_admission
 from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
+from services.loop_lag import LoopLag
 from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
 from services.shedding import SheddingInterceptor
@@ -68,6 +69,20 @@ def _with_shedding(
     tracing: a refused call costs no span (Telemetry.server_interceptors' order)."""
     rpc_metrics, *tracing = telemetry
     return [rpc_metrics, shedding, *tracing]
+
+
+def _admission(settings: RouterSettings) -> tuple[Admission, LoopLag]:
+    """The router's one admission limit, and the loop lag it sheds on (started with the
+    router)."""
+    loop_lag = LoopLag()
+    return Admission(
+        settings.max_in_flight,
+        settings.max_queued_requests,
+        settings.retry_pushback_ms,
+        resource="the router",
+        loop_lag=lambda: loop_lag.lag_s,
+        max_loop_lag_s=settings.max_loop_lag_s,
+    ), loop_lag
 
 
 def oip_pairs_from_catalog(path: Path) -> dict[str, PairMetadata]:
@@ -196,12 +211,7 @@ class RouterNode:
         )
         register_controller_metrics(meter, self.router.controllers)
         # One admission limit for the router, whichever protocol a request came by.
-        admission = Admission(
-            settings.max_in_flight,
-            settings.max_queued_requests,
-            settings.retry_pushback_ms,
-            resource="the router",
-        )
+        admission, self.loop_lag = _admission(settings)
         servicer = RouterServicer(self.router, self.reconciler, admission)
         observe_router_state(meter, breaker_states, lambda: self.router.policies)
         observe_admission(meter, "hybridmesh.router", lambda: admission)
@@ -280,6 +290,7 @@ class RouterNode:
         self._tasks = [
             asyncio.create_task(self._watch_tiers()),
             asyncio.create_task(self.reconciler.run()),
+            asyncio.create_task(self.loop_lag.run()),
         ]
         for updater in self.policy_updaters.values():
             self._tasks.append(asyncio.create_task(self._poll_policies(updater)))

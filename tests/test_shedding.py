@@ -1,4 +1,5 @@
-"""services.shedding: a request the admission rule refuses is refused before tracing.
+"""services.shedding: a request the admission rule refuses is refused before tracing;
+services.loop_lag: a loop running behind is overload.
 
 A real grpc.aio server (ServiceHost) with the router's interceptor order (RPC metric,
 shedding, tracing, error mapping) around the kernel test servicer; the admission's one
@@ -7,7 +8,9 @@ slot is held by the test itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +23,8 @@ from hybridmesh.common.v1 import model_pb2
 from hybridmesh.edge.v1 import edge_service_pb2, edge_service_pb2_grpc
 from services.admission import Admission
 from services.config import ServiceSettings
-from services.errors import RETRY_PUSHBACK_METADATA_KEY
+from services.errors import RETRY_PUSHBACK_METADATA_KEY, ResourceExhaustedError
+from services.loop_lag import LoopLag
 from services.server import ServiceHost, ServiceRegistration
 from services.shedding import SheddingInterceptor
 from services.telemetry import create_telemetry
@@ -125,3 +129,39 @@ async def test_other_methods_pass_a_full_admission() -> None:
 def _pushback(error: grpc.aio.AioRpcError) -> str | None:
     metadata: Any = error.trailing_metadata() or ()
     return {str(key): str(value) for key, value in metadata}.get(RETRY_PUSHBACK_METADATA_KEY)
+
+
+async def test_a_loop_running_behind_sheds_whatever_the_slots_say() -> None:
+    lag = LoopLag()
+    admission = Admission(
+        64, 256, 75, resource="the test", loop_lag=lambda: lag.lag_s, max_loop_lag_s=0.01
+    )
+    assert admission.refusal(1.0, shed_when_late=True) is None
+    for _ in range(20):  # the loop answers each 10 ms timer 30 ms late
+        lag.observe(0.03)
+    refusal = admission.refusal(1.0, shed_when_late=True)
+    assert refusal is not None
+    assert "runs 30 ms behind (limit 10 ms)" in refusal.message
+    assert refusal.retry_after_ms == 75
+    with pytest.raises(ResourceExhaustedError):
+        async with admission.slot():
+            pass
+    for _ in range(40):  # caught up
+        lag.observe(0.0)
+    assert admission.refusal(1.0, shed_when_late=True) is None
+    # One late timer (a preemption) is smoothed, not overload.
+    lag.observe(0.03)
+    assert admission.refusal(1.0, shed_when_late=True) is None
+
+
+async def test_the_loop_lag_sees_a_blocked_loop() -> None:
+    lag = LoopLag(0.005)
+    sampler = asyncio.create_task(lag.run())
+    try:
+        await asyncio.sleep(0.02)
+        for _ in range(6):  # the loop is blocked 40 ms at a time
+            time.sleep(0.04)  # noqa: ASYNC251 (blocking the loop is the point)
+            await asyncio.sleep(0)
+        assert lag.lag_s > 0.01
+    finally:
+        sampler.cancel()

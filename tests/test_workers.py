@@ -25,10 +25,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from rich.console import Console
 
 from hybridmesh.router.v1 import router_service_pb2_grpc
+from localmesh.cli import _print_outbox
+from localmesh.launcher import MeshState
 from router_service.config import RouterSettings
+from router_service.outbox import Outbox
 from tests.helpers.edge_node import RunningEdge
+from tests.helpers.outbox_examples import item
 from tests.helpers.paths import POLICY_ROOT, REPO
 from tests.helpers.processes import alive, children, process_group
 from tests.helpers.requests import _first_test_image, router_request
@@ -215,3 +220,18 @@ def test_each_worker_has_its_own_outbox_and_metrics_port(tmp_path: Path) -> None
 def test_several_workers_refuse_a_co_located_edge() -> None:
     with pytest.raises(ValueError, match="workers > 1 needs edge_mode"):
         RouterSettings(workers=2, edge_mode="in-process")
+
+
+def test_status_lists_every_workers_outbox(tmp_path: Path) -> None:
+    settings = RouterSettings(workers=2, outbox_path=tmp_path / "outbox.sqlite")
+    for index, depth in ((0, 1), (1, 2)):
+        outbox = Outbox(settings.for_worker(index, 0).outbox_path, max_items=10)
+        for number in range(depth):
+            outbox.put(item(f"w{index}-{number}"))
+        outbox.close()
+    console = Console(record=True, width=200)
+    state = MeshState(str(tmp_path), {}, {}, {}, 40, outbox=str(settings.outbox_path))
+    _print_outbox(state, console)
+    text = console.export_text()
+    assert "worker0: 1 queued" in text
+    assert "worker1: 2 queued" in text
