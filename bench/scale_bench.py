@@ -43,6 +43,7 @@ from bench.cpu import CpuMeter
 from bench.load import ServerProcess, free_port, median, publish_report
 from hybridmesh.common.v1 import routing_pb2
 from hybridmesh.router.v1 import router_service_pb2, router_service_pb2_grpc
+from services.loop_lag import LoopLag
 from services.tensors import encode_tensor
 from workload.fashion_mnist import load_split
 
@@ -98,10 +99,20 @@ def _stubs(spec: LoadSpec) -> tuple[list[grpc.aio.Channel], list[Any]]:
     return channels, [router_service_pb2_grpc.RouterServiceStub(c) for c in channels]
 
 
-async def _client(spec: LoadSpec) -> list[tuple[float, str]]:
+async def _client(spec: LoadSpec) -> tuple[list[tuple[float, str]], float]:
+    """The answers (latency ms, status name) and the peak smoothed lag of this client's
+    own event loop in ms (how much of a latency the load generator itself added)."""
     request = _request(load_split("test").images[spec.image_index : spec.image_index + 1])
     channels, stubs = _stubs(spec)
     answers: list[tuple[float, str]] = []
+    lag = LoopLag()
+    peak_lag_s = 0.0
+
+    async def watch_lag() -> None:
+        nonlocal peak_lag_s
+        while True:
+            await asyncio.sleep(0.05)
+            peak_lag_s = max(peak_lag_s, lag.lag_s)
 
     async def call(stub: Any) -> None:
         started = time.perf_counter()
@@ -117,6 +128,8 @@ async def _client(spec: LoadSpec) -> list[tuple[float, str]]:
             # e.g. still shedding after the previous phase: the phase's answers count.
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Infer(request, timeout=5, wait_for_ready=True)
+    sampler = asyncio.create_task(lag.run())
+    watcher = asyncio.create_task(watch_lag())
     if spec.mode == "latency":
         for index in range(spec.count):
             await call(stubs[index % len(stubs)])
@@ -137,12 +150,14 @@ async def _client(spec: LoadSpec) -> list[tuple[float, str]]:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(call(stubs[index % len(stubs)])))
         await asyncio.gather(*tasks)
+    sampler.cancel()
+    watcher.cancel()
     for channel in channels:
         await channel.close(None)
-    return answers
+    return answers, peak_lag_s * 1e3
 
 
-def _run_client(spec: LoadSpec) -> list[tuple[float, str]]:
+def _run_client(spec: LoadSpec) -> tuple[list[tuple[float, str]], float]:
     return asyncio.run(_client(spec))
 
 
@@ -152,12 +167,16 @@ class LoadGenerator:
     def __init__(self, clients: int) -> None:
         self.clients = clients
         self._pool = ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn"))
+        self.client_lag_ms = 0.0
 
     def run(self, spec: LoadSpec, clients: int | None = None) -> tuple[list[Answer], float]:
-        """All clients' answers and the phase's wall time (s); ``spec`` is one client's."""
+        """All clients' answers and the phase's wall time (s); ``spec`` is one client's.
+        ``client_lag_ms``: the largest peak loop lag of a client in this phase."""
         started = time.perf_counter()
         futures = [self._pool.submit(_run_client, spec) for _ in range(clients or self.clients)]
-        answers = [Answer(*a) for future in futures for a in future.result()]
+        results = [future.result() for future in futures]
+        self.client_lag_ms = max(lag for _, lag in results)
+        answers = [Answer(*a) for answers, _ in results for a in answers]
         return answers, time.perf_counter() - started
 
     def close(self) -> None:
@@ -264,6 +283,8 @@ def _overload(
         "admitted_p99_ms": _percentile(admitted, 99),
         "shed_p99_ms": _percentile(shed, 99),
         "shed_max_ms": max(shed) if shed else None,
+        # The load generator's own share of those latencies (its loop, same cores).
+        "client_loop_lag_peak_ms": load.client_lag_ms,
     }
 
 
@@ -331,6 +352,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "admitted_p99_ms": med([r["overload"]["admitted_p99_ms"] for r in one]),
         "shed_max_ms": med([r["overload"]["shed_max_ms"] for r in one]),
+        "client_loop_lag_peak_ms": med([r["overload"].get("client_loop_lag_peak_ms") for r in one]),
         "shed_share": med(
             [
                 r["overload"]["codes"].get("RESOURCE_EXHAUSTED", 0) / r["overload"]["sent"]
@@ -411,6 +433,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"({f(s['admitted_p99_over_unloaded'], '.1f')}x) |",
         f"| at 2x capacity: share shed, slowest shed answer | {f(s['shed_share'])}, "
         f"{f(s['shed_max_ms'], '.1f')} ms |",
+        f"| at 2x capacity: the load generator's own loop lag (peak, smoothed) | "
+        f"{f(s['client_loop_lag_peak_ms'], '.1f')} ms |",
         *[
             f"| CPU per request, {name.replace('_', ' ')}: router / edge node | "
             f"{f(value['router'], '.0f')} / {f(value['edge_node'], '.0f')} µs |"

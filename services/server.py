@@ -78,6 +78,7 @@ class ServiceHost:
         self._server = grpc.aio.server(
             interceptors=[*interceptors, ErrorMappingInterceptor()],
             options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         # grpc-stubs lacks the aio health servicer; it is the library's own, not ours.
         self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -165,3 +165,37 @@ async def test_the_loop_lag_sees_a_blocked_loop() -> None:
         assert lag.lag_s > 0.01
     finally:
         sampler.cancel()
+
+
+async def test_grpcs_own_concurrent_rpc_limit_refuses_past_the_setting() -> None:
+    servicer = ScriptedEdgeServicer()
+    host = ServiceHost(
+        ServiceSettings(
+            service_name="limit-test", port=0, shutdown_grace_seconds=0, max_concurrent_rpcs=1
+        ),
+        [
+            ServiceRegistration(
+                EDGE_SERVICE,
+                lambda server: edge_service_pb2_grpc.add_EdgeServiceServicer_to_server(
+                    servicer, server
+                ),
+            )
+        ],
+    )
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(host.address) as channel:
+            stub = edge_service_pb2_grpc.EdgeServiceStub(channel)
+            slow = edge_service_pb2.InferRequest(
+                request_id="held", model=model_pb2.ModelRef(name="slow")
+            )
+            held = asyncio.ensure_future(stub.Infer(slow, timeout=5))
+            await servicer.entered.wait()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Infer(_echo(), timeout=5)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert servicer.calls == 1  # the refused call never reached the handler
+            servicer.release.set()
+            assert (await held).request_id == "held"
+    finally:
+        await host.stop(0)
