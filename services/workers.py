@@ -133,6 +133,8 @@ class WorkerGroup:
                 if self.stopping():  # e.g. Ctrl-C: the workers got SIGINT too
                     break
                 index = sentinels[ready]  # type: ignore[index]
+                # The sentinel closes as the worker exits, a moment before it can be reaped.
+                self._processes[index].join(5)
                 code = self._processes[index].exitcode
                 _log.error("worker exited", worker=index, exit_code=code)
                 if not self._may_restart():
