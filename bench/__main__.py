@@ -32,6 +32,7 @@ def run(command: list[str]) -> None:
 
 
 FAULT_SECTION = "## 3. Faults under load"
+SCALE_SECTION = "## 8. Overload and worker processes (`python -m bench.scale_bench`)"
 # A cancelled call's cloud call must end within this of the cancel (issue 15).
 CANCEL_RUN_ON_GOAL_MS = 100.0
 
@@ -109,6 +110,8 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
     )
     outbox = json.loads((out / "outbox_bench.json").read_text())
     goal_rows += [(goal["goal"], goal["measured"], goal["met"]) for goal in outbox["goals"]]
+    scale = json.loads((out / "scale_bench.json").read_text())
+    goal_rows += [(goal["goal"], goal["measured"], goal["met"]) for goal in scale["goals"]]
     evaluation = (out / "router-evaluation.md").read_text()
     # The evaluation's own title and regenerate line do not belong inside this page.
     evaluation_body = "\n".join(
@@ -174,6 +177,10 @@ def report_markdown(out: Path, docs_images: str, elapsed_s: float, quick: bool) 
         "## 7. Outbox: cost per queued escalation at any depth, and the drain after an outage",
         "",
         (out / "outbox_bench.md").read_text().strip(),
+        "",
+        SCALE_SECTION,
+        "",
+        (out / "scale_bench.md").read_text().strip(),
         "",
     ]
     if ANALYSIS.exists():
@@ -270,6 +277,8 @@ def main() -> None:
     outbox = ["--runs", "1", "--backlog", "2000", "--before-s", "8"] if args.quick else []
     command = [python, "-m", "bench.outbox_bench", "costs", *outbox]
     run([*command, "--out", str(out / "outbox_bench.json")])
+    scale = ["--runs", "1", "--seconds", "2", "--count", "100"] if args.quick else []
+    run([python, "-m", "bench.scale_bench", *scale, "--out", str(out / "scale_bench.json")])
 
     images = args.docs / "benchmarks"
     images.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,10 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     async def wait_serving(self, timeout_s: float = 60.0, health: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
         async with grpc.aio.insecure_channel(self.address) as channel:

@@ -158,6 +158,13 @@ def _add_mesh_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "its own process, as at a site where the model runs on another box "
             "(default %(default)s)",
         )
+        mesh_command.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="worker processes of the router and of the cloud service, each set on one "
+            "port (SO_REUSEPORT); more than 1 needs --edge-mode remote (default %(default)s)",
+        )
     demo_parser.add_argument(
         "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
     )
@@ -235,6 +242,14 @@ def _warn_unknown_environment() -> None:
         sys.stderr.write(f"hybridmesh: warning: {variable.message()}\n")
 
 
+def _workers_problem(args: argparse.Namespace) -> str | None:
+    if not 1 <= args.workers <= 16:  # localmesh.launcher.MAX_WORKERS (kept light: not imported)
+        return f"--workers must be within 1..16, got {args.workers}"
+    if args.workers > 1 and args.edge_mode == "in-process":
+        return "--workers > 1 needs --edge-mode remote (a co-located edge runs in one process)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``hybridmesh`` (the console script): the exit status; 2 for a user error, said in
     one line on stderr."""
@@ -244,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         return policy(args)
     if args.command == "registry":
         return registry_cli.run(args, _operator_defaults(args.state_dir))
+    if args.command in {"up", "demo"} and (problem := _workers_problem(args)):
+        sys.stderr.write(f"hybridmesh {args.command}: error: {problem}\n")
+        return 2
     if args.command in {"up", "demo"} and (problem := _catalog_problem(args)):
         sys.stderr.write(f"hybridmesh {args.command}: error: {problem}\n")
         return 2

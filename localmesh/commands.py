@@ -54,6 +54,7 @@ def _options(args: argparse.Namespace, **extra: object) -> MeshOptions:
         log_level="warning",
         models=ModelSources(args.catalog, args.store, args.policies),
         edge_mode=args.edge_mode,
+        workers=args.workers,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -102,6 +103,7 @@ def up_detached(args: argparse.Namespace, console: Console) -> int:
     command += ["--random-ports"] if args.random_ports else []
     command += ["--catalog", str(args.catalog), "--store", str(args.store)]
     command += ["--policies", str(args.policies), "--edge-mode", args.edge_mode]
+    command += ["--workers", str(args.workers)]
     with log.open("ab") as stream:
         supervisor = subprocess.Popen(
             command,
@@ -202,15 +204,23 @@ async def site_versions(registry: str, operator_token: str) -> dict[tuple[str, s
 
 
 def _print_outbox(state: MeshState, console: Console) -> None:
-    """Queue depth and age of the router's outbox, read from its SQLite file."""
-    if not state.outbox or not Path(state.outbox).exists():
+    """Queue depth and age of the router's outbox, read from its SQLite file (one per
+    worker, ``outbox.worker<i>.sqlite``, when the router runs several)."""
+    path = Path(state.outbox) if state.outbox else None
+    files = [] if path is None else sorted(path.parent.glob(f"{path.stem}.worker*{path.suffix}"))
+    if path is not None and path.exists():
+        files.insert(0, path)
+    if not files:
         console.print("  outbox   none yet")
         return
-    stats = read_stats(Path(state.outbox))
-    console.print(
-        f"  outbox   {stats.depth} queued, oldest {stats.oldest_age_s:.1f} s; "
-        f"{stats.reconciled_items} item(s) reconciled, {stats.corrections} correction(s)"
-    )
+    for file in files:
+        stats = read_stats(file)
+        label = file.stem.rpartition(".")[2] if file != path else ""
+        console.print(
+            f"  outbox   {label + ': ' if label else ''}{stats.depth} queued, oldest "
+            f"{stats.oldest_age_s:.1f} s; {stats.reconciled_items} item(s) reconciled, "
+            f"{stats.corrections} correction(s)"
+        )
 
 
 def _alive(pid: int | None) -> bool:
@@ -236,6 +246,7 @@ async def demo(args: argparse.Namespace, console: Console) -> int:
             log_level="warning",
             models=ModelSources(args.catalog, args.store, args.policies),
             edge_mode=args.edge_mode,
+            workers=args.workers,
         )
     )
     edge = "edge node" if args.edge_mode == "remote" else "router with the edge model in it"

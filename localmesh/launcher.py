@@ -58,6 +58,10 @@ DEFAULT_PORTS = {
     "registry_metrics": 59104,
 }
 METRICS_PARTS = ("router", "edge", "cloud", "registry")
+# With several workers (MeshOptions.workers), worker i of the router and of the cloud
+# service serves /metrics on base + i: these bases leave room for up to 16 each.
+WORKER_METRICS_BASES = {"router_metrics": 59110, "cloud_metrics": 59130}
+MAX_WORKERS = 16
 PARTS = ("triton", "cloud", "registry", "envoy", "edge", "router")
 # How often the local site asks the registry for new versions.
 UPDATE_INTERVAL_S = "10"
@@ -70,6 +74,23 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive ports free now (the workers' /metrics ports)."""
+    for _ in range(100):
+        first = free_port()
+        probes = [socket.socket() for _ in range(count - 1)]
+        try:
+            for offset, probe in enumerate(probes, start=1):
+                probe.bind(("127.0.0.1", first + offset))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 @dataclass
@@ -124,6 +145,9 @@ class MeshOptions:
     # The cloud service logs every Infer call it receives (a JSON line each): what the
     # privacy tests assert on; a benchmark may turn it off.
     cloud_intake_log: bool = True
+    # Worker processes of the router and of the cloud service, each on its one port
+    # (services/workers.py; HYBRIDMESH_ROUTER_WORKERS, HYBRIDMESH_CLOUD_WORKERS).
+    workers: int = 1
     # Extra HYBRIDMESH_ROUTER_* settings (e.g. a faster drain in tests).
     router_environment: dict[str, str] = field(default_factory=dict)
     # Restart a dead Triton within these bounds; None: leave it dead.
@@ -148,6 +172,16 @@ class LocalMesh:
             if options.random_ports
             else dict(DEFAULT_PORTS)
         )
+        if not 1 <= options.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be within 1..{MAX_WORKERS}, got {options.workers}")
+        if options.workers > 1 and options.edge_mode == "in-process":
+            # The router's own rule (RouterSettings), said before anything starts.
+            raise ValueError("several router workers need edge_mode 'remote' (not 'in-process')")
+        if options.workers > 1:
+            for name, base in WORKER_METRICS_BASES.items():
+                self.ports[name] = (
+                    free_port_range(options.workers) if options.random_ports else base
+                )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # How each spawned part was started, so a fault test can restart it the same way.
         self._spawned: dict[str, tuple[list[str], dict[str, str]]] = {}
@@ -231,11 +265,7 @@ class LocalMesh:
             credentials=operator_credentials(self.state_dir),
             catalog=str(self.models.catalog),
             store=str(self.models.store),
-            metrics={
-                name: f"http://{self.endpoint(f'{name}_metrics')}/metrics"
-                for name in METRICS_PARTS
-                if name in self.processes
-            },
+            metrics=self._metrics_urls(),
         )
         state.write()
         self.state = state
@@ -248,6 +278,19 @@ class LocalMesh:
                 )
             )
         return state
+
+    def _metrics_urls(self) -> dict[str, str]:
+        """name -> /metrics URL; worker i > 0 of a service with several is "<name>.worker<i>"."""
+        urls = {}
+        for name in METRICS_PARTS:
+            if name not in self.processes:
+                continue
+            port = self.ports[f"{name}_metrics"]
+            urls[name] = f"http://127.0.0.1:{port}/metrics"
+            if f"{name}_metrics" in WORKER_METRICS_BASES:
+                for index in range(1, self.options.workers):
+                    urls[f"{name}.worker{index}"] = f"http://127.0.0.1:{port + index}/metrics"
+        return urls
 
     def _triton_restarted(self, pid: int) -> None:
         assert self.triton is not None and self.triton.process is not None
@@ -293,6 +336,7 @@ class LocalMesh:
                 {
                     "HYBRIDMESH_CLOUD_PORT": str(self.ports["cloud"]),
                     "HYBRIDMESH_CLOUD_METRICS_PORT": str(self.ports["cloud_metrics"]),
+                    "HYBRIDMESH_CLOUD_WORKERS": str(self.options.workers),
                     "HYBRIDMESH_CLOUD_TRITON_URL": self.endpoint("triton"),
                     "HYBRIDMESH_CLOUD_CATALOG": str(self.models.catalog),
                     "HYBRIDMESH_CLOUD_MODEL_STORE": str(self.models.store),
@@ -413,6 +457,8 @@ class LocalMesh:
             "HYBRIDMESH_ROUTER_PORT": str(port),
             "HYBRIDMESH_ROUTER_METRICS_PORT": str(metrics_port),
             "HYBRIDMESH_ROUTER_EDGE_MODE": edge_mode,
+            # A co-located edge runs in one router process (RouterSettings refuses more).
+            "HYBRIDMESH_ROUTER_WORKERS": str(self.options.workers if edge_mode == "remote" else 1),
             "HYBRIDMESH_ROUTER_EDGE_TARGET": f"127.0.0.1:{edge_port}",
             "HYBRIDMESH_ROUTER_CLOUD_TARGET": self.endpoint("envoy"),
             "HYBRIDMESH_ROUTER_CLOUD_TLS_DIR": str(self.state_dir / "router-tls"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from functools import partial
 
 from edge_node.config import EdgeSettings
 from router_service.app import RouterNode, pairs_from_catalog
@@ -12,6 +13,7 @@ from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
 from services.telemetry import create_telemetry
+from services.workers import WorkerPolicy, run_workers
 
 
 async def _serve(settings: RouterSettings) -> None:
@@ -26,11 +28,28 @@ async def _serve(settings: RouterSettings) -> None:
     await serve_until_signalled(node, telemetry)
 
 
+def _serve_worker(settings: RouterSettings, index: int, port: int) -> None:
+    asyncio.run(_serve(settings.for_worker(index, port)))
+
+
+def _stop_timeout_s(settings: RouterSettings) -> float:
+    # A worker's whole graceful stop, and a margin, before the parent kills it.
+    return settings.shutdown_drain_delay_seconds + settings.shutdown_grace_seconds + 10.0
+
+
 def main() -> None:
     settings = RouterSettings()
     configure_logging(settings.log_level)
     warn_unknown_variables(os.environ, settings.service_name)
-    asyncio.run(_serve(settings))
+    # Forks before any gRPC object exists (services/workers.py); one worker: no fork.
+    code = run_workers(
+        partial(_serve_worker, settings),
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        policy=WorkerPolicy(stop_timeout_s=_stop_timeout_s(settings)),
+    )
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

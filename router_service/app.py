@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,16 +41,48 @@ from services.admission import Admission, observe_admission
 from services.auth import bearer_metadata, read_token
 from services.channels import ChannelFactory, mtls_credentials
 from services.logging import get_logger
+from services.loop_lag import LoopLag
 from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
+from services.shedding import SheddingInterceptor
 from services.telemetry import Telemetry
 from services.tensors import DATATYPE_BY_KSERVE_NAME
 from workload.catalog import load_catalog
 
 ROUTER_SERVICE_NAME = "hybridmesh.router.v1.RouterService"
 HEALTH_POLL_S = 0.5
+# The calls that take an admission slot; shed before tracing (services/shedding.py).
+SHED_METHODS = (
+    f"/{ROUTER_SERVICE_NAME}/Infer",
+    f"/{ROUTER_SERVICE_NAME}/InferStream",
+    f"/{OIP_SERVICE_NAME}/ModelInfer",
+)
 
 _log = get_logger("router_service")
+
+
+def _with_shedding(
+    telemetry: list[grpc.aio.ServerInterceptor[Any, Any]],
+    shedding: grpc.aio.ServerInterceptor[Any, Any],
+) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """The RPC metric first (a shed call is counted, with its status), the shedding, then
+    tracing: a refused call costs no span (Telemetry.server_interceptors' order)."""
+    rpc_metrics, *tracing = telemetry
+    return [rpc_metrics, shedding, *tracing]
+
+
+def _admission(settings: RouterSettings) -> tuple[Admission, LoopLag]:
+    """The router's one admission limit, and the loop lag it sheds on (started with the
+    router)."""
+    loop_lag = LoopLag()
+    return Admission(
+        settings.max_in_flight,
+        settings.max_queued_requests,
+        settings.retry_pushback_ms,
+        resource="the router",
+        loop_lag=lambda: loop_lag.lag_s,
+        max_loop_lag_s=settings.max_loop_lag_s,
+    ), loop_lag
 
 
 def oip_pairs_from_catalog(path: Path) -> dict[str, PairMetadata]:
@@ -177,12 +210,7 @@ class RouterNode:
         )
         register_controller_metrics(meter, self.router.controllers, self.router.edge_error)
         # One admission limit for the router, whichever protocol a request came by.
-        admission = Admission(
-            settings.max_in_flight,
-            settings.max_queued_requests,
-            settings.retry_pushback_ms,
-            resource="the router",
-        )
+        admission, self.loop_lag = _admission(settings)
         servicer = RouterServicer(self.router, self.reconciler, admission)
         observe_router_state(meter, breaker_states, lambda: self.router.policies)
         observe_admission(meter, "hybridmesh.router", lambda: admission)
@@ -209,7 +237,10 @@ class RouterNode:
                     serving_at_start=False,
                 ),
             ],
-            interceptors=telemetry.server_interceptors(tracing=settings.tracing_enabled),
+            interceptors=_with_shedding(
+                telemetry.server_interceptors(tracing=settings.tracing_enabled),
+                SheddingInterceptor(admission, SHED_METHODS),
+            ),
         )
         # Draining ends the endless WatchCorrections streams at once (corrections.py).
         self.host.on_draining(self.reconciler.feed.close)
@@ -262,6 +293,7 @@ class RouterNode:
         self._tasks = [
             asyncio.create_task(self._watch_tiers()),
             asyncio.create_task(self.reconciler.run()),
+            asyncio.create_task(self.loop_lag.run()),
         ]
         for updater in self.policy_updaters.values():
             self._tasks.append(asyncio.create_task(self._poll_policies(updater)))

@@ -12,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from router_service.breaker import BreakerConfig
 from router_service.drain_rate import DrainRateConfig
 from services.config import ServiceSettings
+from services.workers import worker_settings
 
 
 class BreakerSettings(BaseModel):
@@ -138,6 +139,13 @@ class RouterSettings(ServiceSettings):
     max_in_flight: int = Field(default=64, ge=1)
     max_queued_requests: int = Field(default=256, ge=0)
     retry_pushback_ms: int = Field(default=50, ge=0)
+    # And while the event loop runs this far behind (smoothed; services/loop_lag.py):
+    # the router's CPU is saturated and work queues before any handler sees it. 0: off.
+    # Off by default: on this loaded 2-core machine an idle router's smoothed lag reaches
+    # 8 ms and the chaos test's router's passed 25 ms with no overload of its own (noisy
+    # neighbours), so a default would refuse good traffic; set it where the router has its
+    # cores (10 ms kept goodput at 0.92x capacity at 2x load, docs/benchmarks.md).
+    max_loop_lag_s: float = Field(default=0.0, ge=0)
     # Prices per item in micro-USD: $1.50 per 1,000 cloud images (a typical cloud vision
     # price) and a nominal edge cost (power, amortised hardware).
     cloud_price_micros: int = Field(default=1500, ge=0)
@@ -219,4 +227,33 @@ class RouterSettings(ServiceSettings):
             min_per_s=self.drain_rate_min_per_s,
             max_per_s=self.drain_rate_max_per_s,
             tolerance=self.drain_latency_tolerance,
+        )
+
+    @model_validator(mode="after")
+    def _workers_with_remote_edge(self) -> RouterSettings:
+        if self.workers > 1 and self.edge_mode == "in-process":
+            # Each worker would run its own co-located edge node: its admin port, model
+            # store updates and canary would be per process, and an admin call would
+            # reach one worker only.
+            raise ValueError("workers > 1 needs edge_mode 'remote' (not 'in-process')")
+        return self
+
+    def for_worker(self, index: int, port: int) -> RouterSettings:
+        """These settings for worker ``index`` of ``workers`` on the shared ``port``:
+        its own /metrics port, outbox file (``outbox.sqlite`` -> ``outbox.worker1.sqlite``,
+        drained by that worker alone), policy staging directory, and its share of the
+        drain rate's start and bounds (so the cloud sees the site's rate in all)."""
+        settings = worker_settings(self, index, port)
+        if self.workers == 1:
+            return settings
+        outbox = self.outbox_path
+        return settings.model_copy(
+            update={
+                "outbox_path": outbox.with_name(f"{outbox.stem}.worker{index}{outbox.suffix}"),
+                "policy_update_staging": self.policy_update_staging / f"worker{index}",
+                # The adaptive drain's start and bounds, shared out between the workers.
+                "drain_rate_per_s": self.drain_rate_per_s / self.workers,
+                "drain_rate_min_per_s": self.drain_rate_min_per_s / self.workers,
+                "drain_rate_max_per_s": self.drain_rate_max_per_s / self.workers,
+            }
         )

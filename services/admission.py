@@ -30,14 +30,20 @@ class Admission:
         *,
         resource: str,
         clock: Callable[[], float] = time.perf_counter,
+        loop_lag: Callable[[], float] | None = None,
+        max_loop_lag_s: float = 0.0,
     ) -> None:
-        """``resource`` names what the slots lead to, in messages ("Triton", "the model")."""
+        """``resource`` names what the slots lead to, in messages ("Triton", "the model").
+        ``loop_lag`` (seconds, e.g. ``services.loop_lag.LoopLag``'s): refuse while it
+        exceeds ``max_loop_lag_s`` (0: never), whatever the slots say."""
         self._slots = asyncio.Semaphore(max_in_flight)
         self._max_in_flight = max_in_flight
         self._max_queued = max_queued
         self._retry_after_ms = retry_after_ms
         self._resource = resource
         self._clock = clock
+        self._loop_lag = loop_lag
+        self._max_loop_lag_s = max_loop_lag_s
         self.queued = 0
         self.in_flight = 0  # requests holding a slot now
         # Exponentially weighted mean of how long a slot is held, in seconds.
@@ -50,6 +56,37 @@ class Admission:
             return 0.0
         return (self.queued + 1) * self.mean_hold_s / self._max_in_flight
 
+    def refusal(
+        self, wait_budget_s: float | None = None, *, shed_when_late: bool = False
+    ) -> ResourceExhaustedError | None:
+        """The error a request arriving now gets instead of a slot (``slot``'s rule), or
+        None when it may wait for one. Costs a few comparisons: callers may check early
+        (services/shedding.py) so that a shed request costs no more than this."""
+        if self._loop_lag is not None and self._max_loop_lag_s > 0:
+            lag = self._loop_lag()
+            if lag > self._max_loop_lag_s:
+                # CPU-bound: every request waits for the loop before its own work.
+                return ResourceExhaustedError(
+                    f"overloaded: {self._resource} runs {lag * 1e3:.0f} ms behind "
+                    f"(limit {self._max_loop_lag_s * 1e3:.0f} ms)",
+                    retry_after_ms=self._retry_after_ms,
+                )
+        if self._slots.locked() and self.queued >= self._max_queued:
+            return ResourceExhaustedError(
+                f"{self.queued} requests already wait for a free slot to {self._resource}",
+                retry_after_ms=self._retry_after_ms,
+            )
+        if shed_when_late and wait_budget_s is not None:
+            # The request must wait its turn and then be served, both before its deadline.
+            expected = self.expected_wait_s() + self.mean_hold_s
+            if self._slots.locked() and expected > wait_budget_s:
+                return ResourceExhaustedError(
+                    f"overloaded: ~{expected * 1e3:.0f} ms to wait for and use {self._resource}, "
+                    f"more than the {max(wait_budget_s, 0.0) * 1e3:.0f} ms the deadline leaves",
+                    retry_after_ms=self._retry_after_ms,
+                )
+        return None
+
     @asynccontextmanager
     async def slot(
         self, wait_budget_s: float | None = None, *, shed_when_late: bool = False
@@ -59,20 +96,9 @@ class Admission:
         refuse at once (RESOURCE_EXHAUSTED) when every slot is taken and the expected wait
         plus the mean time a slot is held exceed the budget, rather than queue a request
         whose deadline cannot be met."""
-        if self._slots.locked() and self.queued >= self._max_queued:
-            raise ResourceExhaustedError(
-                f"{self.queued} requests already wait for a free slot to {self._resource}",
-                retry_after_ms=self._retry_after_ms,
-            )
-        if shed_when_late and wait_budget_s is not None:
-            # The request must wait its turn and then be served, both before its deadline.
-            expected = self.expected_wait_s() + self.mean_hold_s
-            if self._slots.locked() and expected > wait_budget_s:
-                raise ResourceExhaustedError(
-                    f"overloaded: ~{expected * 1e3:.0f} ms to wait for and use {self._resource}, "
-                    f"more than the {max(wait_budget_s, 0.0) * 1e3:.0f} ms the deadline leaves",
-                    retry_after_ms=self._retry_after_ms,
-                )
+        refusal = self.refusal(wait_budget_s, shed_when_late=shed_when_late)
+        if refusal is not None:
+            raise refusal
         self.queued += 1
         try:
             budget = None if wait_budget_s is None else max(wait_budget_s, 0.0)

@@ -33,3 +33,11 @@ class ServiceSettings(BaseSettings):
     # Prometheus /metrics over HTTP on this port (services/prometheus.py), on ``host``;
     # 0: off. The local mesh gives each service one and records them in state.json.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # RPCs in progress at once (any method, streams included) beyond which grpc itself
+    # answers RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" before any interceptor
+    # or handler runs (no retry pushback); 0: no limit.
+    max_concurrent_rpcs: int = Field(default=0, ge=0)
+    # Worker processes serving ``port`` together (SO_REUSEPORT, services/workers.py), for
+    # the services whose ``__main__`` runs through ``run_workers`` (router, cloud). With
+    # several, worker i serves /metrics on ``metrics_port + i``.
+    workers: int = Field(default=1, ge=1, le=64)

@@ -85,7 +85,8 @@ async def _abort_internal(context: Context, error: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
 
-async def _abort(context: Context, error: ServiceError) -> None:
+async def abort_with(context: Context, error: ServiceError) -> None:
+    """End the RPC with ``error``'s status, rich details and trailing metadata."""
     status = error.to_status()
     # The rich status (google.rpc.Status with details) travels in trailing metadata.
     await context.abort(
@@ -97,7 +98,7 @@ async def _abort(context: Context, error: ServiceError) -> None:
 
 async def _map_error(context: Context, error: Exception) -> None:
     if isinstance(error, ServiceError):
-        await _abort(context, error)
+        await abort_with(context, error)
     else:
         await _abort_internal(context, error)
 

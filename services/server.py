@@ -10,6 +10,7 @@ with UNAVAILABLE "server shutting down" instead of holding the process for the w
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # Two servers must never share a port silently (tests bind port 0 in parallel).
-        ("grpc.so_reuseport", 0),
+        # Workers of one service share its port on purpose (services/workers.py); otherwise
+        # two servers must never share a port silently (tests bind port 0 in parallel).
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # Accept the clients' keepalive pings (services.channels) instead of GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -76,6 +78,7 @@ class ServiceHost:
         self._server = grpc.aio.server(
             interceptors=[*interceptors, ErrorMappingInterceptor()],
             options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         # grpc-stubs lacks the aio health servicer; it is the library's own, not ours.
         self._health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -132,7 +135,12 @@ class ServiceHost:
         for registration in self._registrations:
             await self.set_serving(registration.full_name, registration.serving_at_start)
         await self._update_overall()
-        _log.info("server started", service=self._settings.service_name, address=self.address)
+        _log.info(
+            "server started",
+            service=self._settings.service_name,
+            address=self.address,
+            pid=os.getpid(),
+        )
         return self._port
 
     async def set_serving(self, full_name: str, serving: bool) -> None:

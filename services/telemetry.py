@@ -19,7 +19,7 @@ from opentelemetry.instrumentation.grpc import filters as grpc_filters
 from opentelemetry.propagate import inject
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import PROCESS_PID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -100,7 +100,9 @@ def create_telemetry(
     pointing a service at Jaeger or a collector needs no code change. ``metrics_port``
     (not 0) serves Prometheus ``/metrics`` on ``metrics_host`` (services/prometheus.py).
     """
-    resource = Resource.create({SERVICE_NAME: service_name})
+    # process.pid tells the workers of one service apart (services/workers.py); the
+    # Prometheus exporter shows it in target_info.
+    resource = Resource.create({SERVICE_NAME: service_name, PROCESS_PID: os.getpid()})
     tracer_provider = TracerProvider(resource=resource)
     processors = list(span_processors)
     readers = list(metric_readers)

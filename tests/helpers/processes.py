@@ -32,3 +32,19 @@ def alive(pids: list[int]) -> list[int]:
         if stat.rsplit(")", 1)[1].split()[0] != "Z":
             running.append(pid)
     return running
+
+
+def children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
