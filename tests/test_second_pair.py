@@ -35,6 +35,7 @@ from localmesh.ota import ModelSources
 from services.tensors import encode_tensor
 from tests.helpers.digits_pair import PAIR as DIGITS
 from tests.helpers.digits_pair import DigitsPair, build_digits_pair
+from tests.helpers.paths import SERVED_POLICY_VERSION
 from tests.helpers.requests import router_request
 from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
@@ -168,7 +169,7 @@ async def test_every_pair_is_answered_with_its_own_policy(running: TwoPairMesh) 
         reply = await running.stub.Infer(
             router_request(fashion.images[index : index + 1]), timeout=10
         )
-        assert reply.decision.policy_version == "1"  # the committed fashion-mnist policy
+        assert reply.decision.policy_version == SERVED_POLICY_VERSION
         correct += reply.predictions[0].classification.top_k[0].class_index == fashion.labels[index]
     assert correct >= 16
     for pair, version in ((DIGITS, "2"), (NO_POLICY, "max-softmax-default")):
@@ -182,7 +183,11 @@ async def test_every_pair_is_answered_with_its_own_policy(running: TwoPairMesh) 
         assert np.mean(np.array(answers) == labels[:20]) >= 0.85, pair
     # The router's start-up log names each pair's policy.
     log = await asyncio.to_thread(Path(running.state.logs["router"]).read_text)
-    for pair, version in ((FASHION, "1"), (DIGITS, "2"), (NO_POLICY, "max-softmax-default")):
+    for pair, version in (
+        (FASHION, SERVED_POLICY_VERSION),
+        (DIGITS, "2"),
+        (NO_POLICY, "max-softmax-default"),
+    ):
         assert any(
             '"router policy"' in line and f'"pair": "{pair}"' in line
             and f'"version": "{version}"' in line
