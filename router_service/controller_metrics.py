@@ -1,6 +1,6 @@
 """The threshold controllers' state as OpenTelemetry observable gauges, one series per
-pair: ``hybridmesh.router.controller.{threshold,target_share,window_share,window_size,
-updates,catching_up}`` (read at collection time from ``ThresholdController.state``)."""
+pair: ``hybridmesh.router.controller.{threshold,target_share,window_share,realized_share,
+window_size,updates,catching_up}`` (read at collection time from ``ThresholdController.state``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ GAUGES: dict[str, tuple[str, Callable[[ControllerState], float]]] = {
     "window_share": (
         "Share of the window's scores at or above the threshold",
         lambda s: s.window_share,
+    ),
+    "realized_share": (
+        "Share of the last realized_window requests that were escalated",
+        lambda s: s.realized_share,
     ),
     "window_size": ("Scores in the controller's window", lambda s: float(s.window_size)),
     "updates": ("Threshold updates so far", lambda s: float(s.updates)),

@@ -5,24 +5,37 @@ A threshold calibrated once is only as good as the day it was calibrated: when t
 scores shift (new lighting, sensor noise), the share of items scoring above it moves
 away from the target, silently. The controller keeps a sliding window of the most recent
 escalation scores and, every ``update_every`` observations, moves the threshold toward
-the window's ``1 - target`` quantile.
+the window's quantile for the target, corrected by how far the share actually escalated
+over the last ``realized_window`` requests is from the target.
 
 Dynamics (what an operator can rely on):
 
 - Window: the last ``window`` scores no older than ``max_age_s`` (by the injected clock).
   Before it holds ``min_samples`` scores the threshold stays where it started (the
   policy's calibrated threshold).
+- Realized share: ``realized`` = the share of the last ``realized_window`` observed
+  scores that were at or above the threshold in force when they were observed (what was
+  escalated). The update aims at ``goal = clip(target + realized_gain * (target -
+  realized), 0, 1)``: after a shift made the recent requests overshoot, the controller
+  escalates a little less until the overshoot is paid back, so the share over any
+  ``realized_window`` requests stays near the target (integral action; without it a
+  step shift's transient stays in every 1,000-request window it touches).
 - Update, every ``update_every`` observations: ``share`` = the window's share at or
   above the current threshold; the new threshold is the one at which the window's share
-  is ``share + clip(target - share, -max_step, +max_step)``. The step is bounded in
+  is ``share + clip(goal - share, -max_step, +max_step)``. The step is bounded in
   share, not in score units, so it means the same for any score scale: one update moves
   the escalated share of the recent workload by at most ``max_step`` (default 2 pp).
 - Settling: on a step shift of the score distribution, the window is all post-shift
-  after ``window`` requests; from then on the share converges to the target within
-  ``ceil(|target - share| / max_step)`` updates. In a stationary workload the threshold
-  sits at the window's quantile; what remains is the sampling noise of a window of
-  ``window`` scores (about ``sqrt(target (1 - target) / window)``: 1.3 pp at 20 %,
-  1,000) plus the binomial noise of the requests themselves.
+  after ``window`` requests (default 100); the share converges to the target within
+  ``ceil(|target - share| / max_step)`` updates, one per request by default. The short
+  window makes the threshold noisy per request (about ``sqrt(target (1 - target) /
+  window)``: 4 pp at 20 %, 100), but the realized-share term averages that out over
+  ``realized_window`` requests.
+- Tuned on the drift benchmark (``bench/drift_bench.py``, ``docs/architecture.md``):
+  with the earlier defaults (window 1,000, an update every 20, no realized-share term) a
+  step shift that moved the fixed threshold's share from 20 % to 58 % kept some
+  1,000-request windows 15 pp off the target; with these defaults the worst was about
+  2-3 pp.
 - Bounds: the threshold never leaves ``[min_threshold, max_threshold]`` (for a score in
   [0, 1], the defaults). Scores observed are those of every item the policy scored,
   whether the hard policy let it escalate or not: the target is a share of the scored
@@ -48,19 +61,25 @@ class ControllerSettings:
     """The operator's target and the controller's dynamics (see the module docstring)."""
 
     target_share: float
-    window: int = 1000
+    window: int = 100
     max_age_s: float = 600.0
-    update_every: int = 20
+    update_every: int = 1
     max_step: float = 0.02
-    min_samples: int = 200
+    min_samples: int = 100
+    realized_window: int = 1000
+    realized_gain: float = 2.0
     min_threshold: float = 0.0
     max_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_share <= 1.0:
             raise ValueError("target_share must be within [0, 1]")
-        if self.window < 1 or self.update_every < 1 or self.min_samples < 1:
-            raise ValueError("window, update_every and min_samples must be positive")
+        if min(self.window, self.update_every, self.min_samples, self.realized_window) < 1:
+            raise ValueError(
+                "window, update_every, min_samples and realized_window must be positive"
+            )
+        if self.realized_gain < 0.0:
+            raise ValueError("realized_gain must not be negative")
         if self.min_samples > self.window:
             raise ValueError("min_samples cannot exceed the window")
         if not 0.0 < self.max_step <= 1.0:
@@ -79,6 +98,8 @@ class ControllerState:
     target_share: float
     # The window's share at or above the threshold (the share the controller steers).
     window_share: float
+    # The share of the last realized_window observations that were escalated.
+    realized_share: float
     window_size: int
     updates: int
     # The last update's change of the window share (bounded by max_step).
@@ -105,6 +126,9 @@ class ThresholdController:
         self._threshold = self._bounded(initial_threshold)
         self._scores: deque[float] = deque(maxlen=settings.window)
         self._times: deque[float] = deque(maxlen=settings.window)
+        # (time, escalated) of the last realized_window observations.
+        self._outcomes: deque[tuple[float, bool]] = deque(maxlen=settings.realized_window)
+        self._escalated = 0  # how many of _outcomes were escalated
         self._since_update = 0
         self._updates = 0
         self._last_step = 0.0
@@ -118,6 +142,7 @@ class ThresholdController:
         """Add the scores of items just decided on; update the threshold when due."""
         now = self._clock()
         for score in scores:
+            self._record_outcome(now, float(score) >= self._threshold)
             self._scores.append(float(score))
             self._times.append(now)
             self._since_update += 1
@@ -125,11 +150,22 @@ class ThresholdController:
                 self._since_update = 0
                 self._update(now)
 
+    def _record_outcome(self, now: float, escalated: bool) -> None:
+        if len(self._outcomes) == self._outcomes.maxlen:
+            self._escalated -= self._outcomes[0][1]
+        self._outcomes.append((now, escalated))
+        self._escalated += escalated
+
     def _expire(self, now: float) -> None:
         oldest = now - self.settings.max_age_s
         while self._times and self._times[0] < oldest:
             self._times.popleft()
             self._scores.popleft()
+        while self._outcomes and self._outcomes[0][0] < oldest:
+            self._escalated -= self._outcomes.popleft()[1]
+
+    def _realized_share(self) -> float:
+        return self._escalated / len(self._outcomes) if self._outcomes else 0.0
 
     def _update(self, now: float) -> None:
         self._expire(now)
@@ -137,7 +173,9 @@ class ThresholdController:
             return
         window = np.fromiter(self._scores, dtype=np.float64, count=len(self._scores))
         share = float(np.count_nonzero(window >= self._threshold)) / len(window)
-        error = self.settings.target_share - share
+        target = self.settings.target_share
+        goal = target + self.settings.realized_gain * (target - self._realized_share())
+        error = min(max(goal, 0.0), 1.0) - share
         step = max(-self.settings.max_step, min(self.settings.max_step, error))
         self._threshold = self._bounded(_threshold_for_share(window, share + step))
         self._updates += 1
@@ -156,6 +194,7 @@ class ThresholdController:
             threshold=self._threshold,
             target_share=self.settings.target_share,
             window_share=share,
+            realized_share=self._realized_share(),
             window_size=len(window),
             updates=self._updates,
             last_step=self._last_step,
