@@ -212,7 +212,7 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
     running: TwoPairMesh,
 ) -> None:
     before = await policy_versions(running.stub)
-    assert before == {FASHION: "1", DIGITS: "2", NO_POLICY: "max-softmax-default"}
+    assert before == {FASHION: SERVED_POLICY_VERSION, DIGITS: "2", NO_POLICY: "max-softmax-default"}
     # The operator trains v3 of the digits policy elsewhere, publishes and promotes it.
     operator = running.base / "operator-policies"
     shutil.copytree(running.base / "policies" / DIGITS, operator / DIGITS)
@@ -237,7 +237,7 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
 
     await eventually(digits_v3, 60, lambda: seen[-1:])
     after = seen[-1]
-    assert after == {FASHION: "1", DIGITS: "3", NO_POLICY: "max-softmax-default"}
+    assert after == {FASHION: SERVED_POLICY_VERSION, DIGITS: "3", NO_POLICY: "max-softmax-default"}
     assert (state_dir / "site" / "policies" / DIGITS / "3").is_dir()
     assert sorted(p.name for p in (state_dir / "site" / "policies" / FASHION).iterdir()) == ["1"]
     assert not (state_dir / "site" / "policies" / NO_POLICY).exists()
