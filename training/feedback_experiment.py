@@ -201,9 +201,13 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for row in rows:
         gain = row["accuracy_gain"]
-        ratios = " ; ".join(
-            f"{level['ratio']:.2f}x [{level['low']:.2f}, {level['high']:.2f}]"
-            for level in row["share_ratio"]["levels"]
+        ratios = (
+            " ; ".join(
+                f"{level['ratio']:.2f}x [{level['low']:.2f}, {level['high']:.2f}]"
+                for level in row["share_ratio"]["levels"]
+            )
+            if row["cloud_accuracy"] > row["edge_accuracy"]
+            else "no gap to close: the cloud is no better than the edge under this drift"
         )
         lines.append(
             f"| {row['drift']} | {row['edge_accuracy'] * 100:.1f} / "
@@ -215,11 +219,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{gain['high'] * 100:+.2f}] | {ratios} |"
         )
     wins = [r["drift"] for r in rows if r["accuracy_gain"]["low"] > 0]
+    losses = [r["drift"] for r in rows if r["accuracy_gain"]["high"] < 0]
     lines += [
         "",
         "Measurably better (the accuracy gain's interval above 0): "
         + (", ".join(wins) if wins else "none")
-        + f" of {len(rows)} drift kinds.",
+        + f" of {len(rows)} drift kinds; measurably worse (below 0): "
+        + (", ".join(losses) if losses else "none")
+        + ". The reconciled label is the cloud's disagreement (no ground truth at a site): "
+        "where the drift hurts the cloud more than the edge, it teaches the router to "
+        "escalate items the cloud gets wrong.",
     ]
     return "\n".join(lines)
 

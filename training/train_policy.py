@@ -435,8 +435,10 @@ def held_out_comparison(
     )
     sizes = np.cumsum([0, *(len(outputs.labels) for _, outputs in groups)])
     real = np.arange(sizes[2])
-    parts: dict[str, npt.NDArray[np.int64]] = {"pooled": np.arange(sizes[-1])}
+    # Only a pool of two kinds of item gets this table: it costs another bootstrap.
+    parts: dict[str, npt.NDArray[np.int64]] = {}
     if out_of_fold is not None:
+        parts["pooled"] = np.arange(sizes[-1])
         parts["router-train + calibration (served edge model)"] = real
         parts["model-train out-of-fold (fold models)"] = np.arange(sizes[2], sizes[-1])
     plain = {

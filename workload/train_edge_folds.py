@@ -47,6 +47,8 @@ def build(
     epochs = recipe_epochs if epochs is None else epochs
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    # Before hours of training: the staging directory below lives in ``root``.
+    root.mkdir(parents=True, exist_ok=True)
     data = load_split(SPLIT)
     assignment = fold_of(len(data.labels), folds, FOLD_SEED)
     entries: list[dict[str, Any]] = []
