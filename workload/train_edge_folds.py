@@ -137,7 +137,9 @@ outputs on the fold each did not see are out-of-fold edge outputs: router traini
 | --- | --- | --- | --- | --- |
 {rows}
 
-Training cost: {metadata["training_seconds_total"]:.0f} s in all on 2 shared CPU cores
+Training cost: {metadata["training_seconds_total"]:.0f} s of wall time in all, on 2 CPU cores \
+shared with other work
+(per-fold times follow the load, not the fold)
 (torch {metadata["torch"]}, {metadata["epochs"]} epochs{epochs_note}, learning rate
 {metadata["learning_rate"]}).
 
