@@ -239,7 +239,8 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
     after = seen[-1]
     assert after == {FASHION: SERVED_POLICY_VERSION, DIGITS: "3", NO_POLICY: "max-softmax-default"}
     assert (state_dir / "site" / "policies" / DIGITS / "3").is_dir()
-    assert sorted(p.name for p in (state_dir / "site" / "policies" / FASHION).iterdir()) == ["1"]
+    site_fashion = state_dir / "site" / "policies" / FASHION
+    assert sorted(p.name for p in site_fashion.iterdir()) == [SERVED_POLICY_VERSION]
     assert not (state_dir / "site" / "policies" / NO_POLICY).exists()
     # The site's reports (router: policies, edge node: models) and `hybridmesh status`.
     statuses: list[str] = []
@@ -254,8 +255,15 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
 
     await eventually(reported, 30, lambda: statuses[-1:])
     lines = pair_lines()
-    assert "edge fashion-edge v1, cloud fashion-cloud v1, policy v1" in lines[FASHION]
+    assert (
+        f"edge fashion-edge v1, cloud fashion-cloud v1, policy v{SERVED_POLICY_VERSION}"
+        in lines[FASHION]
+    )
     assert "cloud digits-cloud v1, policy v3" in lines[DIGITS]
     assert "policy max-softmax-default" in lines[NO_POLICY]
     sites = cli("registry", "sites", "--registry", registry, cwd=REPO, state_dir=state_dir)
-    assert f"{DIGITS} v3" in sites and f"{FASHION} v1" in sites and "fashion-edge v1" in sites
+    assert (
+        f"{DIGITS} v3" in sites
+        and f"{FASHION} v{SERVED_POLICY_VERSION}" in sites
+        and "fashion-edge v1" in sites
+    )
