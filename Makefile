@@ -50,9 +50,15 @@ $(STAMPS)/venv-train: requirements-train.txt requirements.lock | $(STAMPS)
 	@touch $@
 
 MODEL_VERSION ?= 1
+# The edge fold models (out-of-fold router training data, workload/folds.py): 3 epochs, not
+# the edge's 12, so that 5 folds fit in ~25 min on 2 loaded cores (models/folds/*/MODEL_CARD.md).
+FOLDS ?= 5
+FOLD_EPOCHS ?= 3
 models: $(STAMPS)/venv-train $(DATASET)
 	PYTHONPATH=. .venv-train/bin/python -m workload.train_fashion --model edge --version $(MODEL_VERSION)
 	PYTHONPATH=. .venv-train/bin/python -m workload.train_fashion --model cloud --version $(MODEL_VERSION)
+	PYTHONPATH=. .venv-train/bin/python -m workload.train_edge_folds --folds $(FOLDS) \
+		--epochs $(FOLD_EPOCHS) --version $(MODEL_VERSION)
 
 protos: $(STAMPS)/venv
 	$(PY) tools/generate_protos.py

@@ -95,12 +95,17 @@ async def measure_drain(items: int, runs: int, rate: float) -> float:
     from router_service.escalation import EscalationClassifier, latest_policy
     from router_service.features import router_features
     from services.classification import softmax
+    from services.views import apply_view
     from workload.fashion_mnist import load_split
 
     images = load_split("test").images[:2000]
     edge_logits = _edge_logits(images)
     classifier = EscalationClassifier(latest_policy(REPO / "models/policies/fashion-mnist"))
-    scores = classifier.score(router_features(softmax(edge_logits), images))
+    # The policy's test-time views (services.views), as the router asks the edge for them.
+    views = {
+        view: softmax(_edge_logits(apply_view(view, images))) for view in classifier.metadata.views
+    }
+    scores = classifier.score(router_features(softmax(edge_logits), images, views))
     hard = [int(i) for i in np.flatnonzero(scores >= classifier.threshold)]
     with tempfile.TemporaryDirectory() as state_dir:
         mesh = LocalMesh(

@@ -37,6 +37,7 @@ from services.telemetry import Telemetry, create_telemetry
 from tests.helpers.credentials import bearer
 from tests.helpers.item_difficulty import easy_and_hard
 from tests.helpers.ota_site import make_version
+from tests.helpers.paths import SERVED_POLICY_VERSION
 from tests.helpers.requests import router_request
 from tests.helpers.waiting import eventually, eventually_sync
 from workload.fashion_mnist import load_split
@@ -127,7 +128,7 @@ async def test_one_trace_per_request_across_every_part(running: RunningMesh) -> 
     decide = by_name[("router", "router.decide")]
     assert decide.attributes["hybridmesh.served_by"] == "TIER_CLOUD"
     assert decide.attributes["hybridmesh.data_left_site"] is True
-    assert decide.attributes["hybridmesh.policy_version"] == "1"
+    assert decide.attributes["hybridmesh.policy_version"] == SERVED_POLICY_VERSION
     # The cloud hop runs through Envoy: Envoy's span is the cloud service's parent.
     envoy = next(s for s in spans if s.service == "envoy-cloud-ingress")
     cloud_server = by_name[("cloud-inference", "/hybridmesh.cloud.v1.CloudService/Infer")]

@@ -11,18 +11,18 @@ import pytest
 from hybridmesh.common.v1 import decision_pb2, routing_pb2
 from hybridmesh.router.v1 import router_service_pb2
 from localmesh.triton import TritonServer
+from router_service.escalation import latest_policy, read_policy_metadata
 from services.errors import field_violations
 from services.tensors import encode_tensor
 from tests.helpers.item_difficulty import easy_and_hard
 from tests.helpers.local_mesh import Mesh, start_mesh, stop_mesh
-from tests.helpers.paths import REPO
+from tests.helpers.paths import POLICY_ROOT, SERVED_POLICY_VERSION
 from tests.helpers.requests import router_request
 from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 IMAGES = load_split("test").images[:500]
-CANDIDATE_POLICY = REPO / "models/policy-candidates/fashion-mnist/2"
 EASY, HARD = easy_and_hard(IMAGES, 6)
 
 
@@ -46,7 +46,8 @@ async def test_easy_items_stay_on_the_edge_and_hard_ones_escalate(any_edge_mesh:
         assert decision.reason == decision_pb2.DECISION_REASON_ESCALATED_HARD_CASE
         assert decision.data_left_site and not decision.degraded
         assert decision.cloud_model.name == "fashion-cloud" and decision.cloud_model.version == "1"
-        assert decision.edge_model.version == "1" and decision.policy_version == "1"
+        assert decision.edge_model.version == "1"
+        assert decision.policy_version == SERVED_POLICY_VERSION
         assert decision.cost.cloud_micros == 1500 and decision.cost.all_cloud_micros == 1500
         assert decision.timings.cloud.ToNanoseconds() > 0 and len(decision.trace_id) == 32
     assert cloud_calls(mesh) == len(HARD)
@@ -287,25 +288,16 @@ async def test_a_colocated_edge_runs_in_the_routers_process_with_its_own_span(
         await stop_mesh(colocated)
 
 
-async def test_a_policy_with_a_test_time_view_gets_the_edges_view_output(
-    mesh_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
+async def test_the_served_policys_test_time_view_reaches_its_features_only(
+    any_edge_mesh: Mesh,
 ) -> None:
-    """The hflip candidate policy (issue 18): the router asks the edge for the view, its
-    features use it, the decision names the policy, and the caller never sees the view."""
-    import shutil
-
-    policies = tmp_path_factory.mktemp("policies")
-    shutil.copytree(CANDIDATE_POLICY, policies / "fashion-mnist" / "2")
-    for mode in ("remote", "in-process"):
-        viewed = await start_mesh(mesh_triton.grpc_url, edge_mode=mode, policies_dir=policies)
-        try:
-            for index in EASY[:2] + HARD[:2]:
-                reply = await viewed.stub.Infer(
-                    router_request(IMAGES[index : index + 1]), timeout=5
-                )
-                assert reply.decision.policy_version == "2"
-                assert [tensor.name for tensor in reply.outputs] == ["logits"]
-            easy = await viewed.stub.Infer(router_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
-            assert easy.decision.served_by == routing_pb2.TIER_EDGE
-        finally:
-            await stop_mesh(viewed)
+    """The served fashion-mnist policy declares the hflip view (issue 18): the router asks
+    the edge for it, its features use it (a policy of 23 features could not score
+    otherwise), the decision names the policy, and the caller never sees the view."""
+    assert read_policy_metadata(latest_policy(POLICY_ROOT)).views == ("hflip",)
+    for index in EASY[:2] + HARD[:2]:
+        reply = await any_edge_mesh.stub.Infer(router_request(IMAGES[index : index + 1]), timeout=5)
+        assert reply.decision.policy_version == SERVED_POLICY_VERSION
+        assert [tensor.name for tensor in reply.outputs] == ["logits"]
+    easy = await any_edge_mesh.stub.Infer(router_request(IMAGES[EASY[0] : EASY[0] + 1]), timeout=5)
+    assert easy.decision.served_by == routing_pb2.TIER_EDGE

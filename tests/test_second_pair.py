@@ -35,6 +35,7 @@ from localmesh.ota import ModelSources
 from services.tensors import encode_tensor
 from tests.helpers.digits_pair import PAIR as DIGITS
 from tests.helpers.digits_pair import DigitsPair, build_digits_pair
+from tests.helpers.paths import SERVED_POLICY_VERSION
 from tests.helpers.requests import router_request
 from tests.helpers.waiting import eventually
 from workload.fashion_mnist import load_split
@@ -168,7 +169,7 @@ async def test_every_pair_is_answered_with_its_own_policy(running: TwoPairMesh) 
         reply = await running.stub.Infer(
             router_request(fashion.images[index : index + 1]), timeout=10
         )
-        assert reply.decision.policy_version == "1"  # the committed fashion-mnist policy
+        assert reply.decision.policy_version == SERVED_POLICY_VERSION
         correct += reply.predictions[0].classification.top_k[0].class_index == fashion.labels[index]
     assert correct >= 16
     for pair, version in ((DIGITS, "2"), (NO_POLICY, "max-softmax-default")):
@@ -182,7 +183,11 @@ async def test_every_pair_is_answered_with_its_own_policy(running: TwoPairMesh) 
         assert np.mean(np.array(answers) == labels[:20]) >= 0.85, pair
     # The router's start-up log names each pair's policy.
     log = await asyncio.to_thread(Path(running.state.logs["router"]).read_text)
-    for pair, version in ((FASHION, "1"), (DIGITS, "2"), (NO_POLICY, "max-softmax-default")):
+    for pair, version in (
+        (FASHION, SERVED_POLICY_VERSION),
+        (DIGITS, "2"),
+        (NO_POLICY, "max-softmax-default"),
+    ):
         assert any(
             '"router policy"' in line and f'"pair": "{pair}"' in line
             and f'"version": "{version}"' in line
@@ -207,7 +212,7 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
     running: TwoPairMesh,
 ) -> None:
     before = await policy_versions(running.stub)
-    assert before == {FASHION: "1", DIGITS: "2", NO_POLICY: "max-softmax-default"}
+    assert before == {FASHION: SERVED_POLICY_VERSION, DIGITS: "2", NO_POLICY: "max-softmax-default"}
     # The operator trains v3 of the digits policy elsewhere, publishes and promotes it.
     operator = running.base / "operator-policies"
     shutil.copytree(running.base / "policies" / DIGITS, operator / DIGITS)
@@ -232,9 +237,10 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
 
     await eventually(digits_v3, 60, lambda: seen[-1:])
     after = seen[-1]
-    assert after == {FASHION: "1", DIGITS: "3", NO_POLICY: "max-softmax-default"}
+    assert after == {FASHION: SERVED_POLICY_VERSION, DIGITS: "3", NO_POLICY: "max-softmax-default"}
     assert (state_dir / "site" / "policies" / DIGITS / "3").is_dir()
-    assert sorted(p.name for p in (state_dir / "site" / "policies" / FASHION).iterdir()) == ["1"]
+    site_fashion = state_dir / "site" / "policies" / FASHION
+    assert sorted(p.name for p in site_fashion.iterdir()) == [SERVED_POLICY_VERSION]
     assert not (state_dir / "site" / "policies" / NO_POLICY).exists()
     # The site's reports (router: policies, edge node: models) and `hybridmesh status`.
     statuses: list[str] = []
@@ -249,8 +255,15 @@ async def test_a_policy_update_of_one_pair_leaves_the_others_alone(
 
     await eventually(reported, 30, lambda: statuses[-1:])
     lines = pair_lines()
-    assert "edge fashion-edge v1, cloud fashion-cloud v1, policy v1" in lines[FASHION]
+    assert (
+        f"edge fashion-edge v1, cloud fashion-cloud v1, policy v{SERVED_POLICY_VERSION}"
+        in lines[FASHION]
+    )
     assert "cloud digits-cloud v1, policy v3" in lines[DIGITS]
     assert "policy max-softmax-default" in lines[NO_POLICY]
     sites = cli("registry", "sites", "--registry", registry, cwd=REPO, state_dir=state_dir)
-    assert f"{DIGITS} v3" in sites and f"{FASHION} v1" in sites and "fashion-edge v1" in sites
+    assert (
+        f"{DIGITS} v3" in sites
+        and f"{FASHION} v{SERVED_POLICY_VERSION}" in sites
+        and "fashion-edge v1" in sites
+    )

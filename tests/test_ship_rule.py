@@ -4,11 +4,21 @@ upper bound is below 1.0 at every gap level; otherwise max-softmax ships."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
 
-from training.comparison import GAP_LEVELS, bonferroni, compare, ship_choice
-from training.train_policy import MAX_SOFTMAX_CANDIDATE, SplitOutputs, held_out_comparison
+from training.comparison import GAP_LEVELS, bonferroni, compare, paired_difference, ship_choice
+from training.train_policy import (
+    MAX_SOFTMAX_CANDIDATE,
+    OutOfFoldData,
+    SplitOutputs,
+    held_out_comparison,
+)
+from workload.folds import fold_of
 
 RESAMPLES = 1000
 
@@ -102,3 +112,60 @@ def test_intervals_are_seeded_and_paired() -> None:
         assert level.low <= level.ratio <= level.high or np.isclose(level.ratio, level.low)
     # Noise only loses information: the noisy score never beats the baseline.
     assert not once["noisy"].beats_baseline
+
+
+def out_of_fold(rng: np.random.Generator, n: int, folds: int) -> OutOfFoldData:
+    return OutOfFoldData(
+        synthetic_split(rng, n, revealing_view=False),
+        fold_of(n, folds, seed=9),
+        folds,
+        Path("synthetic"),
+    )
+
+
+def test_out_of_fold_items_join_the_pool_scored_only_by_routers_that_never_saw_them() -> None:
+    """A 1-nearest-neighbour classifier memorises its training items: scoring any item it
+    was fitted on would make it look like the oracle and ship. Pooled with out-of-fold
+    groups (each scored by the fit on the other groups) it must tie or lose instead."""
+    rng = np.random.default_rng(6)
+    first, second = (synthetic_split(rng, 1500, revealing_view=False) for _ in range(2))
+    extra = out_of_fold(rng, 6000, 4)
+    held_out = held_out_comparison(
+        first,
+        second,
+        "cloud-fixes-edge",
+        out_of_fold=extra,
+        resamples=300,
+        candidates={"memoriser": KNeighborsClassifier(n_neighbors=1)},
+    )
+    assert held_out.comparisons["memoriser"].items == 9000
+    assert held_out.shipped is None
+    assert all(level.ratio > 0.9 for level in held_out.comparisons["memoriser"].levels)
+    # The goal's table covers the pool and each kind of item in it.
+    assert {part: c.items for part, c in held_out.plain.items()} == {
+        "pooled": 9000,
+        "router-train + calibration (served edge model)": 3000,
+        "model-train out-of-fold (fold models)": 6000,
+    }
+
+
+def test_folds_are_seeded_and_even() -> None:
+    fold = fold_of(48_003, 5)
+    assert np.array_equal(fold, fold_of(48_003, 5))
+    sizes = np.bincount(fold)
+    assert len(sizes) == 5 and sizes.max() - sizes.min() <= 1
+    assert not np.array_equal(fold, fold_of(48_003, 5, seed=1))
+
+
+def test_paired_difference_interval_is_seeded_and_covers_a_known_gain() -> None:
+    rng = np.random.default_rng(8)
+    before = rng.random(4000) < 0.6
+    after = before | (rng.random(4000) < 0.1)  # fixes about 4 % of items, breaks none
+    gain = paired_difference(before, after, resamples=500)
+    assert gain.difference == pytest.approx(after.mean() - before.mean())
+    assert 0 < gain.low < gain.difference < gain.high
+    assert gain == paired_difference(before, after, resamples=500)
+    same = paired_difference(before, before, resamples=200)
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="one value per item"):
+        paired_difference(before, after[:-1])

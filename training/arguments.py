@@ -82,6 +82,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, default_pair: str | 
     parser.add_argument(
         "--version", type=int, help="policy version to write (default: the next free one)"
     )
+    parser.add_argument(
+        "--folds",
+        type=Path,
+        default=Path("models/folds"),
+        help="edge fold models root: <folds>/<edge model>/<version>/ gives out-of-fold "
+        "model-train items for training and the ship rule, when present (default %(default)s)",
+    )
     add_resamples_argument(parser)
     add_report_argument(parser, "evaluation")
 

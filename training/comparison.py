@@ -190,3 +190,50 @@ def ship_choice(comparisons: Mapping[str, Comparison]) -> str | None:
         return None
     best = min(winners, key=lambda c: float(np.mean([level.high for level in c.levels])))
     return best.router
+
+
+@dataclass(frozen=True)
+class DifferenceInterval:
+    """Mean of ``b - a`` (per-item values, e.g. correct = 1) and its paired-bootstrap
+    percentile interval."""
+
+    difference: float
+    low: float
+    high: float
+    confidence: float
+    items: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def paired_difference(
+    a: npt.NDArray[np.floating[Any]] | Flags,
+    b: npt.NDArray[np.floating[Any]] | Flags,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> DifferenceInterval:
+    """``mean(b) - mean(a)`` over the same items, with the interval of that difference
+    over item resamples (each resample draws the items once for both)."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError("a and b need one value per item, and at least one item")
+    delta = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.concatenate(
+        [
+            delta[
+                rng.integers(0, len(delta), size=(min(CHUNK, resamples - start), len(delta)))
+            ].mean(axis=1)
+            for start in range(0, resamples, CHUNK)
+        ]
+    )
+    tail = (1.0 - confidence) / 2 * 100
+    return DifferenceInterval(
+        float(delta.mean()),
+        float(np.percentile(means, tail)),
+        float(np.percentile(means, 100 - tail)),
+        confidence,
+        len(delta),
+    )

@@ -110,6 +110,16 @@ def reconciled_examples(
     return Examples(features, labels)
 
 
+def fit_candidate(train: SplitOutputs, learned: Examples, views: tuple[str, ...], kind: str) -> Any:
+    """A ``kind`` classifier fitted on router-train (ground truth: the cloud fixes the
+    edge) plus the reconciled examples (the cloud disagreed), with ``views``' features."""
+    features, labels = train.features_for(views), train.cloud_fixes_edge
+    if learned.count:
+        features = np.concatenate([features, learned.features])
+        labels = np.concatenate([labels, learned.labels])
+    return candidate_classifiers()[kind].fit(features, labels)
+
+
 def _decode(serialized: bytes, pair: ModelPair) -> npt.NDArray[np.generic]:
     """A stored input, checked against the pair's input contract (datatype and shape)."""
     tensor = tensor_pb2.Tensor.FromString(serialized)
@@ -169,13 +179,7 @@ def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
     # The candidate sees what the serving policy sees: its declared views.
     views = serving.metadata.views
     learned = reconciled_examples(args.outbox, models.pair, models.edge, views)
-    features, labels = train.features_for(views), train.cloud_fixes_edge
-    if learned.count:
-        features = np.concatenate([features, learned.features])
-        labels = np.concatenate([labels, learned.labels])
-    chosen = _classifier_kind(serving_dir)
-    classifier = candidate_classifiers()[chosen]
-    classifier.fit(features, labels)
+    classifier = fit_candidate(train, learned, views, classifier_kind(serving_dir))
 
     def scores(half: SplitOutputs) -> npt.NDArray[np.float32]:
         result: npt.NDArray[np.float32] = classifier.predict_proba(half.features_for(views))[:, 1]
@@ -203,7 +207,7 @@ def retrain(args: argparse.Namespace) -> tuple[Comparison, Any, SplitOutputs]:
     return comparison, classifier, calibration
 
 
-def _classifier_kind(policy: Path) -> str:
+def classifier_kind(policy: Path) -> str:
     """The serving policy's classifier kind (the candidate is trained the same way)."""
     kind = json.loads((policy / "policy.json").read_text()).get("classifier")
     return kind if kind in candidate_classifiers() else "logistic_regression"
@@ -269,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     write_policy(
         directory,
         classifier,
-        _classifier_kind(serving),
+        classifier_kind(serving),
         calibration_features[:1],
         pair=args.pair,
         version=version,

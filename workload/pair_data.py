@@ -22,6 +22,9 @@ from workload import fashion_mnist
 from workload.catalog import CatalogError, DataSource, ModelPair
 
 POLICY_SPLITS = ("router_train", "calibration", "test")
+# The edge model's own training split: only built-in loaders have it (out-of-fold data,
+# ``workload.folds``).
+MODEL_TRAIN_SPLIT = "model_train"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ BUILTIN_LOADERS: dict[str, Callable[[str], PairSplit]] = {"fashion-mnist": _fash
 def load_pair_split(pair: ModelPair, split: str) -> PairSplit:
     """One of ``POLICY_SPLITS`` of the pair's declared data, checked against the pair's
     input contract. Raises CatalogError naming the pair when something does not fit."""
-    if split not in POLICY_SPLITS:
+    if split not in POLICY_SPLITS and not (
+        split == MODEL_TRAIN_SPLIT and has_model_train_split(pair)
+    ):
         raise ValueError(f"unknown split {split!r}; splits are {POLICY_SPLITS}")
     if pair.data is None:
         raise CatalogError(
@@ -59,6 +64,11 @@ def load_pair_split(pair: ModelPair, split: str) -> PairSplit:
         result = PairSplit(split, inputs[index], labels[index])
     _check(pair, result)
     return result
+
+
+def has_model_train_split(pair: ModelPair) -> bool:
+    """Whether the pair's data has the edge's training split (built-in loaders do)."""
+    return pair.data is not None and pair.data.loader is not None
 
 
 @cache

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from workload.fashion_evaluation import evaluate
-from workload.fashion_mnist import LABELS, SPLIT_SEED, SPLIT_SIZES, load_split
+from workload.fashion_mnist import LABELS, SPLIT_SEED, SPLIT_SIZES, Split, load_split
 from workload.model_store import ModelManifest, TensorEntry, write_version
 
 _log = logging.getLogger("workload.train_fashion")
@@ -69,8 +69,15 @@ RECIPES: dict[str, tuple[str, Callable[[], nn.Module], int, float, str]] = {
 }
 
 
-def train(network: nn.Module, epochs: int, learning_rate: float, seed: int) -> nn.Module:
-    split = load_split("model_train")
+def train(
+    network: nn.Module,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+    split: Split | None = None,
+) -> nn.Module:
+    """Fit ``network`` on ``split`` (default: the whole model-train split)."""
+    split = load_split("model_train") if split is None else split
     images = torch.from_numpy(split.images.copy())
     labels = torch.from_numpy(split.labels.copy())
     generator = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ import numpy.typing as npt
 from router_service.escalation import EscalationClassifier, latest_policy
 from router_service.features import router_features
 from services.classification import softmax
+from services.views import apply_view
 from tests.helpers.paths import POLICY_ROOT, STORE
 
 
@@ -17,9 +18,15 @@ def easy_and_hard(images: npt.NDArray[np.uint8], count: int) -> tuple[list[int],
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(STORE / "fashion-edge" / "1" / "model.onnx"))
-    (logits,) = session.run(["logits"], {"image": images})
+
+    def probabilities(inputs: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+        (logits,) = session.run(["logits"], {"image": inputs})
+        return softmax(np.asarray(logits))
+
     classifier = EscalationClassifier(latest_policy(POLICY_ROOT))
-    scores = classifier.score(router_features(softmax(np.asarray(logits)), images))
+    # The edge's outputs on the policy's test-time views, as the router asks for them.
+    views = {view: probabilities(apply_view(view, images)) for view in classifier.metadata.views}
+    scores = classifier.score(router_features(probabilities(images), images, views))
     order = np.argsort(scores)
     return order[:count].tolist(), order[-count:].tolist()
 

@@ -35,6 +35,7 @@ from services.config import ServiceSettings
 from services.server import ServiceHost, ServiceRegistration
 from services.telemetry import create_telemetry
 from services.tensors import encode_tensor
+from services.views import view_output_name
 from tests.helpers.router_node import router_settings
 from tests.helpers.waiting import eventually
 
@@ -161,10 +162,16 @@ class ScriptedEdge(edge_service_pb2_grpc.EdgeServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> edge_service_pb2.InferResponse:
         output, classes = await self.tier.run(request.request_id, request.inputs[0], context)
+        # Each requested test-time view gets the scripted answer too (the mirrored item is
+        # the same kind of item), under the name the edge node gives it.
+        views = [tensor_pb2.Tensor() for _ in request.views]
+        for view, name in zip(views, request.views, strict=True):
+            view.CopyFrom(output)
+            view.name = view_output_name(output.name, name)
         return edge_service_pb2.InferResponse(
             request_id=request.request_id,
             model=model_pb2.ModelRef(name=self.tier.model, version="scripted-1"),
-            outputs=[output],
+            outputs=[output, *views],
             classifications=classes,
         )
 
