@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,7 +43,7 @@ from services.logging import get_logger
 from services.loop_lag import LoopLag
 from services.records import RecordSink
 from services.server import ServiceHost, ServiceRegistration
-from services.shedding import SheddingInterceptor
+from services.shedding import SheddingInterceptor, shed_before_tracing
 from services.telemetry import Telemetry
 from services.tensors import DATATYPE_BY_KSERVE_NAME
 from workload.catalog import load_catalog
@@ -59,16 +58,6 @@ SHED_METHODS = (
 )
 
 _log = get_logger("router_service")
-
-
-def _with_shedding(
-    telemetry: list[grpc.aio.ServerInterceptor[Any, Any]],
-    shedding: grpc.aio.ServerInterceptor[Any, Any],
-) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-    """The RPC metric first (a shed call is counted, with its status), the shedding, then
-    tracing: a refused call costs no span (Telemetry.server_interceptors' order)."""
-    rpc_metrics, *tracing = telemetry
-    return [rpc_metrics, shedding, *tracing]
 
 
 def _admission(settings: RouterSettings) -> tuple[Admission, LoopLag]:
@@ -237,7 +226,7 @@ class RouterNode:
                     serving_at_start=False,
                 ),
             ],
-            interceptors=_with_shedding(
+            interceptors=shed_before_tracing(
                 telemetry.server_interceptors(tracing=settings.tracing_enabled),
                 SheddingInterceptor(admission, SHED_METHODS),
             ),

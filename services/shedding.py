@@ -14,13 +14,14 @@ The servicer still takes its slot through ``Admission.slot``, which applies the 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from services.admission import Admission
 from services.interceptors import HANDLER_FACTORIES, Behavior, Context, abort_with
+from services.rpc_metrics import RpcMetricsInterceptor
 
 if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; the runtime class is not.
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -83,3 +84,15 @@ class SheddingInterceptor(_ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def shed_before_tracing(
+    telemetry: Sequence[grpc.aio.ServerInterceptor[Any, Any]],
+    shedding: SheddingInterceptor,
+) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """``telemetry``'s server interceptors with ``shedding`` placed after the RPC metric
+    (a shed call is counted, with its status) and before tracing (a shed call costs no
+    span). Picked by type, not by position in ``Telemetry.server_interceptors``."""
+    metric = [i for i in telemetry if isinstance(i, RpcMetricsInterceptor)]
+    rest = [i for i in telemetry if not isinstance(i, RpcMetricsInterceptor)]
+    return [*metric, shedding, *rest]

@@ -26,7 +26,7 @@ from services.telemetry import create_telemetry
 from tests.helpers.credentials import Credentials, make_credentials
 from tests.helpers.edge_node import edge_settings
 from tests.helpers.ota_site import golden_set, make_version
-from tests.helpers.paths import EDGE_MODEL, STORE
+from tests.helpers.paths import EDGE_MODEL, SERVED_POLICY_VERSION, STORE
 from tests.helpers.scripted_tiers import scripted_mesh
 from tests.helpers.waiting import eventually
 from workload.model_store import versions
@@ -67,8 +67,9 @@ def test_an_interrupted_seed_is_cleaned_and_redone(tmp_path: Path) -> None:
 
     seeded = seed_versions(POLICIES, root)
 
-    assert seeded == [root / "fashion-mnist" / "1"]
-    assert [p.name for p in (root / "fashion-mnist").iterdir()] == ["1"]
+    # The newest version of the image's seed (the one the router serves), nothing else.
+    assert seeded == [root / "fashion-mnist" / SERVED_POLICY_VERSION]
+    assert [p.name for p in (root / "fashion-mnist").iterdir()] == [SERVED_POLICY_VERSION]
 
 
 async def _health(node: EdgeNode) -> int:
@@ -203,5 +204,5 @@ async def test_a_refused_store_still_polls_and_a_promoted_version_repairs_it(
 async def test_the_router_seeds_its_pairs_policy_roots_from_the_image(tmp_path: Path) -> None:
     volume = tmp_path / "policies"
     async with scripted_mesh(tmp_path, policies_dir=volume, policies_seed=POLICIES) as mesh:
-        assert versions(volume / "fashion-mnist") == [1]
-        assert mesh.router.router.policies["fashion-mnist"].version == "1"
+        assert versions(volume / "fashion-mnist") == [int(SERVED_POLICY_VERSION)]
+        assert mesh.router.router.policies["fashion-mnist"].version == SERVED_POLICY_VERSION

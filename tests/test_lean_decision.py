@@ -27,6 +27,7 @@ from router_service.linear_score import LinearLogisticScore
 from router_service.routing import edge_probabilities
 from services.classification import softmax
 from services.tensors import encode_tensor
+from services.views import apply_view
 from training.train_policy import SplitOutputs, pair_models, run_model, split_outputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,8 +62,12 @@ def test_numpy_scores_and_decisions_equal_the_sessions_on_real_data(
     # One item at a time, the router's usual request: features and score as it serves.
     probabilities, inputs = test_split.edge_probabilities, test_split.inputs
     for index in range(0, len(inputs), 10):
+        views = {
+            view: test_split.view_probabilities[view][index : index + 1]
+            for view in classifier.metadata.views
+        }
         one = classifier.score(
-            router_features(probabilities[index : index + 1], inputs[index : index + 1])
+            router_features(probabilities[index : index + 1], inputs[index : index + 1], views)
         )
         assert one.shape == (1,) and one.dtype == np.float32
         assert abs(float(one[0]) - float(reference[index])) <= LINEAR_SCORE_TOLERANCE
@@ -82,15 +87,30 @@ def test_the_lean_decision_equals_the_previous_one_on_real_data(
     )
     classifier = EscalationClassifier(latest_policy(POLICY_ROOT))
     logits = run_model(models.edge, models.pair, test_split.inputs)
-    previous_features = router_features(softmax(logits), test_split.inputs)
+    # The served policy's views (v2: hflip), each the edge model on the view's input.
+    view_logits = {
+        view: run_model(models.edge, models.pair, apply_view(view, test_split.inputs))
+        for view in classifier.metadata.views
+    }
+    previous_features = router_features(
+        softmax(logits),
+        test_split.inputs,
+        {view: softmax(value) for view, value in view_logits.items()},
+    )
     previous = classifier._session_score(previous_features)
     threshold = classifier.threshold
     lean = np.empty_like(previous)
     top1 = np.empty_like(previous)
     for index in range(len(logits)):
         output = encode_tensor(models.pair.output.name, logits[index : index + 1])
+        views = {
+            view: edge_probabilities(
+                pair, encode_tensor(models.pair.output.name, value[index : index + 1])
+            )
+            for view, value in view_logits.items()
+        }
         features = router_features(
-            edge_probabilities(pair, output), test_split.inputs[index : index + 1]
+            edge_probabilities(pair, output), test_split.inputs[index : index + 1], views
         )
         lean[index] = classifier.score(features)[0]
         top1[index] = features[0, 0]

@@ -26,7 +26,7 @@ from services.config import ServiceSettings
 from services.errors import RETRY_PUSHBACK_METADATA_KEY, ResourceExhaustedError
 from services.loop_lag import LoopLag
 from services.server import ServiceHost, ServiceRegistration
-from services.shedding import SheddingInterceptor
+from services.shedding import SheddingInterceptor, shed_before_tracing
 from services.telemetry import create_telemetry
 from tests.helpers.kernel_servicer import ScriptedEdgeServicer
 from tests.helpers.waiting import eventually
@@ -53,7 +53,6 @@ async def shedding(max_queued: int) -> AsyncIterator[Shedding]:
     telemetry = create_telemetry(
         "shedding-test", span_processors=[SimpleSpanProcessor(state.spans)], export_otlp=False
     )
-    rpc_metrics, *tracing = telemetry.server_interceptors()
     host = ServiceHost(
         ServiceSettings(service_name="shedding-test", port=0, shutdown_grace_seconds=0),
         [
@@ -64,7 +63,9 @@ async def shedding(max_queued: int) -> AsyncIterator[Shedding]:
                 ),
             )
         ],
-        interceptors=[rpc_metrics, SheddingInterceptor(admission, [INFER]), *tracing],
+        interceptors=shed_before_tracing(
+            telemetry.server_interceptors(), SheddingInterceptor(admission, [INFER])
+        ),
     )
     await host.start()
     async with grpc.aio.insecure_channel(host.address) as channel:
