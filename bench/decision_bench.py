@@ -3,7 +3,9 @@
 Per request (batch 1, real Fashion-MNIST test images through the real edge model): the
 caller's hints resolved and the hard policy evaluated, the edge's output tensor decoded
 to probabilities, the router's features, the pair's policy score and the escalation plan;
-the same functions the router calls (router_service.routing, decision, policy). The
+the same functions the router calls (router_service.routing, decision, policy), with
+the served policy's views decoded and featurised as the router does (not the view's
+edge run itself, which is the edge's time). The
 policy's ONNX session itself (``EscalationClassifier._session_score``, what served
 before the numpy path) is timed beside it, same items, same run.
 
@@ -28,6 +30,7 @@ from router_service.features import router_features
 from router_service.policy import RequestConstraints, Situation, evaluate
 from router_service.routing import edge_probabilities
 from services.tensors import encode_tensor
+from services.views import apply_view
 from training.train_policy import pair_models, run_model
 from workload.pair_data import load_pair_split
 
@@ -46,8 +49,19 @@ def measure(count: int, warmup: int = 500) -> dict[str, float]:
     logits = run_model(models.edge, models.pair, inputs)
     outputs = [encode_tensor(models.pair.output.name, logits[i : i + 1]) for i in range(1000)]
     policy = load_policy(latest_policy(REPO_ROOT / "models/policies" / PAIR))
-    if policy.metadata.views:
-        raise RuntimeError("the decision bench feeds no views; the policy declares some")
+    # Each view the served policy declares (v2: hflip) as the edge returns it: the edge
+    # model's output on the view's input, decoded per request like the main output.
+    view_outputs = {
+        view: run_model(models.edge, models.pair, apply_view(view, inputs))
+        for view in policy.metadata.views
+    }
+    encoded_views = [
+        {
+            view: encode_tensor(models.pair.output.name, value[i : i + 1])
+            for view, value in view_outputs.items()
+        }
+        for i in range(1000)
+    ]
     hints = routing_pb2.RoutingHints(privacy_class=routing_pb2.PRIVACY_CLASS_PUBLIC)
     situation = Situation(
         remaining_budget_s=1.0, cloud_p95_s=0.01, cloud_breaker_open=False, cloud_cost_micros=1500
@@ -62,8 +76,11 @@ def measure(count: int, warmup: int = 500) -> dict[str, float]:
         constraints = RequestConstraints.from_hints(hints)
         verdict = evaluate(constraints, situation)
         probabilities = edge_probabilities(pair, outputs[item])
+        views = {
+            view: edge_probabilities(pair, tensor) for view, tensor in encoded_views[item].items()
+        }
         features_at = clock()
-        features = router_features(probabilities, image)
+        features = router_features(probabilities, image, views)
         score_at = clock()
         scores = policy.score(features)
         scored = clock()
