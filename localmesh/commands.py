@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -29,6 +31,7 @@ from localmesh.launcher import (
     LocalMesh,
     MeshOptions,
     MeshState,
+    StateFileError,
     down_from_state,
     grpc_serving,
 )
@@ -132,6 +135,9 @@ async def status(args: argparse.Namespace, console: Console) -> int:
         state = MeshState.read(args.state_dir)
     except FileNotFoundError:
         console.print("no mesh is up")
+        return 1
+    except StateFileError as error:
+        sys.stderr.write(f"hybridmesh status: error: {error}\n")
         return 1
     healthy = True
     for name in ("router", "edge", "cloud", "registry"):
@@ -277,10 +283,39 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("warning")
     console = Console(width=150)
     if args.command == "down":
-        stopped = asyncio.run(down_from_state(args.state_dir))
+        try:
+            stopped = asyncio.run(down_from_state(args.state_dir))
+        except FileNotFoundError:
+            console.print("no mesh is up")
+            return 1
+        except StateFileError as error:
+            # Its process ids cannot be trusted: stopping by them could hit other processes.
+            sys.stderr.write(f"hybridmesh down: error: {error}\n")
+            return 1
         console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
         return 0
     if args.command == "up" and args.detach:
         return up_detached(args, console)
     command = {"up": up, "status": status, "demo": demo}[args.command]
-    return asyncio.run(command(args, console))
+    return asyncio.run(_terminable(command(args, console)))
+
+
+async def _terminable(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; SIGTERM (``timeout``, ``kill``, a service manager) cancels it as
+    Ctrl-C does, so that its clean-up stops the parts it started: they run in process
+    groups of their own and would outlive this process. The exit status is then 143."""
+    task = asyncio.ensure_future(command)
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not terminated:
+            raise  # Ctrl-C: asyncio.run turns it back into KeyboardInterrupt
+        return 128 + signal.SIGTERM

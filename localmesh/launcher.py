@@ -40,6 +40,13 @@ from services.logging import get_logger
 from workload.triton_repository import cloud_models, write_repository
 
 STATE_FILE = "state.json"
+
+
+class StateFileError(ValueError):
+    """``<state_dir>/state.json`` exists but is not a mesh's state (truncated, edited, or
+    from another program): the message names the file."""
+
+
 EdgeMode = Literal["remote", "in-process"]
 OTEL_SAMPLER_VARIABLES = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 SITE_TOKEN = "local-site-token"  # the local mesh's one edge site
@@ -128,7 +135,19 @@ class MeshState:
 
     @classmethod
     def read(cls, state_dir: Path) -> MeshState:
-        return cls(**json.loads((state_dir / STATE_FILE).read_text()))
+        """The state ``up`` wrote. Raises FileNotFoundError (no mesh is up) or
+        StateFileError (the file is not a mesh's state, said in one line)."""
+        path = state_dir / STATE_FILE
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise StateFileError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(fields, dict):
+            raise StateFileError(f"{path}: not a JSON object")
+        try:
+            return cls(**fields)
+        except TypeError as error:  # a missing or unknown field
+            raise StateFileError(f"{path}: not a mesh's state ({error})") from error
 
 
 @dataclass(frozen=True)

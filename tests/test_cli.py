@@ -264,3 +264,90 @@ async def test_every_service_warns_at_start_up(package: str, tmp_path: Path) -> 
     assert warning["variable"] == f"{prefix}LOGLEVEL"
     assert warning["did_you_mean"] == f"{prefix}LOG_LEVEL"
     assert warning["level"] == "warning"
+
+
+@pytest.mark.parametrize("command", ["down", "status"])
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "no mesh is up"),
+        ("{bad", "not valid JSON"),
+        ("[]", "not a JSON object"),
+        ('{"pids": {"router": 1}}', "not a mesh's state"),
+    ],
+)
+def test_down_and_status_without_a_valid_state_file_are_one_line(
+    command: str, content: str | None, said: str, tmp_path: Path
+) -> None:
+    """No state file: "no mesh is up"; a corrupt one: one line naming it, and ``down``
+    signals nothing (its process ids cannot be trusted). Exit status 1, no traceback."""
+    if content is not None:
+        (tmp_path / "state.json").write_text(content)
+    shown = hybridmesh("--state-dir", str(tmp_path), command)
+    assert shown.returncode == 1, shown.stderr
+    assert "Traceback" not in shown.stderr, shown.stderr
+    assert said in shown.stdout + shown.stderr, (shown.stdout, shown.stderr)
+    if content is not None:
+        assert len(shown.stderr.splitlines()) == 1, shown.stderr
+        assert str(tmp_path / "state.json") in shown.stderr
+        assert (tmp_path / "state.json").exists(), "a file it could not read is left alone"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_demo_stops_the_parts_it_started(tmp_path: Path) -> None:
+    """``timeout``/``kill`` send SIGTERM: the demo stops its mesh as Ctrl-C would. Triton
+    and Envoy run in process groups of their own, so without that they outlived it."""
+    state_dir = tmp_path / "mesh"
+    demo = subprocess.Popen(
+        [
+            str(HYBRIDMESH),
+            "--state-dir",
+            str(state_dir),
+            "demo",
+            "--limit",
+            "10000",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env={**ENVIRONMENT, "MPLBACKEND": "Agg"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if line.startswith("mesh up"):
+                break
+        state = json.loads((state_dir / "state.json").read_text())
+        pids = list(state["pids"].values())
+        assert pids and all(_alive(pid) for pid in pids)
+        demo.send_signal(signal.SIGTERM)
+        status = demo.wait(timeout=120)
+        left = [pid for pid in pids if _alive(pid) and not _zombie(pid)]
+        assert not left, f"parts left running after SIGTERM: {left}"
+        assert status == 128 + signal.SIGTERM
+    finally:
+        for pid in pids:  # what this test started, if the demo left it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+
+def _zombie(pid: int) -> bool:
+    """A stopped part not yet reaped by its (exited) parent's init."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return False
