@@ -166,10 +166,16 @@ def _add_mesh_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "port (SO_REUSEPORT); more than 1 needs --edge-mode remote (default %(default)s)",
         )
     demo_parser.add_argument(
-        "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
+        "--limit",
+        type=_positive_int,
+        default=10_000,
+        help="test images to send (default %(default)s)",
     )
     demo_parser.add_argument(
-        "--concurrency", type=int, default=8, help="callers at once (default %(default)s)"
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        help="callers at once (default %(default)s)",
     )
     demo_parser.add_argument(
         "--out",
@@ -222,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_commands(registry)
     add_below_root(parser, "--state-dir", type=Path, help=state_dir_help)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--limit -1`` was a slice, all but one image)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _catalog_problem(args: argparse.Namespace) -> str | None:

@@ -351,3 +351,15 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("option", ["--limit", "--concurrency"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_demo_counts_below_one_are_refused(option: str, value: str) -> None:
+    """``--limit -1`` sliced the test set (all but one image), ``--limit 0`` ran an empty
+    demo and wrote its report: both are usage errors naming the option."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["demo", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be at least 1, got {value}" in stderr.getvalue()
