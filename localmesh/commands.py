@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -220,8 +221,12 @@ def _print_outbox(state: MeshState, console: Console) -> None:
         console.print("  outbox   none yet")
         return
     for file in files:
-        stats = read_stats(file)
         label = file.stem.rpartition(".")[2] if file != path else ""
+        try:
+            stats = read_stats(file)
+        except sqlite3.Error as error:  # corrupt or truncated: said, the rest still shown
+            console.print(f"  outbox   {label + ': ' if label else ''}unreadable {file}: {error}")
+            continue
         console.print(
             f"  outbox   {label + ': ' if label else ''}{stats.depth} queued, oldest "
             f"{stats.oldest_age_s:.1f} s; {stats.reconciled_items} item(s) reconciled, "

@@ -89,12 +89,13 @@ CREATE TRIGGER IF NOT EXISTS outbox_counts_trimmed AFTER DELETE ON reconciled BE
 END;
 """
 # A file written before outbox_counts existed is counted once, when it is opened.
-_SEED_COUNTS = """
-INSERT OR IGNORE INTO outbox_counts (name, value)
-    SELECT 'depth', count(*) FROM outbox
+_COUNT_ROWS = """
+SELECT 'depth', count(*) FROM outbox
     UNION ALL SELECT 'reconciled', count(*) FROM reconciled
     UNION ALL SELECT 'corrections', count(*) FROM reconciled WHERE agrees = 0
 """
+_SEED_COUNTS = "INSERT OR IGNORE INTO outbox_counts (name, value)" + _COUNT_ROWS
+_HAS_COUNTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_counts'"
 # Files written before the ``source`` column had only reconciliation rows.
 ADD_SOURCE = "ALTER TABLE reconciled ADD COLUMN source TEXT NOT NULL DEFAULT 'reconciliation'"
 Synchronous = Literal["FULL", "NORMAL"]
@@ -413,8 +414,9 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
-    counts = dict(db.execute(COUNTS_QUERY).fetchall())
+def _stats(db: sqlite3.Connection, now: float, *, counted: bool = True) -> OutboxStats:
+    """``counted``: the file has outbox_counts (else every row is counted, O(n))."""
+    counts = dict(db.execute(COUNTS_QUERY if counted else _COUNT_ROWS).fetchall())
     (oldest,) = db.execute(OLDEST_QUERY).fetchone()
     return OutboxStats(
         depth=counts.get("depth", 0),
@@ -425,9 +427,13 @@ def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
 
 
 def read_stats(path: Path, now: float | None = None) -> OutboxStats:
-    """Stats of an outbox file another process owns (``hybridmesh status``), read-only."""
+    """Stats of an outbox file another process owns (``hybridmesh status``), read-only:
+    also a file of the previous release no process of this one has opened yet (no
+    outbox_counts: its rows are counted). Raises sqlite3.Error for a file that is not an
+    outbox (corrupt, truncated, empty)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return _stats(db, time.time() if now is None else now)
+        counted = db.execute(_HAS_COUNTS).fetchone() is not None
+        return _stats(db, time.time() if now is None else now, counted=counted)
     finally:
         db.close()

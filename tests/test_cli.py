@@ -363,3 +363,26 @@ def test_demo_counts_below_one_are_refused(option: str, value: str) -> None:
         build_parser().parse_args(["demo", option, value])
     assert exited.value.code == 2
     assert f"argument {option}: must be at least 1, got {value}" in stderr.getvalue()
+
+
+def test_status_says_which_outbox_file_is_unreadable(tmp_path: Path) -> None:
+    """One worker's outbox file damaged: status names it and still lists the rest (it
+    was a traceback, and nothing after the outbox was shown)."""
+    from router_service.outbox import Outbox
+
+    router = tmp_path / "router"
+    Outbox(router / "outbox.worker0.sqlite", max_items=1).close()
+    (router / "outbox.worker1.sqlite").write_bytes(b"\xff" * 4096)
+    state = {
+        "state_dir": str(tmp_path),
+        "endpoints": {n: f"127.0.0.1:{i + 1}" for i, n in enumerate(("router", "envoy", "triton"))},
+        "pids": {},
+        "logs": {},
+        "wan_delay_ms": 40,
+        "outbox": str(router / "outbox.sqlite"),
+    }
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    shown = hybridmesh("--state-dir", str(tmp_path), "status")
+    assert "Traceback" not in shown.stderr, shown.stderr
+    assert "worker0: 0 queued" in shown.stdout, shown.stdout
+    assert f"worker1: unreadable {router / 'outbox.worker1.sqlite'}" in shown.stdout
