@@ -35,6 +35,7 @@ from localmesh.launcher import (
     StateFileError,
     down_from_state,
     grpc_serving,
+    running,
 )
 from localmesh.ota import ModelSources
 from localmesh.otlp_receiver import OtlpReceiver
@@ -235,13 +236,7 @@ def _print_outbox(state: MeshState, console: Console) -> None:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return pid is not None and running(pid)
 
 
 async def demo(args: argparse.Namespace, console: Console) -> int:

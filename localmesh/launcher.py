@@ -646,11 +646,28 @@ async def stop_process_group(
 def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
     if process is not None:
         return process.poll() is None
+    # A zombie counts here: its process group may still hold live children to stop.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited. A part that died stays a zombie
+    until the supervisor that started it reaps it, and ``kill(pid, 0)`` still succeeds
+    for a zombie, so its state in ``/proc/<pid>/stat`` (Linux) is read too."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (or gone this instant): kill() said it exists
+        return True
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def down_from_state(state_dir: Path, grace_s: float = 10.0) -> list[str]:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,32 @@ def test_status_says_which_outbox_file_is_unreadable(tmp_path: Path) -> None:
     assert "Traceback" not in shown.stderr, shown.stderr
     assert "worker0: 0 queued" in shown.stdout, shown.stdout
     assert f"worker1: unreadable {router / 'outbox.worker1.sqlite'}" in shown.stdout
+
+
+def test_status_says_a_dead_part_is_down_while_it_is_unreaped(tmp_path: Path) -> None:
+    """A part that died stays a zombie until its supervisor reaps it; kill(pid, 0) still
+    succeeds, so status said "running" for a dead Envoy and exited 0."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not waited for yet
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stat = Path(f"/proc/{dead.pid}/stat")
+        for _ in range(200):  # until it has exited (a zombie: this test has not reaped it)
+            if stat.read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        state = {
+            "state_dir": str(tmp_path),
+            "endpoints": {"envoy": "127.0.0.1:1", "triton": "127.0.0.1:2"},
+            "pids": {"envoy": dead.pid, "triton": alive.pid},
+            "logs": {},
+            "wan_delay_ms": 40,
+        }
+        (tmp_path / "state.json").write_text(json.dumps(state))
+        shown = hybridmesh("--state-dir", str(tmp_path), "status")
+        assert f"DOWN  pid {dead.pid}" in shown.stdout, shown.stdout
+        assert f"running  pid {alive.pid}" in shown.stdout, shown.stdout
+        assert shown.returncode == 1
+    finally:
+        alive.kill()
+        alive.wait()
+        dead.wait()
