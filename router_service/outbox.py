@@ -437,3 +437,23 @@ def read_stats(path: Path, now: float | None = None) -> OutboxStats:
         return _stats(db, time.time() if now is None else now, counted=counted)
     finally:
         db.close()
+
+
+def stranded(base: Path, in_use: Sequence[Path]) -> list[tuple[Path, int]]:
+    """Outbox files beside ``base`` (``outbox.sqlite`` and ``outbox.worker<i>.sqlite``)
+    that no process of this router drains (``in_use``: the workers' files) and that
+    still hold queued items, with their depth. Each worker drains only its own file, so
+    a router restarted with fewer (or more) workers leaves these behind; a file that
+    cannot be read is left out (``hybridmesh status`` says it is unreadable)."""
+    candidates = [base, *base.parent.glob(f"{base.stem}.worker*{base.suffix}")]
+    found = []
+    for path in sorted(set(candidates) - set(in_use)):
+        if not path.is_file():
+            continue
+        try:
+            depth = read_stats(path).depth
+        except sqlite3.Error:
+            continue
+        if depth:
+            found.append((path, depth))
+    return found
