@@ -101,6 +101,11 @@ ADD_SOURCE = "ALTER TABLE reconciled ADD COLUMN source TEXT NOT NULL DEFAULT 're
 Synchronous = Literal["FULL", "NORMAL"]
 
 
+class OutboxFileError(sqlite3.DatabaseError):
+    """The outbox file is not an outbox SQLite can open (corrupt, truncated, another
+    file): the message names it."""
+
+
 class Priority(enum.IntEnum):
     """Higher survives longer when the outbox is full."""
 
@@ -189,6 +194,18 @@ class Outbox:
         self._lock = threading.Lock()
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open(synchronous)
+        except sqlite3.OperationalError:  # locked, read-only, disk full: not the file's form
+            self._db.close()
+            raise
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise OutboxFileError(
+                f"{path}: not a usable outbox ({error}); move it aside to start with an empty one"
+            ) from error
+
+    def _open(self, synchronous: Synchronous) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed item survives power loss; NORMAL: it survives a process
         # crash (kill -9) but the last commits may be lost on power loss.
