@@ -10,6 +10,7 @@ from edge_node.config import EdgeSettings
 from router_service.app import RouterNode, pairs_from_catalog
 from router_service.config import RouterSettings
 from router_service.outbox import stranded
+from services.config import settings_from_environment
 from services.environment import warn_unknown_variables
 from services.logging import configure_logging, get_logger
 from services.server import serve_until_signalled
@@ -22,7 +23,9 @@ async def _serve(settings: RouterSettings) -> None:
         settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.host
     )
     # A co-located edge reads its own HYBRIDMESH_EDGE_* settings.
-    edge_settings = EdgeSettings() if settings.edge_mode == "in-process" else None
+    edge_settings = (
+        settings_from_environment(EdgeSettings) if settings.edge_mode == "in-process" else None
+    )
     node = RouterNode(
         settings, telemetry, pairs_from_catalog(settings.catalog), edge_settings=edge_settings
     )
@@ -56,7 +59,7 @@ def warn_stranded_outboxes(settings: RouterSettings) -> list[str]:
 
 
 def main() -> None:
-    settings = RouterSettings()
+    settings = settings_from_environment(RouterSettings)
     configure_logging(settings.log_level)
     warn_unknown_variables(os.environ, settings.service_name)
     warn_stranded_outboxes(settings)

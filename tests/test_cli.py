@@ -416,3 +416,21 @@ def test_status_says_a_dead_part_is_down_while_it_is_unreaped(tmp_path: Path) ->
         alive.kill()
         alive.wait()
         dead.wait()
+
+
+@pytest.mark.parametrize("package", SERVICES)
+def test_every_service_names_a_bad_variable_in_one_line(package: str) -> None:
+    """A bad value was a pydantic traceback naming only the field ("port")."""
+    variable = f"HYBRIDMESH_{SERVICES[package]}_PORT"
+    started = subprocess.run(
+        [sys.executable, "-m", package],
+        cwd=REPO,
+        env={**ENVIRONMENT, variable: "99999"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 1, started.stderr
+    assert "Traceback" not in started.stderr, started.stderr
+    assert f"{variable}='99999': Input should be less than or equal to 65535" in started.stderr
