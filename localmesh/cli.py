@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in {"policy", "router"}:
         return policy(args)
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        sys.stderr.write(f"hybridmesh: error: --state-dir {args.state_dir}: not a directory\n")
+        return 2
     if args.command == "registry":
         return registry_cli.run(args, _operator_defaults(args.state_dir))
     if args.command in {"up", "demo"} and (problem := _workers_problem(args)):

@@ -434,3 +434,16 @@ def test_every_service_names_a_bad_variable_in_one_line(package: str) -> None:
     assert started.returncode == 1, started.stderr
     assert "Traceback" not in started.stderr, started.stderr
     assert f"{variable}='99999': Input should be less than or equal to 65535" in started.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["down"], ["up", "--random-ports"]])
+def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(
+    command: list[str], tmp_path: Path
+) -> None:
+    """It was a NotADirectoryError or FileExistsError traceback."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory\n")
+    shown = hybridmesh("--state-dir", str(a_file), *command)
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr == f"hybridmesh: error: --state-dir {a_file}: not a directory\n"
+    assert a_file.read_text() == "not a directory\n"
