@@ -8,6 +8,7 @@ from functools import partial
 
 from cloud_inference.app import CloudNode
 from cloud_inference.config import CloudSettings
+from services.config import settings_from_environment
 from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
@@ -35,7 +36,7 @@ def _stop_timeout_s(settings: CloudSettings) -> float:
 
 
 def main() -> None:
-    settings = CloudSettings()
+    settings = settings_from_environment(CloudSettings)
     configure_logging(settings.log_level)
     warn_unknown_variables(os.environ, settings.service_name)
     # Forks before any gRPC object exists (services/workers.py); one worker: no fork.

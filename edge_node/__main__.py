@@ -7,6 +7,7 @@ import os
 
 from edge_node.app import EdgeNode
 from edge_node.config import EdgeSettings
+from services.config import settings_from_environment
 from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
@@ -21,7 +22,7 @@ async def _serve(settings: EdgeSettings) -> None:
 
 
 def main() -> None:
-    settings = EdgeSettings()
+    settings = settings_from_environment(EdgeSettings)
     configure_logging(settings.log_level)
     warn_unknown_variables(os.environ, settings.service_name)
     asyncio.run(_serve(settings))

@@ -166,10 +166,16 @@ def _add_mesh_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "port (SO_REUSEPORT); more than 1 needs --edge-mode remote (default %(default)s)",
         )
     demo_parser.add_argument(
-        "--limit", type=int, default=10_000, help="test images to send (default %(default)s)"
+        "--limit",
+        type=_positive_int,
+        default=10_000,
+        help="test images to send (default %(default)s)",
     )
     demo_parser.add_argument(
-        "--concurrency", type=int, default=8, help="callers at once (default %(default)s)"
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        help="callers at once (default %(default)s)",
     )
     demo_parser.add_argument(
         "--out",
@@ -224,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--limit -1`` was a slice, all but one image)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _catalog_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with ``--catalog`` (naming the file) or its models in ``--store``."""
     try:
@@ -257,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in {"policy", "router"}:
         return policy(args)
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        sys.stderr.write(f"hybridmesh: error: --state-dir {args.state_dir}: not a directory\n")
+        return 2
     if args.command == "registry":
         return registry_cli.run(args, _operator_defaults(args.state_dir))
     if args.command in {"up", "demo"} and (problem := _workers_problem(args)):

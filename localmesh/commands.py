@@ -13,10 +13,13 @@ import argparse
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -29,8 +32,10 @@ from localmesh.launcher import (
     LocalMesh,
     MeshOptions,
     MeshState,
+    StateFileError,
     down_from_state,
     grpc_serving,
+    running,
 )
 from localmesh.ota import ModelSources
 from localmesh.otlp_receiver import OtlpReceiver
@@ -133,6 +138,9 @@ async def status(args: argparse.Namespace, console: Console) -> int:
     except FileNotFoundError:
         console.print("no mesh is up")
         return 1
+    except StateFileError as error:
+        sys.stderr.write(f"hybridmesh status: error: {error}\n")
+        return 1
     healthy = True
     for name in ("router", "edge", "cloud", "registry"):
         if name not in state.endpoints:
@@ -214,8 +222,12 @@ def _print_outbox(state: MeshState, console: Console) -> None:
         console.print("  outbox   none yet")
         return
     for file in files:
-        stats = read_stats(file)
         label = file.stem.rpartition(".")[2] if file != path else ""
+        try:
+            stats = read_stats(file)
+        except sqlite3.Error as error:  # corrupt or truncated: said, the rest still shown
+            console.print(f"  outbox   {label + ': ' if label else ''}unreadable {file}: {error}")
+            continue
         console.print(
             f"  outbox   {label + ': ' if label else ''}{stats.depth} queued, oldest "
             f"{stats.oldest_age_s:.1f} s; {stats.reconciled_items} item(s) reconciled, "
@@ -224,13 +236,7 @@ def _print_outbox(state: MeshState, console: Console) -> None:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return pid is not None and running(pid)
 
 
 async def demo(args: argparse.Namespace, console: Console) -> int:
@@ -277,10 +283,39 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("warning")
     console = Console(width=150)
     if args.command == "down":
-        stopped = asyncio.run(down_from_state(args.state_dir))
+        try:
+            stopped = asyncio.run(down_from_state(args.state_dir))
+        except FileNotFoundError:
+            console.print("no mesh is up")
+            return 1
+        except StateFileError as error:
+            # Its process ids cannot be trusted: stopping by them could hit other processes.
+            sys.stderr.write(f"hybridmesh down: error: {error}\n")
+            return 1
         console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
         return 0
     if args.command == "up" and args.detach:
         return up_detached(args, console)
     command = {"up": up, "status": status, "demo": demo}[args.command]
-    return asyncio.run(command(args, console))
+    return asyncio.run(_terminable(command(args, console)))
+
+
+async def _terminable(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command``; SIGTERM (``timeout``, ``kill``, a service manager) cancels it as
+    Ctrl-C does, so that its clean-up stops the parts it started: they run in process
+    groups of their own and would outlive this process. The exit status is then 143."""
+    task = asyncio.ensure_future(command)
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not terminated:
+            raise  # Ctrl-C: asyncio.run turns it back into KeyboardInterrupt
+        return 128 + signal.SIGTERM

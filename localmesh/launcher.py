@@ -40,6 +40,13 @@ from services.logging import get_logger
 from workload.triton_repository import cloud_models, write_repository
 
 STATE_FILE = "state.json"
+
+
+class StateFileError(ValueError):
+    """``<state_dir>/state.json`` exists but is not a mesh's state (truncated, edited, or
+    from another program): the message names the file."""
+
+
 EdgeMode = Literal["remote", "in-process"]
 OTEL_SAMPLER_VARIABLES = ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")
 SITE_TOKEN = "local-site-token"  # the local mesh's one edge site
@@ -128,7 +135,19 @@ class MeshState:
 
     @classmethod
     def read(cls, state_dir: Path) -> MeshState:
-        return cls(**json.loads((state_dir / STATE_FILE).read_text()))
+        """The state ``up`` wrote. Raises FileNotFoundError (no mesh is up) or
+        StateFileError (the file is not a mesh's state, said in one line)."""
+        path = state_dir / STATE_FILE
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise StateFileError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(fields, dict):
+            raise StateFileError(f"{path}: not a JSON object")
+        try:
+            return cls(**fields)
+        except TypeError as error:  # a missing or unknown field
+            raise StateFileError(f"{path}: not a mesh's state ({error})") from error
 
 
 @dataclass(frozen=True)
@@ -627,11 +646,28 @@ async def stop_process_group(
 def _alive(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
     if process is not None:
         return process.poll() is None
+    # A zombie counts here: its process group may still hold live children to stop.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited. A part that died stays a zombie
+    until the supervisor that started it reaps it, and ``kill(pid, 0)`` still succeeds
+    for a zombie, so its state in ``/proc/<pid>/stat`` (Linux) is read too."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (or gone this instant): kill() said it exists
+        return True
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def down_from_state(state_dir: Path, grace_s: float = 10.0) -> list[str]:

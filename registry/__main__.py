@@ -7,6 +7,7 @@ import os
 
 from registry.app import RegistryNode
 from registry.config import RegistrySettings
+from services.config import settings_from_environment
 from services.environment import warn_unknown_variables
 from services.logging import configure_logging
 from services.server import serve_until_signalled
@@ -21,7 +22,7 @@ async def _serve(settings: RegistrySettings) -> None:
 
 
 def main() -> None:
-    settings = RegistrySettings()
+    settings = settings_from_environment(RegistrySettings)
     configure_logging(settings.log_level)
     warn_unknown_variables(os.environ, settings.service_name)
     asyncio.run(_serve(settings))

@@ -50,6 +50,8 @@ MAX_COST_MICROS = "max_cost_micros"  # int64: the most this request may cost
 MAX_ERROR_PROBABILITY = "max_error_probability"  # double in [0, 1]: the quality target
 BUDGET_MS = "budget_ms"  # int64: the routing budget when the call has no deadline
 TOP_K = "top_k"  # int64: classes per item in the router's answer
+# InferRequest.top_k is a uint32: a larger count could not even be built into the request.
+MAX_TOP_K = 2**32 - 1
 ATTRIBUTE_PREFIX = "attribute."  # string: attribute.<key> -> InferRequest.attributes[key]
 REQUEST_PARAMETERS = (
     PRIVACY_CLASS,
@@ -142,6 +144,9 @@ class ConvertedRequest:
     raw_inputs: bool  # the tensors came as raw_input_contents (errors name those)
     outputs: tuple[str, ...]  # requested outputs in order; empty: every output
     classification: Mapping[str, int]  # output name -> top-k as classification strings
+    # Where the request's top_k came from: the top_k parameter or an output's
+    # classification count (the larger), so the router's limit error names it.
+    top_k_field: str = 'parameters["top_k"]'
 
 
 def parameter_field(name: str) -> str:
@@ -206,6 +211,7 @@ def to_router_request(request: OipMessage, pairs: Mapping[str, PairMetadata]) ->
     known_outputs = {spec.name for spec in pair.outputs}
     outputs: list[str] = []
     classification: dict[str, int] = {}
+    top_k_field = parameter_field(TOP_K)
     for index, wanted in enumerate(request.outputs):
         where = f"outputs[{index}]"
         if wanted.name not in known_outputs:
@@ -224,9 +230,11 @@ def to_router_request(request: OipMessage, pairs: Mapping[str, PairMetadata]) ->
                     f"unknown output parameter; known: [{CLASSIFICATION!r}]",
                     field=f"{where}.{parameter_field(key)}",
                 )
-            count = _integer(value, f"{where}.{parameter_field(key)}", minimum=1)
+            count_field = f"{where}.{parameter_field(key)}"
+            count = _integer(value, count_field, minimum=1, maximum=MAX_TOP_K)
             classification[wanted.name] = count
-            top_k = max(top_k, count)
+            if count > top_k:
+                top_k, top_k_field = count, count_field
     return ConvertedRequest(
         router_service_pb2.InferRequest(
             request_id=request.id,
@@ -239,6 +247,7 @@ def to_router_request(request: OipMessage, pairs: Mapping[str, PairMetadata]) ->
         raw_inputs=bool(raw),
         outputs=tuple(outputs),
         classification=classification,
+        top_k_field=top_k_field,
     )
 
 
@@ -265,7 +274,7 @@ def _hints(
             milliseconds = _integer(value, field, minimum=1, maximum=3_600_000)
             hints.budget.FromMilliseconds(milliseconds)
         elif key == TOP_K:
-            top_k = _integer(value, field, minimum=1)
+            top_k = _integer(value, field, minimum=1, maximum=MAX_TOP_K)
         elif key.startswith(ATTRIBUTE_PREFIX) and len(key) > len(ATTRIBUTE_PREFIX):
             attributes[key[len(ATTRIBUTE_PREFIX) :]] = _string(value, field)
         elif key in IGNORED_PARAMETERS:
@@ -395,8 +404,11 @@ _HINT_FIELDS = {
 _RAW_FIELD = re.compile(r"^inputs\[(\d+)\]\.raw_contents$")
 
 
-def oip_field(field: str, *, raw_inputs: bool) -> str:
-    """How an OIP caller spells the router request's ``field``."""
+def oip_field(field: str, *, raw_inputs: bool, top_k_field: str | None = None) -> str:
+    """How an OIP caller spells the router request's ``field``; ``top_k_field``: where
+    the request's top_k came from (default the top_k parameter)."""
+    if field == "top_k" and top_k_field is not None:
+        return top_k_field
     if field in _HINT_FIELDS:
         return parameter_field(_HINT_FIELDS[field])
     if field == "model":
@@ -410,13 +422,15 @@ def oip_field(field: str, *, raw_inputs: bool) -> str:
     return field
 
 
-def renamed(error: ServiceError, *, raw_inputs: bool) -> ServiceError:
+def renamed(
+    error: ServiceError, *, raw_inputs: bool, top_k_field: str | None = None
+) -> ServiceError:
     """``error`` with its field spelt as the OIP request spells it (same status)."""
     if error.field is None or not isinstance(
         error, InvalidArgumentError | NotFoundError | FailedPreconditionError
     ):
         return error
-    field = oip_field(error.field, raw_inputs=raw_inputs)
+    field = oip_field(error.field, raw_inputs=raw_inputs, top_k_field=top_k_field)
     return error if field == error.field else type(error)(error.reason, field=field)
 
 

@@ -92,7 +92,9 @@ class OipServicer:
             try:
                 response = await self._router.infer(converted.request, context.time_remaining())
             except ServiceError as error:
-                raise renamed(error, raw_inputs=converted.raw_inputs) from None
+                raise renamed(
+                    error, raw_inputs=converted.raw_inputs, top_k_field=converted.top_k_field
+                ) from None
         return to_model_infer_response(response, converted)
 
 

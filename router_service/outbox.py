@@ -89,15 +89,21 @@ CREATE TRIGGER IF NOT EXISTS outbox_counts_trimmed AFTER DELETE ON reconciled BE
 END;
 """
 # A file written before outbox_counts existed is counted once, when it is opened.
-_SEED_COUNTS = """
-INSERT OR IGNORE INTO outbox_counts (name, value)
-    SELECT 'depth', count(*) FROM outbox
+_COUNT_ROWS = """
+SELECT 'depth', count(*) FROM outbox
     UNION ALL SELECT 'reconciled', count(*) FROM reconciled
     UNION ALL SELECT 'corrections', count(*) FROM reconciled WHERE agrees = 0
 """
+_SEED_COUNTS = "INSERT OR IGNORE INTO outbox_counts (name, value)" + _COUNT_ROWS
+_HAS_COUNTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox_counts'"
 # Files written before the ``source`` column had only reconciliation rows.
 ADD_SOURCE = "ALTER TABLE reconciled ADD COLUMN source TEXT NOT NULL DEFAULT 'reconciliation'"
 Synchronous = Literal["FULL", "NORMAL"]
+
+
+class OutboxFileError(sqlite3.DatabaseError):
+    """The outbox file is not an outbox SQLite can open (corrupt, truncated, another
+    file): the message names it."""
 
 
 class Priority(enum.IntEnum):
@@ -188,6 +194,18 @@ class Outbox:
         self._lock = threading.Lock()
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open(synchronous)
+        except sqlite3.OperationalError:  # locked, read-only, disk full: not the file's form
+            self._db.close()
+            raise
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise OutboxFileError(
+                f"{path}: not a usable outbox ({error}); move it aside to start with an empty one"
+            ) from error
+
+    def _open(self, synchronous: Synchronous) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed item survives power loss; NORMAL: it survives a process
         # crash (kill -9) but the last commits may be lost on power loss.
@@ -413,8 +431,9 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
-    counts = dict(db.execute(COUNTS_QUERY).fetchall())
+def _stats(db: sqlite3.Connection, now: float, *, counted: bool = True) -> OutboxStats:
+    """``counted``: the file has outbox_counts (else every row is counted, O(n))."""
+    counts = dict(db.execute(COUNTS_QUERY if counted else _COUNT_ROWS).fetchall())
     (oldest,) = db.execute(OLDEST_QUERY).fetchone()
     return OutboxStats(
         depth=counts.get("depth", 0),
@@ -425,9 +444,33 @@ def _stats(db: sqlite3.Connection, now: float) -> OutboxStats:
 
 
 def read_stats(path: Path, now: float | None = None) -> OutboxStats:
-    """Stats of an outbox file another process owns (``hybridmesh status``), read-only."""
+    """Stats of an outbox file another process owns (``hybridmesh status``), read-only:
+    also a file of the previous release no process of this one has opened yet (no
+    outbox_counts: its rows are counted). Raises sqlite3.Error for a file that is not an
+    outbox (corrupt, truncated, empty)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return _stats(db, time.time() if now is None else now)
+        counted = db.execute(_HAS_COUNTS).fetchone() is not None
+        return _stats(db, time.time() if now is None else now, counted=counted)
     finally:
         db.close()
+
+
+def stranded(base: Path, in_use: Sequence[Path]) -> list[tuple[Path, int]]:
+    """Outbox files beside ``base`` (``outbox.sqlite`` and ``outbox.worker<i>.sqlite``)
+    that no process of this router drains (``in_use``: the workers' files) and that
+    still hold queued items, with their depth. Each worker drains only its own file, so
+    a router restarted with fewer (or more) workers leaves these behind; a file that
+    cannot be read is left out (``hybridmesh status`` says it is unreadable)."""
+    candidates = [base, *base.parent.glob(f"{base.stem}.worker*{base.suffix}")]
+    found = []
+    for path in sorted(set(candidates) - set(in_use)):
+        if not path.is_file():
+            continue
+        try:
+            depth = read_stats(path).depth
+        except sqlite3.Error:
+            continue
+        if depth:
+            found.append((path, depth))
+    return found

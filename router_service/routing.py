@@ -679,14 +679,20 @@ class Router:
     def _budget_s(
         self, request: router_service_pb2.InferRequest, time_remaining_s: float | None
     ) -> float:
-        """Seconds this request may take: the gRPC deadline wins, then hints, then default."""
-        if time_remaining_s is not None:
-            budget = time_remaining_s
-        elif request.hints.HasField("budget"):
+        """Seconds this request may take: the gRPC deadline wins, then hints, then default.
+        A malformed budget hint is refused even beside a deadline (it was ignored there)."""
+        hinted = (
             # A day at most: a budget is a request's lifetime, not a schedule.
-            budget = check_duration(
+            check_duration(
                 request.hints.budget, "hints.budget", min_seconds=0.0, max_seconds=86_400.0
             )
+            if request.hints.HasField("budget")
+            else None
+        )
+        if time_remaining_s is not None:
+            budget = time_remaining_s
+        elif hinted is not None:
+            budget = hinted
         else:
             budget = self._settings.default_budget_s
         budget -= self._settings.budget_margin_s

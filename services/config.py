@@ -5,7 +5,9 @@ Settings are built once in ``main()`` and passed down; tests construct them dire
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default; raised per service.
@@ -41,3 +43,24 @@ class ServiceSettings(BaseSettings):
     # the services whose ``__main__`` runs through ``run_workers`` (router, cloud). With
     # several, worker i serves /metrics on ``metrics_port + i``.
     workers: int = Field(default=1, ge=1, le=64)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_from_environment(cls: type[SettingsT]) -> SettingsT:
+    """``cls()`` read from the environment, for a service's ``main()``. A bad value exits
+    (SystemExit, status 1) with one line per problem naming the variable and its value;
+    pydantic's traceback named only the field."""
+    try:
+        return cls()
+    except ValidationError as error:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        lines = []
+        for problem in error.errors():
+            if problem["loc"]:
+                variable = prefix + "_".join(str(part) for part in problem["loc"]).upper()
+                lines.append(f"{variable}={problem['input']!r}: {problem['msg']}")
+            else:  # a rule over several settings
+                lines.append(problem["msg"])
+        raise SystemExit(f"{cls.__name__}: " + "; ".join(lines)) from None

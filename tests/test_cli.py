@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,185 @@ async def test_every_service_warns_at_start_up(package: str, tmp_path: Path) -> 
     assert warning["variable"] == f"{prefix}LOGLEVEL"
     assert warning["did_you_mean"] == f"{prefix}LOG_LEVEL"
     assert warning["level"] == "warning"
+
+
+@pytest.mark.parametrize("command", ["down", "status"])
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "no mesh is up"),
+        ("{bad", "not valid JSON"),
+        ("[]", "not a JSON object"),
+        ('{"pids": {"router": 1}}', "not a mesh's state"),
+    ],
+)
+def test_down_and_status_without_a_valid_state_file_are_one_line(
+    command: str, content: str | None, said: str, tmp_path: Path
+) -> None:
+    """No state file: "no mesh is up"; a corrupt one: one line naming it, and ``down``
+    signals nothing (its process ids cannot be trusted). Exit status 1, no traceback."""
+    if content is not None:
+        (tmp_path / "state.json").write_text(content)
+    shown = hybridmesh("--state-dir", str(tmp_path), command)
+    assert shown.returncode == 1, shown.stderr
+    assert "Traceback" not in shown.stderr, shown.stderr
+    assert said in shown.stdout + shown.stderr, (shown.stdout, shown.stderr)
+    if content is not None:
+        assert len(shown.stderr.splitlines()) == 1, shown.stderr
+        assert str(tmp_path / "state.json") in shown.stderr
+        assert (tmp_path / "state.json").exists(), "a file it could not read is left alone"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_to_demo_stops_the_parts_it_started(tmp_path: Path) -> None:
+    """``timeout``/``kill`` send SIGTERM: the demo stops its mesh as Ctrl-C would. Triton
+    and Envoy run in process groups of their own, so without that they outlived it."""
+    state_dir = tmp_path / "mesh"
+    demo = subprocess.Popen(
+        [
+            str(HYBRIDMESH),
+            "--state-dir",
+            str(state_dir),
+            "demo",
+            "--limit",
+            "10000",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env={**ENVIRONMENT, "MPLBACKEND": "Agg"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if line.startswith("mesh up"):
+                break
+        state = json.loads((state_dir / "state.json").read_text())
+        pids = list(state["pids"].values())
+        assert pids and all(_alive(pid) for pid in pids)
+        demo.send_signal(signal.SIGTERM)
+        status = demo.wait(timeout=120)
+        left = [pid for pid in pids if _alive(pid) and not _zombie(pid)]
+        assert not left, f"parts left running after SIGTERM: {left}"
+        assert status == 128 + signal.SIGTERM
+    finally:
+        for pid in pids:  # what this test started, if the demo left it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+
+def _zombie(pid: int) -> bool:
+    """A stopped part not yet reaped by its (exited) parent's init."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("option", ["--limit", "--concurrency"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_demo_counts_below_one_are_refused(option: str, value: str) -> None:
+    """``--limit -1`` sliced the test set (all but one image), ``--limit 0`` ran an empty
+    demo and wrote its report: both are usage errors naming the option."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["demo", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be at least 1, got {value}" in stderr.getvalue()
+
+
+def test_status_says_which_outbox_file_is_unreadable(tmp_path: Path) -> None:
+    """One worker's outbox file damaged: status names it and still lists the rest (it
+    was a traceback, and nothing after the outbox was shown)."""
+    from router_service.outbox import Outbox
+
+    router = tmp_path / "router"
+    Outbox(router / "outbox.worker0.sqlite", max_items=1).close()
+    (router / "outbox.worker1.sqlite").write_bytes(b"\xff" * 4096)
+    state = {
+        "state_dir": str(tmp_path),
+        "endpoints": {n: f"127.0.0.1:{i + 1}" for i, n in enumerate(("router", "envoy", "triton"))},
+        "pids": {},
+        "logs": {},
+        "wan_delay_ms": 40,
+        "outbox": str(router / "outbox.sqlite"),
+    }
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    shown = hybridmesh("--state-dir", str(tmp_path), "status")
+    assert "Traceback" not in shown.stderr, shown.stderr
+    assert "worker0: 0 queued" in shown.stdout, shown.stdout
+    assert f"worker1: unreadable {router / 'outbox.worker1.sqlite'}" in shown.stdout
+
+
+def test_status_says_a_dead_part_is_down_while_it_is_unreaped(tmp_path: Path) -> None:
+    """A part that died stays a zombie until its supervisor reaps it; kill(pid, 0) still
+    succeeds, so status said "running" for a dead Envoy and exited 0."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not waited for yet
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stat = Path(f"/proc/{dead.pid}/stat")
+        for _ in range(200):  # until it has exited (a zombie: this test has not reaped it)
+            if stat.read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        state = {
+            "state_dir": str(tmp_path),
+            "endpoints": {"envoy": "127.0.0.1:1", "triton": "127.0.0.1:2"},
+            "pids": {"envoy": dead.pid, "triton": alive.pid},
+            "logs": {},
+            "wan_delay_ms": 40,
+        }
+        (tmp_path / "state.json").write_text(json.dumps(state))
+        shown = hybridmesh("--state-dir", str(tmp_path), "status")
+        assert f"DOWN  pid {dead.pid}" in shown.stdout, shown.stdout
+        assert f"running  pid {alive.pid}" in shown.stdout, shown.stdout
+        assert shown.returncode == 1
+    finally:
+        alive.kill()
+        alive.wait()
+        dead.wait()
+
+
+@pytest.mark.parametrize("package", SERVICES)
+def test_every_service_names_a_bad_variable_in_one_line(package: str) -> None:
+    """A bad value was a pydantic traceback naming only the field ("port")."""
+    variable = f"HYBRIDMESH_{SERVICES[package]}_PORT"
+    started = subprocess.run(
+        [sys.executable, "-m", package],
+        cwd=REPO,
+        env={**ENVIRONMENT, variable: "99999"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 1, started.stderr
+    assert "Traceback" not in started.stderr, started.stderr
+    assert f"{variable}='99999': Input should be less than or equal to 65535" in started.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["down"], ["up", "--random-ports"]])
+def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(
+    command: list[str], tmp_path: Path
+) -> None:
+    """It was a NotADirectoryError or FileExistsError traceback."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory\n")
+    shown = hybridmesh("--state-dir", str(a_file), *command)
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr == f"hybridmesh: error: --state-dir {a_file}: not a directory\n"
+    assert a_file.read_text() == "not a directory\n"

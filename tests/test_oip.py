@@ -239,6 +239,16 @@ async def test_bad_input_names_the_oip_field(client: Any) -> None:
     await expect_invalid(
         client, "outputs[0].name", inputs=[image_input(one)], outputs=[InferRequestedOutput("x")]
     )
+    # The router's top-k limit, for a count that came as a classification parameter.
+    await expect_invalid(
+        client,
+        'outputs[0].parameters["classification"]',
+        inputs=[image_input(one)],
+        outputs=[InferRequestedOutput("logits", class_count=50)],
+    )
+    await expect_invalid(
+        client, 'parameters["top_k"]', inputs=[image_input(one)], parameters={"top_k": 2**32}
+    )
     with pytest.raises(InferenceServerException) as unknown:
         await client.infer("no-such-pair", [image_input(one)], client_timeout=10)
     assert unknown.value.status() == "StatusCode.NOT_FOUND"

@@ -149,3 +149,27 @@ def test_the_decision_comes_back_as_parameters() -> None:
     assert reply.raw_output_contents[0] == logits.tobytes()
     assert reply.parameters["threshold"].double_param == 0.5
     assert reply.parameters["degraded"].bool_param is False
+
+
+def test_a_top_k_beyond_uint32_is_invalid_argument_naming_its_field() -> None:
+    """InferRequest.top_k is a uint32: 2**32 was a ValueError building the request
+    (INTERNAL to the caller), from the parameter and from a classification count."""
+    assert field_of(request(top_k=2**32)) == 'parameters["top_k"]'
+    asked = request()
+    asked.outputs.add(name="logits").parameters["classification"].int64_param = 2**40
+    assert field_of(asked) == 'outputs[0].parameters["classification"]'
+
+
+def test_the_routers_top_k_limit_names_where_the_count_came_from() -> None:
+    asked = request(top_k=2)
+    asked.outputs.add(name="logits").parameters["classification"].int64_param = 50
+    converted = to_router_request(asked, PAIRS)
+    assert converted.request.top_k == 50
+    error = renamed(
+        InvalidArgumentError("50 exceeds the limit of 10", field="top_k"),
+        raw_inputs=False,
+        top_k_field=converted.top_k_field,
+    )
+    assert error.message.startswith('outputs[0].parameters["classification"]: '), error.message
+    plain = to_router_request(request(top_k=50), PAIRS)
+    assert plain.top_k_field == 'parameters["top_k"]'

@@ -13,6 +13,7 @@ import pytest
 from router_service.corrections import SUBSCRIBER_BUFFER, CorrectionFeed
 from router_service.outbox import (
     Outbox,
+    OutboxFileError,
     Priority,
     ReconciledItem,
     read_stats,
@@ -189,3 +190,13 @@ async def test_a_subscriber_gets_recorded_then_live_corrections_and_is_cut_off_w
     with pytest.raises(ResourceExhaustedError, match="behind"):
         await anext(stream)
     assert feed.subscribers == 0
+
+
+@pytest.mark.parametrize("content", [b"\xff" * 8192, b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_file_that_is_not_an_outbox_is_named_when_opened(content: bytes, tmp_path: Path) -> None:
+    """The router's start-up failed with a bare "file is not a database", naming no file."""
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(content)
+    with pytest.raises(OutboxFileError, match=f"^{path}: not a usable outbox"):
+        Outbox(path, max_items=10)
+    assert path.read_bytes() == content, "left as it was, for whoever looks into it"

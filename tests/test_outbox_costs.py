@@ -163,3 +163,50 @@ def test_due_skips_items_backing_off_and_serves_the_longest_due_first(tmp_path: 
     assert [i.request_id for i in outbox.due(2)] == ["e3", "e1"]
     clock.now += 60.0
     assert [i.request_id for i in outbox.due(10)] == ["e3", "e1", "e2", "s1"]
+
+
+def _as_the_previous_release_left_it(path: Path) -> None:
+    """No counters and no triggers: the file before issue 21's bookkeeping."""
+    db = sqlite3.connect(path)
+    for trigger in ("put", "take", "reconciled", "trimmed"):
+        db.execute(f"DROP TRIGGER outbox_counts_{trigger}")
+    db.execute("DROP TABLE outbox_counts")
+    db.commit()
+    db.close()
+
+
+def test_read_stats_of_a_file_no_router_of_this_release_opened(tmp_path: Path) -> None:
+    """``hybridmesh status`` beside a mesh of the previous release: its outbox has no
+    outbox_counts yet, and read_stats (read-only, it cannot create it) failed with
+    "no such table" (a traceback from status). Its rows are counted instead."""
+    clock = FakeClock()
+    path = tmp_path / "o.sqlite"
+    outbox = Outbox(path, max_items=10, clock=clock)
+    for name in ("a", "b", "c"):
+        outbox.put(item(name))
+    outbox.complete("a", results("a", clock.now))
+    outbox.close()
+    _as_the_previous_release_left_it(path)
+    assert read_stats(path, clock.now) == counted(path, clock.now)
+    assert read_stats(path, clock.now).depth == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "empty"])
+def test_read_stats_of_a_damaged_file_raises_sqlite_error(damage: str, tmp_path: Path) -> None:
+    """What ``hybridmesh status`` catches to say "unreadable" for that worker's file."""
+    clock = FakeClock()
+    path = tmp_path / "o.sqlite"
+    outbox = Outbox(path, max_items=10, clock=clock)
+    for name in ("a", "b"):
+        outbox.put(item(name))
+    outbox.close()
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        path.write_bytes(bytes(data[:1000]))
+    elif damage == "overwritten":
+        data[100:4000] = b"\xff" * 3900
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(sqlite3.Error):
+        read_stats(path, clock.now)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+import pytest
 
 from localmesh.cli import main as hybridmesh_main
 from registry.signing import generate_key
@@ -78,3 +79,32 @@ def test_publishes_only_when_better(tmp_path: Path, capsys: object) -> None:
         candidate.metadata.feature_names
         == EscalationClassifier(policies / PAIR / "1").metadata.feature_names
     )
+
+
+def test_a_missing_or_foreign_outbox_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt ``--outbox`` is refused by name (it was created empty and the retrain
+    ran on no examples, exit 0); a file that is not SQLite is one line, no traceback."""
+    missing = tmp_path / "misspelt.sqlite"
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a database\n" * 100)
+    for outbox, said in ((missing, "no such file"), (foreign, "not a router outbox")):
+        status = hybridmesh_main(
+            ["policy", "retrain", "--pair", PAIR, "--outbox", str(outbox),
+             "--out", str(tmp_path / "out")]
+        )  # fmt: skip
+        error = capsys.readouterr().err
+        assert status == 2, error
+        assert error == f"error: --outbox {outbox}: {said}" + error.split(said, 1)[1], error
+        assert error.count("\n") == 1, error
+    assert not missing.exists(), "refused without creating it"
+
+
+def test_evaluating_a_missing_policy_version_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = hybridmesh_main(["policy", "evaluate", "--pair", PAIR, "--version", "-3"])
+    error = capsys.readouterr().err
+    assert status == 2 and error.count("\n") == 1, error
+    assert "fashion-mnist/-3/policy.json" in error, error

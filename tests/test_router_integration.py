@@ -135,9 +135,16 @@ async def test_bad_requests_name_their_field(any_edge_mesh: Mesh) -> None:
     wrong_input = router_service_pb2.InferRequest(
         model="fashion-mnist", inputs=[encode_tensor("image", IMAGES[:1, :, :, :27].copy())]
     )
+    # A malformed budget hint beside a deadline (which wins) was silently ignored.
+    bad_budget = router_request(IMAGES[:1])
+    bad_budget.hints.budget.seconds, bad_budget.hints.budget.nanos = 1, -5
+    negative_budget = router_request(IMAGES[:1])
+    negative_budget.hints.budget.seconds = -5
     for request, code, field in (
         (wrong_pair, grpc.StatusCode.NOT_FOUND, "model"),
         (wrong_input, grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].shape"),
+        (bad_budget, grpc.StatusCode.INVALID_ARGUMENT, "hints.budget"),
+        (negative_budget, grpc.StatusCode.INVALID_ARGUMENT, "hints.budget"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await mesh.stub.Infer(request, timeout=5)

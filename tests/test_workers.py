@@ -235,3 +235,25 @@ def test_status_lists_every_workers_outbox(tmp_path: Path) -> None:
     text = console.export_text()
     assert "worker0: 1 queued" in text
     assert "worker1: 2 queued" in text
+
+
+def test_outbox_files_of_another_workers_count_are_warned_about(tmp_path: Path) -> None:
+    """Each worker drains only its own file: after a restart from 2 workers to 1, the
+    queued items of outbox.worker<i>.sqlite would never reach the cloud, silently."""
+    from router_service.__main__ import warn_stranded_outboxes
+
+    two = RouterSettings(workers=2, outbox_path=tmp_path / "outbox.sqlite")
+    for index, depth in ((0, 0), (1, 2)):
+        outbox = Outbox(two.for_worker(index, 0).outbox_path, max_items=10)
+        for number in range(depth):
+            outbox.put(item(f"w{index}-{number}"))
+        outbox.close()
+    assert warn_stranded_outboxes(two) == []
+    one = RouterSettings(workers=1, outbox_path=tmp_path / "outbox.sqlite")
+    (warning,) = warn_stranded_outboxes(one)  # worker0's file is empty: nothing lost there
+    assert warning.startswith(f"{tmp_path / 'outbox.worker1.sqlite'} holds 2 queued item(s)")
+    single = Outbox(one.outbox_path, max_items=10)
+    single.put(item("single"))
+    single.close()
+    (back,) = warn_stranded_outboxes(two)
+    assert back.startswith(f"{tmp_path / 'outbox.sqlite'} holds 1 queued item(s)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,7 +89,14 @@ def reconciled_examples(
 ) -> Examples:
     """Features and "the cloud disagreed" labels of the pair's reconciled items (with
     the edge model run on each of ``views`` too, as the router does)."""
-    store = Outbox(outbox, max_items=1, synchronous="NORMAL")
+    # Outbox() would create a missing file (and its schema): a misspelt --outbox must not
+    # read as "no reconciled items" and exit 0.
+    if not outbox.is_file():
+        raise CatalogError(f"--outbox {outbox}: no such file")
+    try:
+        store = Outbox(outbox, max_items=1, synchronous="NORMAL")
+    except sqlite3.DatabaseError as error:
+        raise CatalogError(f"--outbox {outbox}: not a router outbox ({error})") from error
     try:
         items = [item for item in store.reconciled() if item.pair == pair.name]
     finally:

@@ -49,6 +49,7 @@ from router_service.escalation import (
     MAX_SOFTMAX,
     POLICY_FILE,
     POLICY_SCHEMA,
+    PolicyArtifactError,
     ScoringPolicy,
     latest_policy,
     load_policy,
@@ -318,7 +319,7 @@ def run_cli(command: Any, args: argparse.Namespace) -> int:
     """Run ``command(args)``; a catalog or data problem is one line naming the pair."""
     try:
         report = command(args)
-    except CatalogError as error:
+    except (CatalogError, PolicyArtifactError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     sys.stdout.write(report["markdown"] + "\n")
