@@ -270,6 +270,7 @@ def load_workload() -> Workload:
     from router_service.escalation import EscalationClassifier, latest_policy
     from router_service.features import router_features
     from services.classification import softmax
+    from services.views import apply_view
     from workload.fashion_mnist import load_split
 
     images = load_split("test").images[:2000]
@@ -277,7 +278,12 @@ def load_workload() -> Workload:
     (logits,) = session.run(["logits"], {"image": images})
     logits = np.asarray(logits, dtype=np.float32)
     classifier = EscalationClassifier(latest_policy(REPO / f"models/policies/{PAIR}"))
-    scores = classifier.score(router_features(softmax(logits), images))
+    # The policy's test-time views (services.views), as the router asks the edge for them.
+    views = {}
+    for view in classifier.metadata.views:
+        (view_logits,) = session.run(["logits"], {"image": apply_view(view, images)})
+        views[view] = softmax(np.asarray(view_logits, dtype=np.float32))
+    scores = classifier.score(router_features(softmax(logits), images, views))
     hard = [int(i) for i in np.flatnonzero(scores >= classifier.threshold)]
     return Workload(images, hard, {i: int(np.argmax(logits[i])) for i in hard})
 
