@@ -27,9 +27,11 @@ from edge_node.canary import GoldenSet
 from hybridmesh.edge.v1 import edge_admin_pb2, edge_admin_pb2_grpc
 from hybridmesh.registry.v1 import registry_service_pb2 as pb
 from hybridmesh.registry.v1 import registry_service_pb2_grpc
+from localmesh.ota import ensure_credentials
 from ota.artifacts import ArtifactRef
-from registry.signing import generate_key
+from registry.signing import generate_key, sign_promotion
 from registry.store import RegistryStore
+from services.auth import bearer_metadata, read_token
 from workload.fashion_mnist import GOLDEN_SIZE, golden_split
 from workload.model_store import derive_version
 
@@ -48,12 +50,19 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     shutil.copytree(COMMITTED, edge_store / EDGE_MODEL / "1")
     shutil.copytree(COMMITTED, directory / "publisher" / EDGE_MODEL / "1")
     GoldenSet.of(golden_split()).save(directory / "edge" / "golden.npz")
+    # The control plane as the local mesh runs it: the operator promotes with a bearer
+    # token and a signed statement, the edge site fetches with its own token.
+    credentials = ensure_credentials(directory)
+    operator = bearer_metadata(read_token(credentials.operator_token))
+    trusted = json.dumps([str(directory / "operator/publisher.pub")])
     registry = ServerProcess(
         ["-m", "registry"],
         env={
             "HYBRIDMESH_REGISTRY_PORT": "{port}",
             "HYBRIDMESH_REGISTRY_ROOT": str(store.root),
             "HYBRIDMESH_REGISTRY_LOG_LEVEL": "warning",
+            "HYBRIDMESH_REGISTRY_TOKENS_FILE": str(credentials.registry_tokens),
+            "HYBRIDMESH_REGISTRY_TRUSTED_KEYS": trusted,
         },
     )
     await registry.wait_serving()
@@ -64,7 +73,9 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             "HYBRIDMESH_EDGE_MODEL_STORE": str(edge_store),
             "HYBRIDMESH_EDGE_SERVED_MODELS": json.dumps([EDGE_MODEL]),
             "HYBRIDMESH_EDGE_REGISTRY_TARGET": registry.address,
-            "HYBRIDMESH_EDGE_TRUSTED_KEYS": json.dumps([str(directory / "operator/publisher.pub")]),
+            "HYBRIDMESH_EDGE_TRUSTED_KEYS": trusted,
+            "HYBRIDMESH_EDGE_REGISTRY_TOKEN_FILE": str(credentials.site_token),
+            "HYBRIDMESH_EDGE_ADMIN_TOKENS_FILE": str(credentials.edge_admin_tokens),
             "HYBRIDMESH_EDGE_GOLDEN_SET": str(directory / "edge" / "golden.npz"),
             "HYBRIDMESH_EDGE_UPDATE_STAGING": str(directory / "edge" / "staging"),
             "HYBRIDMESH_EDGE_UPDATE_INTERVAL_S": "3600",
@@ -84,9 +95,17 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                 source = derive_version(COMMITTED, directory / "publisher", version)
                 store.publish(source, ArtifactRef("model", EDGE_MODEL, version), key)
                 ref = pb.ArtifactRef(kind=pb.ARTIFACT_KIND_MODEL, name=EDGE_MODEL, version=version)
-                await promote(pb.PromoteRequest(artifact=ref), timeout=10)
+                # Version 1 was promoted with sequence 1 (store.promote); each round's next.
+                signed = sign_promotion(key, "model", EDGE_MODEL, version, version, "promote")
+                promotion = pb.SignedPromotion(
+                    statement=signed.statement, signature=signed.signature
+                )
+                request = pb.PromoteRequest(artifact=ref, promotion=promotion)
+                await promote(request, timeout=10, metadata=operator)
                 started = time.perf_counter()
-                reply = await check(edge_admin_pb2.CheckForUpdatesRequest(), timeout=60)
+                reply = await check(
+                    edge_admin_pb2.CheckForUpdatesRequest(), timeout=60, metadata=operator
+                )
                 total_ms = (time.perf_counter() - started) * 1e3
                 (event,) = reply.events
                 if event.outcome != "switched":
