@@ -6,7 +6,9 @@ from the Fashion-MNIST test split, in two shapes: drifted from the first request
 (``from_start``) and clean for ``--shift-at`` requests, then drifted (``step``). The real
 edge and cloud models (``models/store``, onnxruntime) answer every item; each request is
 then decided one at a time through the router's own code: ``router_features`` (the
-single-item path) -> the served policy's ``score`` (``models/policies/fashion-mnist/1``)
+single-item path) -> policy v1's ``score`` (``models/policies/fashion-mnist/1``, no
+views: the controller only sees scores, and v1 keeps the drift streams to one edge run
+per item; the router now serves v2, whose scores differ but whose controller is the same)
 -> ``decision.plan_escalation`` against the threshold in force, with
 
 - ``controller``: the router's online ``ThresholdController`` (its default dynamics,
@@ -18,8 +20,8 @@ Figures per stream and router, over the requests after the first ``WINDOW``: the
 time; the goal, <= 2 pp) and over consecutive windows; accuracy of the served answers;
 error among the answers kept on the edge.
 
-Decision latency with the view: the candidate policy
-``models/policy-candidates/fashion-mnist/2`` (``views = ["hflip"]``): per request, the
+Decision latency with the view: the served policy
+``models/policies/fashion-mnist/2`` (``views = ["hflip"]``): per request, the
 features (with the view's) plus the classifier, p50/p99 over single-item calls; and the
 view's extra edge run (``edge_node.inference.run_with_views`` with and without the view,
 the difference). Goal: decision p99 <= 50 µs, with the view's edge run on top.
@@ -56,8 +58,8 @@ from workload.model_store import load_verified
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAIR = "fashion-mnist"
-SERVED_POLICY = REPO_ROOT / "models/policies/fashion-mnist/1"
-VIEW_POLICY = REPO_ROOT / "models/policy-candidates/fashion-mnist/2"
+NO_VIEW_POLICY = REPO_ROOT / "models/policies/fashion-mnist/1"
+VIEW_POLICY = REPO_ROOT / "models/policies/fashion-mnist/2"
 TARGET_SHARE = 0.2
 WINDOW = 1000
 SHARE_GOAL_PP = 2.0
@@ -70,7 +72,7 @@ Flags = npt.NDArray[np.bool_]
 
 @dataclass(frozen=True)
 class StreamOutputs:
-    """Per request: the served policy's score [n] float32, whether the edge [n] and the
+    """Per request: policy v1's score [n] float32, whether the edge [n] and the
     cloud [n] answered correctly, and the edge's top-1 probability [n]."""
 
     scores: npt.NDArray[np.float32]
@@ -198,7 +200,7 @@ def view_decision_latency(models: PairModels, calls: int) -> dict[str, Any]:
     """The view policy's decision (features with the view's + classifier) and the view's
     extra edge run, single-item calls timed one by one with perf_counter_ns (µs)."""
     policy = load_policy(VIEW_POLICY)
-    served = load_policy(SERVED_POLICY)  # no view: the same run's baseline
+    served = load_policy(NO_VIEW_POLICY)  # v1, no view: the same run's baseline
     views = policy.metadata.views
     version_dir = models.edge.parent
     edge = LoadedModel(load_verified(version_dir), version_dir, intra_op_threads=1)
@@ -285,7 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Streams of {report['length']:,} requests from the test split (`workload/drift.py`, "
         f"seeded); `step` is clean for {report['shift_at']:,} requests, then drifted. "
-        "Decided one request at a time through the router's features, the served policy's "
+        "Decided one request at a time through the router's features, policy v1's "
         "score and `plan_escalation`; the controller is the router's own "
         "(`ThresholdController`, target 20 %), beside the policy's fixed calibrated threshold. "
         "Figures over the requests after the first 1,000: worst |share - 20 %| over every "
@@ -325,7 +327,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for label, key in (
         ("decision: features (with the view's) + classifier", "decision_us"),
-        ("decision of the served policy (no view), same run", "served_decision_us"),
+        ("decision of policy v1 (no view), same run", "served_decision_us"),
         ("edge run, no view", "edge_run_us"),
         ("edge run with the view", "edge_run_with_views_us"),
         ("the view's extra edge run (difference)", "view_extra_edge_run_us"),
@@ -345,7 +347,7 @@ def main() -> None:
     if args.length < 3 * WINDOW:
         parser.error(f"--length must be at least {3 * WINDOW}")
     models = pair_models(REPO_ROOT / "models/catalog.toml", PAIR, REPO_ROOT / "models/store")
-    policy = load_policy(SERVED_POLICY)
+    policy = load_policy(NO_VIEW_POLICY)
     streams = [scenario(models, policy, None, args.length, 0)]
     for kind in args.kinds:
         for shift_at in (0, args.shift_at):
@@ -355,7 +357,7 @@ def main() -> None:
         "shift_at": args.shift_at,
         "target_share": TARGET_SHARE,
         "controller_settings": ControllerSettings(target_share=TARGET_SHARE).__dict__,
-        "served_policy": str(SERVED_POLICY.relative_to(REPO_ROOT)),
+        "served_policy": str(NO_VIEW_POLICY.relative_to(REPO_ROOT)),
         "streams": streams,
         "view_latency": view_decision_latency(models, args.latency_calls),
     }

@@ -10,8 +10,8 @@ import numpy.typing as npt
 import pytest
 
 from bench.drift_bench import (
+    NO_VIEW_POLICY,
     REPO_ROOT,
-    SERVED_POLICY,
     WINDOW,
     StreamOutputs,
     controller_for,
@@ -71,7 +71,7 @@ def test_quality_serves_the_cloud_answer_for_escalated_requests_only() -> None:
 
 
 def test_routing_uses_the_threshold_in_force_and_feeds_the_controller() -> None:
-    policy = load_policy(SERVED_POLICY)
+    policy = load_policy(NO_VIEW_POLICY)
     rng = np.random.default_rng(1)
     # Scores that shift up after 3,000 requests: the fixed threshold escalates more.
     scores = np.concatenate([rng.beta(1, 30, 3000), rng.beta(1, 8, 5000)]).tolist()
@@ -90,7 +90,7 @@ def test_stream_scores_are_the_served_policys_scores_of_the_real_models() -> Non
     models = pair_models(
         REPO_ROOT / "models/catalog.toml", "fashion-mnist", REPO_ROOT / "models/store"
     )
-    policy = load_policy(SERVED_POLICY)
+    policy = load_policy(NO_VIEW_POLICY)
     stream = step_shift(DRIFTS["gaussian_blur"], length=40, shift_at=20)
     outputs = stream_outputs(models, policy, stream.images, stream.labels)
     edge = to_probabilities(run_model(models.edge, models.pair, stream.images), False)
