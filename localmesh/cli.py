@@ -149,10 +149,13 @@ def _add_mesh_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             help="emulated WAN delay at the cloud ingress (default %(default)s)",
         )
         add_model_source_arguments(mesh_command)
+        # demo runs the faster co-located mode; up keeps every part its own process (a
+        # whole site: the edge node's pid, logs and admin port in state.json, as scripts
+        # and fault drills that stop or hang the edge node expect).
         mesh_command.add_argument(
             "--edge-mode",
             choices=("in-process", "remote"),
-            default="in-process",
+            default="in-process" if mesh_command is demo_parser else "remote",
             help="in-process: the router runs the edge model itself (a co-located site, "
             "one hop less, the faster path in docs/benchmarks.md); remote: the edge node is "
             "its own process, as at a site where the model runs on another box "

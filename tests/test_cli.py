@@ -447,3 +447,10 @@ def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(
     assert shown.returncode == 2, shown.stderr
     assert shown.stderr == f"hybridmesh: error: --state-dir {a_file}: not a directory\n"
     assert a_file.read_text() == "not a directory\n"
+
+
+def test_demo_runs_the_edge_in_the_router_and_up_keeps_it_a_process() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).edge_mode == "in-process"
+    assert parser.parse_args(["up"]).edge_mode == "remote"
+    assert parser.parse_args(["up", "--edge-mode", "in-process"]).edge_mode == "in-process"
