@@ -363,7 +363,8 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
             text=True,
         )
 
-    hybridmesh("up", "--detach", "--random-ports")
+    # The co-located edge here (up's default is remote, which the other mesh tests run).
+    hybridmesh("up", "--detach", "--random-ports", "--edge-mode", "in-process")
     state = json.loads((tmp_path / "state.json").read_text())
     assert set(state["endpoints"]) >= {"router", "edge", "cloud", "envoy", "triton", "registry"}
     pids = [*state["pids"].values(), state["supervisor_pid"]]
@@ -382,7 +383,7 @@ def test_cli_up_detached_status_and_down(tmp_path: Path) -> None:
         assert f"pid {new_triton}" in status.stdout and "supervisor" in status.stdout
         assert status.stdout.count("SERVING") == 4 and "NOT SERVING" not in status.stdout
         assert "outbox   0 queued" in status.stdout, status.stdout
-        # The CLI's default edge mode: the edge model runs in the router's process.
+        # The co-located edge: no edge process; status says where the model runs.
         assert "edge" not in state["pids"] and "in the router's process" in status.stdout
     finally:
         hybridmesh("down")
