@@ -6,8 +6,10 @@ returns is converted here so the rest of the service stays typed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -137,6 +139,18 @@ class TritonClient:
         self._retry_after_ms = retry_after_ms
         self._observer = observer
         self._client = triton_grpc.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+        # Calls whose caller was cancelled, kept referenced until Triton answers them.
+        self._abandoned: set[asyncio.Future[Any]] = set()
+
+    @property
+    def abandoned_calls(self) -> int:
+        """Triton calls still running after their caller was cancelled."""
+        return len(self._abandoned)
+
+    def _forget(self, call: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: an abandoned call's failure is nobody's error
 
     async def probe(self, model: TritonModel, timeout_s: float) -> ServiceError | None:
         """A tiny inference on ``model`` (zeros); None if Triton answered it. Not observed."""
@@ -220,8 +234,8 @@ class TritonClient:
             tensor = triton_grpc.InferInput(name, list(array.shape), datatypes[name])
             tensor.set_data_from_numpy(array)
             triton_inputs.append(tensor)
-        try:
-            result = await self._client.infer(
+        call = asyncio.ensure_future(
+            self._client.infer(
                 model,
                 triton_inputs,
                 model_version=version,
@@ -233,6 +247,18 @@ class TritonClient:
                 client_timeout=timeout_s,
                 headers=dict(headers),
             )
+        )
+        try:
+            # Our caller's cancellation is not passed on as a gRPC cancel: Triton 2.51's
+            # gRPC frontend can segfault when a cancel races the response
+            # (triton-inference-server/server#7368, fixed by #7840 in r24.12; the bundled
+            # server is r24.10). The call runs on to its own deadline (timeout_s, a few ms
+            # of Triton's work in practice) and its answer is dropped.
+            result = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._abandoned.add(call)
+            call.add_done_callback(self._forget)
+            raise
         except InferenceServerException as error:
             failure = map_triton_error(error, model, self._retry_after_ms)
             if observe and self._observer is not None:

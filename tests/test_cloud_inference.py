@@ -401,3 +401,34 @@ async def test_labels_can_come_from_the_triton_repository(cloud_triton: TritonSe
         assert list(info.labels) == list(LABELS) and info.sha256 == ""
     finally:
         await running.stop()
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_triton_call(
+    cloud_triton: TritonServer,
+) -> None:
+    """Triton r24.10's gRPC frontend can segfault when a cancel races its response
+    (triton-inference-server/server#7368; the fuzz test once crashed it): the client
+    lets the call finish instead of cancelling it, and drops the answer."""
+    client = TritonClient(cloud_triton.grpc_url)
+    before = await triton_requests(cloud_triton, CLOUD_MODEL)
+    try:
+        call = asyncio.ensure_future(
+            client.infer(
+                CLOUD_MODEL,
+                {"image": IMAGES[:64]},
+                {"image": "UINT8"},
+                request_id="cancelled",
+                timeout_s=5,
+                headers={},
+            )
+        )
+        await asyncio.sleep(0)  # sent, not answered
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert client.abandoned_calls == 1, "the Triton call runs on"
+        await eventually(lambda: client.abandoned_calls == 0, 10, "the abandoned call ends")
+        # Triton answered it as a success: nothing was cancelled on the wire.
+        assert await triton_requests(cloud_triton, CLOUD_MODEL) == before + 1
+    finally:
+        await client.close()
