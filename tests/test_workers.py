@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -66,8 +67,23 @@ class WorkerRouter:
     port: int = 0
 
     def log_lines(self, event: str) -> list[dict[str, object]]:
-        lines = [json.loads(line) for line in self.log.read_text().splitlines() if line]
-        return [line for line in lines if line.get("event") == event]
+        return [line for line in _json_records(self.log.read_text()) if line.get("event") == event]
+
+
+def _json_records(text: str) -> list[dict[str, Any]]:
+    """Every JSON record in a log the workers write to at once: two records can share a
+    line (one process's newline lands after the other's record), and the last one can be
+    half written while the test reads it (skipped; it is read whole on the next poll)."""
+    decoder, records = json.JSONDecoder(), []
+    for line in text.splitlines():
+        at = 0
+        while (at := len(line) - len(line[at:].lstrip())) < len(line):
+            try:
+                record, at = decoder.raw_decode(line, at)
+            except json.JSONDecodeError:
+                break
+            records.append(record)
+    return records
 
 
 def _spawn_router(environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
